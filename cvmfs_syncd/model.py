@@ -1,0 +1,158 @@
+"""Immutable value types that flow between sources, the batcher, the planner and the lanes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class EntryType(enum.StrEnum):
+    """What kind of file-system object an input path is."""
+
+    FILE = "file"
+    DIRECTORY = "dir"
+    SYMLINK = "symlink"
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What identifies one version of an input, cheaply, without reading its bytes.
+
+    For staged files: type, permission bits, size, modification time in nanoseconds and
+    inode; for symlinks the target; for S3 objects the ETag stands in ``etag``.
+    """
+
+    type: EntryType
+    mode: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    inode: int = 0
+    target: str = ""
+    etag: str = ""
+
+    def same_content(self, other: Fingerprint | None) -> bool:
+        """Return True if ``other`` describes the same published content (inode aside)."""
+        if other is None:
+            return False
+        return (
+            self.type == other.type
+            and self.mode == other.mode
+            and self.size == other.size
+            and self.mtime_ns == other.mtime_ns
+            and self.target == other.target
+            and self.etag == other.etag
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """Return a JSON-serialisable dict of the fingerprint."""
+        return {
+            "type": self.type.value,
+            "mode": self.mode,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "inode": self.inode,
+            "target": self.target,
+            "etag": self.etag,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Fingerprint:
+        """Build a fingerprint from :meth:`to_json` output."""
+        return cls(
+            type=EntryType(str(data["type"])),
+            mode=int(str(data.get("mode", 0))),
+            size=int(str(data.get("size", 0))),
+            mtime_ns=int(str(data.get("mtime_ns", 0))),
+            inode=int(str(data.get("inode", 0))),
+            target=str(data.get("target", "")),
+            etag=str(data.get("etag", "")),
+        )
+
+
+class OpKind(enum.StrEnum):
+    """What the lane does to one path inside the repository."""
+
+    COPY_FILE = "copy"
+    MAKE_DIR = "mkdir"
+    MAKE_SYMLINK = "symlink"
+    DELETE = "delete"
+    GRAFT = "graft"
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One step of a batch, planned from the inputs and the published index.
+
+    ``repo_path`` is relative to the repository root (no leading slash, ``/``-separated,
+    never ``..``); ``source_path`` is the absolute input path (staging) or key (S3).
+    """
+
+    kind: OpKind
+    repo_path: str
+    source: str = ""
+    source_path: str = ""
+    fingerprint: Fingerprint | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A set of ops published together in one revision."""
+
+    repo: str
+    ops: tuple[Op, ...]
+    reason: str
+    first_change_at: float = 0.0
+    changes: int = 0
+    bytes: int = 0
+
+    def summary(self) -> str:
+        """Return the one-line publish message for this batch."""
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op.kind.value] = counts.get(op.kind.value, 0) + 1
+        parts = [f"{n} {k}" for k, n in sorted(counts.items())]
+        return f"cvmfs-syncd: {', '.join(parts) or 'no changes'} ({self.reason})"
+
+
+@dataclass(frozen=True, slots=True)
+class Dirty:
+    """A hint from a source that a path may have changed; the truth is re-read later.
+
+    ``closed`` is True when the source saw the writer finish (close-after-write, move in);
+    ``rescan`` asks for the whole subtree below ``rel_path`` to be re-read.
+    """
+
+    source: str
+    rel_path: str
+    at: float
+    closed: bool = False
+    rescan: bool = False
+    from_scan: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SetAside:
+    """An input that was refused, with the reason an operator reads."""
+
+    source: str
+    rel_path: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class LaneStatus:
+    """What a lane is doing now; copied out for /status and systemd STATUS."""
+
+    repo: str
+    state: str = "starting"
+    pending: int = 0
+    held: str = ""
+    last_publish_at: float | None = None
+    last_revision: int | None = None
+    last_error: str = ""
+    transaction_open: bool = False
+    foreign_transaction: bool = False
+    progress_at: float = 0.0
+    busy_since: float | None = None
+    details: dict[str, object] = field(default_factory=dict)
