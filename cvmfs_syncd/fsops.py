@@ -1,0 +1,842 @@
+"""The file-system edge: reading staging directories and writing the repository's union dir.
+
+Everything here runs as root on input that other people control, so every path is walked
+one component at a time from a directory file descriptor with ``O_NOFOLLOW``: no symbolic
+link inside a staging directory or inside the union directory is ever followed. Only the
+configured roots themselves (``root``, ``source_root``, ``union_root``) are opened by
+path, because they come from the administrator.
+
+Path arguments are ``str`` as produced by :func:`os.fsdecode` (surrogate escapes stand for
+bytes that are not UTF-8), ``/``-separated and relative to their root; they are checked
+with :func:`cvmfs_syncd.paths.split_repo_path` and ValueError is raised for unsafe ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from cvmfs_syncd.model import EntryType, Fingerprint
+from cvmfs_syncd.paths import TEMP_PREFIX, TEMP_SUFFIX, split_repo_path
+
+_T = TypeVar("_T")
+
+# O_PATH gives a handle usable as dir_fd without needing read permission on the directory
+# and without touching its atime; fall back to O_RDONLY where it does not exist.
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
+_WALK_FLAGS = _O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: if a FIFO is swapped in after the type check, open() returns at once instead
+# of waiting for a writer; O_NOCTTY: a terminal device must never become our tty.
+_SOURCE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+#: Bytes copied per system call (and between two ``chunk_callback`` calls).
+COPY_CHUNK = 8 * 1024 * 1024
+#: Directories deeper than this below a staging root are reported as ``Skipped("too-deep")``;
+#: the walk keeps one descriptor open per level, so the depth bounds descriptor use.
+MAX_DEPTH = 256
+#: Mode given to directories created implicitly as parents of a written entry.
+DEFAULT_DIR_MODE = 0o755
+
+# Errors after which an in-kernel copy method is abandoned for the next, simpler one.
+_COPY_FALLBACK_ERRNOS = frozenset(
+    {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.EBADF}
+)
+# A component along the path is no longer a directory (a symlink or file took its place).
+_NOT_A_DIR_ERRNOS = frozenset({errno.ENOTDIR, errno.ELOOP})
+_DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """An entry that exists but is not published.
+
+    ``reason`` is one of ``"fifo"``, ``"socket"``, ``"device"``, ``"unknown-type"``,
+    ``"unreadable"`` (permission denied on a directory or entry), ``"mount-point"`` (a
+    directory on another file system) or ``"too-deep"``; ``detail`` is for humans.
+    """
+
+    reason: str
+    detail: str = ""
+
+
+class CopyOutcome(enum.StrEnum):
+    """What :func:`copy_file` did."""
+
+    COPIED = "copied"
+    #: The source is not the version planned (type, inode, size, mtime, mode differ, it
+    #: changed while being copied, or a symlink appeared on its path): re-read it.
+    CHANGED = "changed"
+    #: The source (or a directory above it) no longer exists.
+    VANISHED = "vanished"
+    #: Permission denied reading the source.
+    UNREADABLE = "unreadable"
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _open_root(root: Path) -> int:
+    """Open a configured root directory (following symlinks: the path is trusted)."""
+    return os.open(root, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _descend(start_fd: int, parts: list[str]) -> int:
+    """Return a new descriptor for the directory ``parts`` below ``start_fd``, never following
+    a symlink. Raise OSError (ENOENT, ENOTDIR/ELOOP for a non-directory, EACCES...)."""
+    fd = os.dup(start_fd)
+    try:
+        for part in parts:
+            child = os.open(part, _WALK_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lstat_at(dir_fd: int, name: str) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+_SPECIAL_TYPES = (
+    (stat.S_ISFIFO, Skipped("fifo", "named pipes are never read")),
+    (stat.S_ISSOCK, Skipped("socket", "sockets are not files")),
+    (stat.S_ISCHR, Skipped("device", "device nodes are never opened")),
+    (stat.S_ISBLK, Skipped("device", "device nodes are never opened")),
+)
+
+
+def _classify(st: os.stat_result, dir_fd: int, name: str) -> Fingerprint | Skipped:
+    """Turn an lstat result into a Fingerprint or Skipped; raise OSError from readlink."""
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISREG(st.st_mode):
+        return Fingerprint(EntryType.FILE, mode, st.st_size, st.st_mtime_ns, st.st_ino)
+    if stat.S_ISDIR(st.st_mode):
+        # A directory's st_size is a file-system artefact, not content: leave it out.
+        return Fingerprint(EntryType.DIRECTORY, mode, 0, st.st_mtime_ns, st.st_ino)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=dir_fd)
+        return Fingerprint(
+            EntryType.SYMLINK, mode, st.st_size, st.st_mtime_ns, st.st_ino, target=target
+        )
+    for test, skipped in _SPECIAL_TYPES:
+        if test(st.st_mode):
+            return skipped
+    return Skipped("unknown-type", f"file type {stat.S_IFMT(st.st_mode):o} is not supported")
+
+
+def _entry_at(dir_fd: int, name: str) -> Fingerprint | Skipped | None:
+    """lstat + classify ``name`` in ``dir_fd``; None if it vanished."""
+    # Retry once if the entry changes type between lstat and readlink.
+    for _ in range(3):
+        try:
+            st = _lstat_at(dir_fd, name)
+            return _classify(st, dir_fd, name)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in _DENIED_ERRNOS:
+                return Skipped("unreadable", exc.strerror or "permission denied")
+            if exc.errno != errno.EINVAL:  # EINVAL: readlink on what is no longer a link
+                raise
+    return None
+
+
+def _temp_name() -> str:
+    return f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+
+
+# --------------------------------------------------------------------------------------
+# reading staging directories
+
+
+def stat_entry(root: Path, rel_path: str) -> Fingerprint | Skipped | None:
+    """Describe the entry at ``rel_path`` below ``root`` without following any symlink.
+
+    ``rel_path`` ``""`` describes ``root`` itself. Return a Fingerprint for a regular file,
+    directory or symlink (``mode`` holds all permission bits as found, setuid included;
+    ``target`` the symlink's target verbatim; ``size`` is 0 for directories), Skipped for a
+    FIFO, socket, device or an entry that permission checks hide, and None when there is
+    no such entry reachable without following a symlink: it vanished, or a directory on
+    its path is now a symlink or file (that symlink is reported under its own path).
+
+    Raise ValueError for an unsafe ``rel_path``; OSError if ``root`` cannot be opened or
+    on unexpected I/O errors.
+    """
+    parts = split_repo_path(rel_path)
+    root_fd = _open_root(root)
+    try:
+        if not parts:
+            st = os.fstat(root_fd)
+            return _classify(st, root_fd, ".")
+        try:
+            parent_fd = _descend(root_fd, parts[:-1])
+        except OSError as exc:
+            if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS:
+                return None
+            if exc.errno in _DENIED_ERRNOS:
+                return Skipped("unreadable", exc.strerror or "permission denied")
+            raise
+        try:
+            return _entry_at(parent_fd, parts[-1])
+        finally:
+            os.close(parent_fd)
+    finally:
+        os.close(root_fd)
+
+
+def _list_dir(fd: int) -> list[str]:
+    with os.scandir(fd) as it:
+        return sorted(entry.name for entry in it)
+
+
+def walk_staging(
+    root: Path,
+    *,
+    prune: Callable[[str], bool] | None = None,
+    cross_mounts: bool = False,
+    max_depth: int = MAX_DEPTH,
+) -> Iterator[tuple[str, Fingerprint | Skipped]]:
+    """Yield ``(rel_path, Fingerprint | Skipped)`` for every entry below ``root``.
+
+    Order: names sorted within a directory, a directory before its contents. Symlinks are
+    reported as symlinks and never descended into. Names are ``os.fsdecode`` strings.
+    ``prune(rel_path)`` returning True drops an entry and, for a directory, everything
+    below it (use it for ignore patterns). A directory on another file system than
+    ``root`` is reported as ``Skipped("mount-point")`` and not entered unless
+    ``cross_mounts``: teams cannot mount things, so a mount inside staging is an
+    administrator's and must not be published by accident (bind mounts of the same file
+    system are not detected). A directory that cannot be opened or listed is reported as
+    ``Skipped("unreadable")`` in place of its fingerprint and the walk goes on. Entries that
+    vanish during the walk are left out.
+
+    Raise OSError if ``root`` itself is missing or unreadable: an empty result must never
+    be mistaken for "everything was deleted".
+    """
+    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        walker = _Walker(os.fstat(root_fd).st_dev, prune, cross_mounts, max_depth)
+        yield from walker.walk(root_fd, "", _list_dir(root_fd), 1)
+    finally:
+        os.close(root_fd)
+
+
+@dataclass(frozen=True, slots=True)
+class _Walker:
+    root_dev: int
+    prune: Callable[[str], bool] | None
+    cross_mounts: bool
+    max_depth: int
+
+    def walk(
+        self, dir_fd: int, prefix: str, names: list[str], depth: int
+    ) -> Iterator[tuple[str, Fingerprint | Skipped]]:
+        for name in names:
+            rel = f"{prefix}/{name}" if prefix else name
+            if self.prune is not None and self.prune(rel):
+                continue
+            try:
+                st = _lstat_at(dir_fd, name)
+            except FileNotFoundError:
+                continue
+            except PermissionError as exc:
+                yield rel, Skipped("unreadable", exc.strerror or "permission denied")
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                yield from self._directory(dir_fd, name, rel, st, depth)
+            else:
+                entry = _entry_at(dir_fd, name)
+                if entry is not None:
+                    yield rel, entry
+
+    def _directory(
+        self, dir_fd: int, name: str, rel: str, st: os.stat_result, depth: int
+    ) -> Iterator[tuple[str, Fingerprint | Skipped]]:
+        if st.st_dev != self.root_dev and not self.cross_mounts:
+            yield rel, Skipped("mount-point", "a different file system is mounted here")
+            return
+        if depth >= self.max_depth:
+            yield rel, Skipped("too-deep", f"more than {self.max_depth} directory levels")
+            return
+        try:
+            child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno in _DENIED_ERRNOS:
+                yield rel, Skipped("unreadable", exc.strerror or "permission denied")
+                return
+            if exc.errno not in _NOT_A_DIR_ERRNOS:
+                raise
+            # Replaced by a symlink or file since the lstat: report what is there now.
+            entry = _entry_at(dir_fd, name)
+            if entry is not None:
+                yield rel, entry
+            return
+        try:
+            try:
+                child_names = _list_dir(child_fd)
+            except PermissionError as exc:
+                yield rel, Skipped("unreadable", exc.strerror or "permission denied")
+                return
+            # Fingerprint what was actually opened (it may have been swapped since lstat).
+            yield rel, _classify(os.fstat(child_fd), dir_fd, name)
+            yield from self.walk(child_fd, rel, child_names, depth + 1)
+        finally:
+            os.close(child_fd)
+
+
+# --------------------------------------------------------------------------------------
+# writing the union directory
+
+
+def _mkdir_at(dir_fd: int, name: str, mode: int) -> None:
+    """Create directory ``name`` in ``dir_fd`` with exactly ``mode & 0o777`` (umask aside)."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    _chmod_dir_at(dir_fd, name, mode)
+
+
+def _chmod_dir_at(dir_fd: int, name: str, mode: int) -> None:
+    # chmod by path cannot refuse symlinks on Linux; opening with O_NOFOLLOW then fchmod can.
+    fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode & 0o777)
+    finally:
+        os.close(fd)
+
+
+def _remove_at(dir_fd: int, name: str) -> bool:
+    """Remove ``name`` (file, symlink or whole tree) without following symlinks.
+
+    Return False if it did not exist.
+    """
+    try:
+        st = _lstat_at(dir_fd, name)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        # shutil.rmtree walks with descriptors and verifies each directory it opens is the
+        # one it lstat'ed, so a symlink swapped in mid-way is never followed.
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def _union_parent(
+    union_fd: int, parts: list[str], *, create: bool, replace: bool, dir_mode: int
+) -> int:
+    """Return a descriptor for the directory ``parts`` below ``union_fd``.
+
+    With ``create``, missing directories are made with ``dir_mode``; a non-directory in the
+    way (file or symlink) is removed and replaced by a directory when ``replace`` is True,
+    else NotADirectoryError is raised. Symlinks are never followed.
+    """
+    fd = os.dup(union_fd)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                child = os.open(part, _WALK_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                _mkdir_at(fd, part, dir_mode)
+                child = os.open(part, _WALK_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in _NOT_A_DIR_ERRNOS or not create:
+                    raise
+                where = "/".join(parts[: i + 1])
+                if not replace:
+                    raise NotADirectoryError(
+                        errno.ENOTDIR,
+                        f"{where!r} in the repository is a file or symlink where a directory "
+                        "is needed (pass replace=True to replace it)",
+                        where,
+                    ) from None
+                _remove_at(fd, part)
+                _mkdir_at(fd, part, dir_mode)
+                child = os.open(part, _WALK_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _place(dir_fd: int, temp: str, name: str) -> None:
+    """Atomically move ``temp`` onto ``name`` in ``dir_fd``.
+
+    A directory at ``name`` is removed first (a type change); a symlink or file is replaced
+    by the rename itself, which never touches a symlink's target.
+    """
+    try:
+        st = _lstat_at(dir_fd, name)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)
+    os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _source_failure(exc: OSError) -> CopyOutcome | None:
+    """Map an error from opening the source to an outcome; None means unexpected."""
+    if exc.errno == errno.ENOENT:
+        return CopyOutcome.VANISHED
+    if exc.errno in _DENIED_ERRNOS:
+        return CopyOutcome.UNREADABLE
+    # ENOTDIR/ELOOP: a symlink or file appeared on the path; ENXIO: a socket;
+    # EWOULDBLOCK: a lease holder is writing right now.
+    if exc.errno in _NOT_A_DIR_ERRNOS | {errno.ENXIO, errno.EWOULDBLOCK, errno.EISDIR}:
+        return CopyOutcome.CHANGED
+    return None
+
+
+def _matches(st: os.stat_result, expected: Fingerprint) -> bool:
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_ino == expected.inode
+        and st.st_size == expected.size
+        and st.st_mtime_ns == expected.mtime_ns
+        and stat.S_IMODE(st.st_mode) == expected.mode
+    )
+
+
+def _open_source(source_root: Path, parts: list[str], expected: Fingerprint) -> int | CopyOutcome:
+    """Open the planned source file read-only, or return why it cannot be copied."""
+    root_fd = _open_root(source_root)
+    try:
+        try:
+            parent_fd = _descend(root_fd, parts[:-1])
+        except OSError as exc:
+            outcome = _source_failure(exc)
+            if outcome is None:
+                raise
+            return outcome
+    finally:
+        os.close(root_fd)
+    try:
+        # Check the type before opening so that a device node is never opened at all;
+        # the fstat below closes the race with the lstat.
+        st = _lstat_at(parent_fd, parts[-1])
+        if not _matches(st, expected):
+            return CopyOutcome.CHANGED
+        fd = os.open(parts[-1], _SOURCE_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        outcome = _source_failure(exc)
+        if outcome is None:
+            raise
+        return outcome
+    finally:
+        os.close(parent_fd)
+    try:
+        if not _matches(os.fstat(fd), expected):
+            os.close(fd)
+            return CopyOutcome.CHANGED
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _copy_bytes(
+    src: int, dst: int, size: int, chunk_size: int, callback: Callable[[int], None] | None
+) -> int:
+    """Copy up to ``size`` bytes from offset 0; return how many were copied.
+
+    Tries copy_file_range (in-kernel, may share extents), then sendfile, then pread/pwrite,
+    falling back per call when a method is not supported for these two files.
+    """
+    pos = 0
+    method = 0  # 0: copy_file_range, 1: sendfile, 2: pread/pwrite
+    while pos < size:
+        want = min(chunk_size, size - pos)
+        if method == 0:
+            try:
+                n = os.copy_file_range(src, dst, want, pos, pos)
+            except OSError as exc:
+                if exc.errno not in _COPY_FALLBACK_ERRNOS:
+                    raise
+                method = 1
+                continue
+        elif method == 1:
+            try:
+                os.lseek(dst, pos, os.SEEK_SET)
+                n = os.sendfile(dst, src, pos, want)
+            except OSError as exc:
+                if exc.errno not in _COPY_FALLBACK_ERRNOS:
+                    raise
+                method = 2
+                continue
+        else:
+            data = os.pread(src, want, pos)
+            n = len(data)
+            view = memoryview(data)
+            written = 0
+            while written < n:
+                written += os.pwrite(dst, view[written:], pos + written)
+        if n == 0:  # end of file before the planned size: the source shrank
+            break
+        pos += n
+        if callback is not None:
+            callback(pos)
+    return pos
+
+
+def copy_file(
+    union_root: Path,
+    repo_path: str,
+    source_root: Path,
+    rel_path: str,
+    expected: Fingerprint,
+    *,
+    replace: bool = False,
+    dir_mode: int = DEFAULT_DIR_MODE,
+    chunk_size: int = COPY_CHUNK,
+    chunk_callback: Callable[[int], None] | None = None,
+    fsync: bool = False,
+) -> CopyOutcome:
+    """Copy the staged file ``source_root/rel_path`` to ``union_root/repo_path`` atomically.
+
+    The source must still be the version ``expected`` describes (regular file, same inode,
+    size, mtime_ns and permission bits) before and after the copy, and its ctime must not
+    move while copying (ctime cannot be reset by the writer the way mtime can);
+    otherwise the result is CHANGED and nothing is left behind in the union dir. The data
+    goes to ``.cvmfs-syncd.<random>.tmp`` next to the destination, gets mode
+    ``expected.mode & 0o777`` (setuid, setgid and sticky stripped: nothing published may
+    gain privileges, and sticky means nothing on files) and mtime ``expected.mtime_ns``,
+    and is then renamed over the destination. A destination directory is removed first
+    (type change); a destination symlink is replaced, never written through. Missing
+    parent directories are created with ``dir_mode``; see :func:`make_dir` for
+    ``replace``. ``chunk_callback(bytes_copied)`` is called after each chunk of
+    ``chunk_size`` bytes. With ``fsync`` the data is flushed before the rename.
+
+    Return COPIED, CHANGED, VANISHED or UNREADABLE (see :class:`CopyOutcome`). Raise
+    ValueError for unsafe paths or a non-file ``expected``; NotADirectoryError for a
+    non-directory parent without ``replace``; OSError for failures writing the union dir
+    (ENOSPC...) or reading the opened source (EIO).
+    """
+    if expected.type is not EntryType.FILE:
+        raise ValueError(f"copy_file needs a file fingerprint, got {expected.type.value}")
+    dest_parts = split_repo_path(repo_path)
+    source_parts = split_repo_path(rel_path)
+    if not dest_parts or not source_parts:
+        raise ValueError("copy_file needs non-empty repository and source paths")
+
+    opened = _open_source(source_root, source_parts, expected)
+    if isinstance(opened, CopyOutcome):
+        return opened
+    src = opened
+    try:
+        union_fd = _open_root(union_root)
+        try:
+            parent_fd = _union_parent(
+                union_fd, dest_parts[:-1], create=True, replace=replace, dir_mode=dir_mode
+            )
+        finally:
+            os.close(union_fd)
+        try:
+            return _copy_into(
+                parent_fd,
+                dest_parts[-1],
+                src,
+                expected=expected,
+                chunk_size=chunk_size,
+                chunk_callback=chunk_callback,
+                fsync=fsync,
+            )
+        finally:
+            os.close(parent_fd)
+    finally:
+        os.close(src)
+
+
+def _create_temp(parent_fd: int, create: Callable[[str], _T]) -> tuple[str, _T]:
+    """Call ``create(name)`` with fresh temporary names until one does not exist yet."""
+    for _ in range(10):
+        temp = _temp_name()
+        try:
+            return temp, create(temp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", parent_fd)
+
+
+def _copy_into(
+    parent_fd: int,
+    name: str,
+    src: int,
+    *,
+    expected: Fingerprint,
+    chunk_size: int,
+    chunk_callback: Callable[[int], None] | None,
+    fsync: bool,
+) -> CopyOutcome:
+    """Copy ``src`` to a temporary file in ``parent_fd``, verify, and rename onto ``name``."""
+    before = os.fstat(src)
+    temp, opened = _create_temp(
+        parent_fd, lambda temp: os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=parent_fd)
+    )
+    dst: int | None = opened
+    try:
+        copied = _copy_bytes(src, opened, expected.size, chunk_size, chunk_callback)
+        after = os.fstat(src)
+        if (
+            copied != expected.size
+            or not _matches(after, expected)
+            or after.st_ctime_ns != before.st_ctime_ns
+        ):
+            os.close(opened)
+            dst = None
+            _unlink_quietly(parent_fd, temp)
+            return CopyOutcome.CHANGED
+        os.fchmod(opened, expected.mode & 0o777)
+        os.utime(opened, ns=(expected.mtime_ns, expected.mtime_ns))
+        if fsync:
+            os.fsync(opened)
+        os.close(opened)
+        dst = None
+        _place(parent_fd, temp, name)
+    except BaseException:
+        _close(dst)
+        _unlink_quietly(parent_fd, temp)
+        raise
+    return CopyOutcome.COPIED
+
+
+def make_dir(
+    union_root: Path,
+    repo_path: str,
+    mode: int = DEFAULT_DIR_MODE,
+    *,
+    replace: bool = False,
+    dir_mode: int = DEFAULT_DIR_MODE,
+) -> None:
+    """Make ``repo_path`` a directory with permission bits ``mode & 0o777``.
+
+    An existing directory keeps its contents and gets the mode; an existing file or
+    symlink at ``repo_path`` is replaced (the caller asked for a directory there). Missing
+    parents are created with ``dir_mode``. A parent that is a file or symlink is replaced
+    by a directory when ``replace`` is True; otherwise NotADirectoryError is raised.
+    setuid/setgid/sticky are stripped: they mean nothing in a read-only repository.
+    ``repo_path`` ``""`` (the repository root) is left alone.
+
+    Raise ValueError for an unsafe path, OSError for I/O failures.
+    """
+    parts = split_repo_path(repo_path)
+    if not parts:
+        return
+    union_fd = _open_root(union_root)
+    try:
+        parent_fd = _union_parent(
+            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
+        )
+    finally:
+        os.close(union_fd)
+    try:
+        name = parts[-1]
+        try:
+            st = _lstat_at(parent_fd, name)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=parent_fd)
+        _mkdir_at(parent_fd, name, mode)
+    finally:
+        os.close(parent_fd)
+
+
+def make_symlink(
+    union_root: Path,
+    repo_path: str,
+    target: str,
+    *,
+    mtime_ns: int | None = None,
+    replace: bool = False,
+    dir_mode: int = DEFAULT_DIR_MODE,
+) -> None:
+    """Make ``repo_path`` a symlink whose target is ``target``, stored verbatim.
+
+    The target is never resolved or checked for where it points: a symlink in the
+    repository only has meaning on clients. The link is created under a temporary name and
+    renamed into place, replacing a file or symlink atomically; a directory there is
+    removed first. ``mtime_ns`` sets the link's own mtime. Parents as for :func:`make_dir`.
+
+    Raise ValueError for an unsafe path or an empty target or one containing NUL;
+    NotADirectoryError or OSError as for :func:`make_dir`.
+    """
+    if not target or "\0" in target:
+        raise ValueError(f"symlink target {target!r} is empty or contains NUL")
+    parts = split_repo_path(repo_path)
+    if not parts:
+        raise ValueError("the repository root cannot be a symlink")
+    union_fd = _open_root(union_root)
+    try:
+        parent_fd = _union_parent(
+            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
+        )
+    finally:
+        os.close(union_fd)
+    try:
+        temp, _ = _create_temp(parent_fd, lambda temp: os.symlink(target, temp, dir_fd=parent_fd))
+        try:
+            if mtime_ns is not None:
+                os.utime(temp, ns=(mtime_ns, mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
+            _place(parent_fd, temp, parts[-1])
+        except BaseException:
+            _unlink_quietly(parent_fd, temp)
+            raise
+    finally:
+        os.close(parent_fd)
+
+
+def delete(union_root: Path, repo_path: str) -> bool:
+    """Remove the file, symlink or whole directory tree at ``repo_path``.
+
+    Symlinks are removed, never followed, at every level of a tree. Return True if
+    something was removed, False if there was nothing at that path (including when a
+    directory above it is missing or is itself a file or symlink).
+
+    Raise ValueError for an unsafe path or ``""`` (the repository root is never deleted);
+    OSError for I/O failures.
+    """
+    parts = split_repo_path(repo_path)
+    if not parts:
+        raise ValueError("refusing to delete the repository root")
+    union_fd = _open_root(union_root)
+    try:
+        try:
+            parent_fd = _union_parent(union_fd, parts[:-1], create=False, replace=False, dir_mode=0)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS:
+                return False
+            raise
+    finally:
+        os.close(union_fd)
+    try:
+        return _remove_at(parent_fd, parts[-1])
+    finally:
+        os.close(parent_fd)
+
+
+# --------------------------------------------------------------------------------------
+# inbox mode
+
+
+def _same_entry(st: os.stat_result, expected: Fingerprint, dir_fd: int, name: str) -> bool:
+    if st.st_ino != expected.inode:
+        return False
+    if expected.type is EntryType.FILE:
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_size == expected.size
+            and st.st_mtime_ns == expected.mtime_ns
+        )
+    if expected.type is EntryType.SYMLINK:
+        if not stat.S_ISLNK(st.st_mode):
+            return False
+        try:
+            return os.readlink(name, dir_fd=dir_fd) == expected.target
+        except OSError:
+            return False
+    return stat.S_ISDIR(st.st_mode)
+
+
+def remove_staged(source_root: Path, rel_path: str, expected: Fingerprint) -> bool:
+    """Remove a published entry from a staging directory if it is still that version.
+
+    Files and symlinks are removed only if inode, size and mtime_ns (and the symlink
+    target) still match ``expected``; directories only if the inode matches and they are
+    empty. To avoid deleting a newer version that is renamed onto the name at the last
+    moment, the entry is first renamed to a private temporary name, checked there, and
+    put back (by hard link, never overwriting) if it is not the expected one. Never
+    follows a symlink.
+
+    Return True if the entry was removed, False if it was left (changed, missing, not
+    empty, or a directory above it is gone or not a directory). Raise ValueError for an
+    unsafe path or ``""``; OSError for unexpected I/O failures.
+    """
+    parts = split_repo_path(rel_path)
+    if not parts:
+        raise ValueError("refusing to remove the staging root")
+    root_fd = _open_root(source_root)
+    try:
+        try:
+            parent_fd = _descend(root_fd, parts[:-1])
+        except OSError as exc:
+            if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS:
+                return False
+            raise
+    finally:
+        os.close(root_fd)
+    try:
+        return _remove_staged_at(parent_fd, parts[-1], expected)
+    finally:
+        os.close(parent_fd)
+
+
+def _remove_staged_at(parent_fd: int, name: str, expected: Fingerprint) -> bool:
+    try:
+        st = _lstat_at(parent_fd, name)
+    except FileNotFoundError:
+        return False
+    if not _same_entry(st, expected, parent_fd, name):
+        return False
+    if expected.type is EntryType.DIRECTORY:
+        return _rmdir_if_empty(parent_fd, name)
+    try:
+        temp, _ = _create_temp(
+            parent_fd,
+            lambda temp: os.rename(name, temp, src_dir_fd=parent_fd, dst_dir_fd=parent_fd),
+        )
+    except FileNotFoundError:
+        return False
+    grabbed = _lstat_at(parent_fd, temp)
+    if _same_entry(grabbed, expected, parent_fd, temp):
+        os.unlink(temp, dir_fd=parent_fd)
+        return True
+    # A newer version took the name just before the rename: put it back unless an even
+    # newer one is there already (then the one we hold is superseded anyway).
+    with contextlib.suppress(FileExistsError):
+        os.link(temp, name, src_dir_fd=parent_fd, dst_dir_fd=parent_fd, follow_symlinks=False)
+    os.unlink(temp, dir_fd=parent_fd)
+    return False
+
+
+def _rmdir_if_empty(parent_fd: int, name: str) -> bool:
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+            return False
+        raise
+    return True
