@@ -1,8 +1,268 @@
-"""Command-line entry point (placeholder until the subcommands land)."""
+"""Command-line entry point: ``cvmfs-syncd run|sync|check-config|status|wait|release|graft``."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-def main(argv: list[str] | None = None) -> int:
+from cvmfs_syncd import __version__
+from cvmfs_syncd import config as config_mod
+from cvmfs_syncd.errors import ConfigError, RepositoryConfigError, SyncdError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cvmfs-syncd",
+        description="Publish staging directories and S3 prefixes into CernVM-FS repositories.",
+    )
+    parser.add_argument("--version", action="version", version=f"cvmfs-syncd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "-c", "--config", default=config_mod.DEFAULT_CONFIG_PATH,
+            help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH})",
+        )
+        return p
+
+    with_config("run", "run the daemon in the foreground")
+    p = with_config("sync", "one pass: publish everything pending, exit 0 when in sync")
+    p.add_argument("--repository", action="append", help="only this repository (repeatable)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after S seconds")
+    with_config("check-config", "validate the configuration; report every error")
+    p = with_config("status", "ask the running daemon what each repository lane is doing")
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p = with_config("wait", "exit 0 once the staged file at PATH is live with its current content")
+    p.add_argument("path", help="absolute path of a staged file")
+    p.add_argument("--timeout", type=float, default=600.0, help="give up after S seconds (exit 3)")
+    p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    p = with_config("release", "confirm a held batch (mass deletion, missing staging path)")
+    p.add_argument("repository")
+    try:
+        from cvmfs_syncd import graft_cli
+    except ImportError:  # pragma: no cover - graft support is part of the package
+        pass
+    else:
+        graft_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
-    return 0
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["graft"]:
+        from cvmfs_syncd import graft_cli
+
+        return graft_cli.run_graft(args_list[1:], sys.stdin.buffer, sys.stdout, sys.stderr)
+    args = _parser().parse_args(args_list)
+    handlers = {
+        "run": _run,
+        "sync": _sync,
+        "check-config": _check_config,
+        "status": _status,
+        "wait": _wait,
+        "release": _release,
+    }
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"cvmfs-syncd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SyncdError as exc:
+        print(f"cvmfs-syncd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cvmfs_syncd import log
+    from cvmfs_syncd.service import Service
+
+    config = config_mod.load(args.config)
+    log.configure(config.daemon.log_level, config.daemon.log_format)
+    service = Service(config)
+    service.install_signal_handlers()
+    return service.run()
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from cvmfs_syncd import log
+    from cvmfs_syncd.metrics import Metrics
+    from cvmfs_syncd.service import build_lane, make_server
+    from cvmfs_syncd.state import State
+
+    config = config_mod.load(args.config)
+    log.configure(config.daemon.log_level, config.daemon.log_format)
+    wanted = set(args.repository or [r.name for r in config.repositories])
+    unknown = wanted - {r.name for r in config.repositories}
+    if unknown:
+        print(f"cvmfs-syncd: unknown repository {', '.join(sorted(unknown))}", file=sys.stderr)
+        return EXIT_USAGE
+    state = State(config.daemon.state_dir)
+    metrics = Metrics()
+    server = make_server(config)
+    failures = []
+    for repo in config.repositories:
+        if repo.name not in wanted:
+            continue
+        try:
+            lane = build_lane(config, repo, state, metrics, server)
+        except RepositoryConfigError as exc:
+            failures.append(f"{repo.name}: {exc}")
+            continue
+        ok, why = lane.sync_once(args.timeout)
+        lane.lock.release()
+        status = lane.status()
+        if ok:
+            print(f"{repo.name}: in sync (revision {status.last_revision or 'unchanged'})")
+        else:
+            failures.append(f"{repo.name}: {why}")
+    state.close()
+    for failure in failures:
+        print(f"cvmfs-syncd: {failure}", file=sys.stderr)
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = config_mod.load(args.config)
+    problems = []
+    for i, repo in enumerate(config.repositories):
+        server_conf = config.cvmfs.config_dir / "repositories.d" / repo.name / "server.conf"
+        if not server_conf.is_file():
+            problems.append(
+                f"repository[{i}].name: {repo.name!r} has no {server_conf} (not created on this host?)"
+            )
+    problems += _s3_credential_problems(config)
+    if problems:
+        raise ConfigError(problems, args.config)
+    for i, repo in enumerate(config.repositories):
+        for j, staging in enumerate(repo.staging):
+            if not staging.path.is_dir():
+                print(
+                    f"warning: repository[{i}].staging[{j}].path: {staging.path} does not exist yet",
+                    file=sys.stderr,
+                )
+    names = ", ".join(r.name for r in config.repositories)
+    print(f"{args.config}: OK ({len(config.repositories)} repositories: {names})")
+    return EXIT_OK
+
+
+def _s3_credential_problems(config: config_mod.Config) -> list[str]:
+    problems = []
+    for i, repo in enumerate(config.repositories):
+        for j, s3 in enumerate(repo.s3):
+            if s3.credentials_file is None:
+                continue
+            where = f"repository[{i}].s3[{j}].credentials_file"
+            try:
+                mode = s3.credentials_file.stat().st_mode
+            except OSError as exc:
+                problems.append(f"{where}: cannot read {s3.credentials_file}: {exc.strerror}")
+                continue
+            if mode & 0o077:
+                problems.append(
+                    f"{where}: {s3.credentials_file} is readable by other users "
+                    f"(mode {mode & 0o777:04o}); chmod 600 it"
+                )
+    return problems
+
+
+def _http_get(config: config_mod.Config, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+    address = config_mod.parse_address(config.daemon.metrics_address)
+    if address is None:
+        raise SyncdError("daemon.metrics_address is not set: cannot reach the daemon")
+    host = address[0]
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (we connect to it, not bind)
+        host = "127.0.0.1"
+    url = f"http://{host if ':' not in host else '[' + host + ']'}:{address[1]}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http URL built above)
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise SyncdError(f"cannot reach the daemon at {url}: {exc}") from exc
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = config_mod.load(args.config)
+    _, body = _http_get(config, "/status")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return EXIT_OK
+    for name, lane in sorted(body.get("repositories", {}).items()):
+        last = lane.get("last_publish_at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
+        print(f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
+              f" (revision {lane.get('last_revision') or '-'})")
+        if lane.get("held"):
+            print(f"  HELD: {lane['held']}")
+        if lane.get("last_error"):
+            print(f"  last error: {lane['last_error']}")
+        for source, info in lane.get("sources", {}).items():
+            if not info.get("up"):
+                print(f"  source {source} DOWN: {info.get('detail')}")
+    for name, why in body.get("broken", {}).items():
+        print(f"{name}: NOT SERVED: {why}")
+    return EXIT_OK
+
+
+def _wait(args: argparse.Namespace) -> int:
+    from cvmfs_syncd.metrics import Metrics
+    from cvmfs_syncd.service import path_status
+    from cvmfs_syncd.state import State
+
+    config = config_mod.load(args.config)
+    path = Path(os.path.abspath(args.path))
+    deadline = time.monotonic() + args.timeout
+    state = State(config.daemon.state_dir)
+    metrics = Metrics()
+    try:
+        while True:
+            answer = path_status(config, state, metrics, path)
+            if answer.get("live"):
+                print(f"{path}: live in {answer.get('repository')} at {answer.get('path')}"
+                      f" (revision {answer.get('revision')})")
+                return EXIT_OK
+            if answer.get("unknown"):
+                print(f"cvmfs-syncd: {answer.get('reason')}", file=sys.stderr)
+                return EXIT_USAGE
+            if time.monotonic() >= deadline:
+                print(f"cvmfs-syncd: {path} not live after {args.timeout:.0f}s: "
+                      f"{answer.get('reason', 'pending')}", file=sys.stderr)
+                return EXIT_TIMEOUT
+            time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
+    finally:
+        state.close()
+
+
+def _release(args: argparse.Namespace) -> int:
+    from cvmfs_syncd.state import State
+
+    config = config_mod.load(args.config)
+    try:
+        config.repository(args.repository)
+    except KeyError:
+        print(f"cvmfs-syncd: unknown repository {args.repository}", file=sys.stderr)
+        return EXIT_USAGE
+    state = State(config.daemon.state_dir)
+    state.request_release(args.repository)
+    state.close()
+    print(f"{args.repository}: held batch released; the daemon publishes it at its next step")
+    return EXIT_OK

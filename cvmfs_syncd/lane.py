@@ -1,0 +1,778 @@
+"""One lane (thread) per repository: every write to the repository, one at a time.
+
+The lane owns the repository's pending changes, cuts batches, and for each batch: takes
+the host-wide repository lock, journals the batch, opens a transaction, applies the ops,
+publishes, updates the index of what is live, and tells the sources. Failures are handled
+by the table in docs/failures.md. Maintenance jobs that write (gc) run through the lane
+between batches, under the same lock.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
+from cvmfs_syncd.config import Config, RepositoryConfig
+from cvmfs_syncd.cvmfs.repo import RepositoryLayout
+from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer, Outcome
+from cvmfs_syncd.errors import RepositoryConfigError
+from cvmfs_syncd.locking import RepositoryLock
+from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.model import Batch, Dirty, LaneStatus, Op
+from cvmfs_syncd.planner import ApplyOutcome, Input, Plan, cut_to_caps
+from cvmfs_syncd.state import State
+
+log = structlog.get_logger(__name__)
+
+#: How often the lane wakes up when idle (to notice releases, foreign transactions, stop).
+_IDLE_WAKE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A write job (e.g. gc) to run in the lane between batches, under the lock."""
+
+    name: str
+    fn: Callable[[], Any]
+    future: Future[Any]
+
+
+class _Stopping(Exception):
+    """The lane was asked to stop while waiting."""
+
+
+class Backoff:
+    """Exponential back-off: initial, doubled per failure, capped."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = max(initial, 0.01)
+        self.maximum = max(maximum, self.initial)
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Count a failure and return how long to wait before the next attempt."""
+        delay = float(min(self.initial * (2.0**self.failures), self.maximum))
+        self.failures += 1
+        return delay
+
+    def reset(self) -> None:
+        """Forget past failures."""
+        self.failures = 0
+
+
+class Lane(threading.Thread):
+    """The worker of one repository."""
+
+    def __init__(
+        self,
+        config: Config,
+        repo: RepositoryConfig,
+        *,
+        layout: RepositoryLayout,
+        server: CvmfsServer,
+        state: State,
+        metrics: Metrics,
+        inputs: Sequence[Input],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(name=f"lane-{repo.name}", daemon=True)
+        self.config = config
+        self.repo = repo
+        self.layout = layout
+        self.server = server
+        self.state = state
+        self.metrics = metrics
+        self.inputs = list(inputs)
+        self.clock = clock
+        self.pending = PendingChanges(
+            BatchPolicy(
+                quiet_seconds=repo.quiet_seconds,
+                max_batch_seconds=repo.max_batch_seconds,
+                max_batch_files=repo.max_batch_files,
+                max_batch_bytes=repo.max_batch_bytes,
+            )
+        )
+        self.lock = RepositoryLock(config.daemon.state_dir, repo.name)
+        self._inbox: queue.SimpleQueue[Dirty | _Job | None] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop_requested = threading.Event()
+        self._drain = threading.Event()
+        self._status_lock = threading.Lock()
+        self._status = LaneStatus(repo=repo.name, progress_at=clock())
+        self._next_rescan = 0.0
+        self._held_reason = ""
+        self._guarded: list[Pending] = []
+        self._open_batch: int | None = None
+        self._txn_seen_since: float | None = None
+        self.exit_error = ""
+        self.on_whitelist_expired: Callable[[], None] | None = None
+
+    # -- interface for other threads ----------------------------------------------------
+
+    def submit(self, dirty: Dirty) -> None:
+        """Queue a hint from a source (thread-safe, never blocks)."""
+        self._inbox.put(dirty)
+        self._wake.set()
+
+    def run_job(self, name: str, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` in the lane between batches, under the repository lock."""
+        future: Future[Any] = Future()
+        self._inbox.put(_Job(name, fn, future))
+        self._wake.set()
+        return future
+
+    def request_stop(self) -> None:
+        """Ask the lane to stop: no new batches; an in-flight publish may finish."""
+        self._stop_requested.set()
+        self._wake.set()
+
+    def status(self) -> LaneStatus:
+        """Return a copy of what the lane is doing."""
+        with self._status_lock:
+            return replace(self._status, details=dict(self._status.details))
+
+    def _set_status(self, **changes: Any) -> None:
+        with self._status_lock:
+            for key, value in changes.items():
+                setattr(self._status, key, value)
+            self._status.progress_at = self.clock()
+
+    def heartbeat(self) -> None:
+        """Record progress (the service's watchdog checks it)."""
+        with self._status_lock:
+            self._status.progress_at = self.clock()
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Recover, reconcile, then cut and publish batches until asked to stop."""
+        log.info("lane starting", repository=self.repo.name)
+        try:
+            for source in self.inputs:
+                source.start(self.submit)
+            self.recover()
+            self._schedule_rescan(now=0.0)
+            while not self._stop_requested.is_set():
+                self.step()
+        except _Stopping:
+            pass
+        except Exception as exc:
+            log.exception("lane crashed", repository=self.repo.name)
+            self.exit_error = f"lane crashed: {exc}"
+            self._set_status(state="crashed", last_error=str(exc))
+        finally:
+            for source in self.inputs:
+                try:
+                    source.stop()
+                except Exception:  # noqa: BLE001 (stopping must go on)
+                    log.exception("stopping a source failed", source=source.name)
+            self.lock.release()
+            self._set_status(state="stopped" if not self.exit_error else "crashed")
+            log.info("lane stopped", repository=self.repo.name, error=self.exit_error or None)
+
+    def step(self, *, force_cut: bool = False) -> bool:
+        """Do one unit of work (or wait for one); return True if a batch was published."""
+        now = self.clock()
+        self._drain_inbox()
+        if now >= self._next_rescan:
+            self._reconcile(now)
+        self._check_release()
+        self._update_pending_metrics()
+        if self._foreign_transaction_open():
+            self._set_status(state="waiting: foreign transaction", foreign_transaction=True)
+            self._wait(2.0)
+            return False
+        self._set_status(foreign_transaction=False)
+        reason = "sync" if force_cut and len(self.pending) else self.pending.due(now)
+        if reason is None:
+            deadline = self.pending.next_deadline(now)
+            timeout = _IDLE_WAKE_SECONDS if deadline is None else max(0.0, deadline - now)
+            self._set_status(state="idle" if not len(self.pending) else "batching")
+            self._wait(min(timeout, _IDLE_WAKE_SECONDS, max(0.0, self._next_rescan - now)))
+            return False
+        return self.publish_pending(reason, now)
+
+    def _wait(self, timeout: float) -> None:
+        self.heartbeat()
+        if timeout > 0:
+            self._wake.wait(timeout)
+        self._wake.clear()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                continue
+            if isinstance(item, _Job):
+                self._run_job(item)
+                continue
+            self.pending.add(item)
+            self.metrics.changes_detected.labels(self.repo.name, item.source).inc()
+
+    def _run_job(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        self._set_status(state=f"running {job.name}", busy_since=self.clock())
+        try:
+            with self._locked():
+                result = job.fn()
+        except BaseException as exc:  # noqa: BLE001 (the caller receives it)
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+        finally:
+            self._set_status(state="idle", busy_since=None)
+
+    def _locked(self) -> _LockContext:
+        return _LockContext(self)
+
+    def _schedule_rescan(self, now: float) -> None:
+        self._next_rescan = now
+
+    def _reconcile(self, now: float) -> None:
+        """Full comparison of every input with what is live (the healer)."""
+        for source in self.inputs:
+            try:
+                hints = source.reconcile(now)
+            except Exception as exc:  # noqa: BLE001 (a broken source must not stop the lane)
+                log.warning("reconciliation failed", source=source.name, error=str(exc))
+                continue
+            missed = 0
+            for hint in hints:
+                if (hint.source, hint.rel_path) not in self.pending:
+                    missed += 1
+                self.pending.add(hint)
+            if missed and self._next_rescan > 0:
+                self.metrics.reconciled_changes.labels(self.repo.name, source.name).inc(missed)
+                log.info("reconciliation found changes", source=source.name, changes=missed)
+        self._next_rescan = now + self.config.daemon.rescan_seconds
+
+    def _check_release(self) -> None:
+        if self._guarded and self.state.take_release(self.repo.name):
+            log.warning("operator released held deletions", repository=self.repo.name)
+            for entry in self._guarded:
+                self.pending.put_back(replace(entry, held=False, not_before=0.0))
+            self._guarded = []
+            self._release_granted = True
+            self._set_hold("")
+
+    _release_granted = False
+
+    def _set_hold(self, reason: str, kind: str = "mass-delete") -> None:
+        if reason == self._held_reason:
+            return
+        if reason:
+            log.error("publishing held", repository=self.repo.name, reason=reason)
+            self.metrics.held.labels(self.repo.name, kind).set(1)
+        else:
+            for k in ("mass-delete", "staging-missing", "abort-failed", "whitelist-expired"):
+                self.metrics.held.labels(self.repo.name, k).set(0)
+        self._held_reason = reason
+        self._set_status(held=reason)
+
+    def _update_pending_metrics(self) -> None:
+        count = len(self.pending) + len(self._guarded)
+        self.metrics.pending_changes.labels(self.repo.name).set(count)
+        self._set_status(pending=count)
+
+    def _foreign_transaction_open(self) -> bool:
+        open_now = self.layout.in_transaction()
+        if open_now and self._txn_seen_since is None:
+            self._txn_seen_since = self.clock()
+        elif not open_now:
+            self._txn_seen_since = None
+        self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since or 0)
+        foreign = open_now and self._open_batch is None
+        self.metrics.foreign_transaction.labels(self.repo.name).set(1 if foreign else 0)
+        if foreign:
+            log.info(
+                "a transaction the daemon did not open is in progress; waiting",
+                repository=self.repo.name,
+                collecting=self.layout.is_collecting(),
+            )
+        return foreign
+
+    # -- planning ------------------------------------------------------------------------
+
+    def plan(self, now: float) -> tuple[list[Op], dict[str, Pending], Plan]:
+        """Ask every source to plan its pending entries; return ops and where each came from."""
+        entries = self.pending.take()
+        by_source: dict[str, list[Pending]] = {}
+        for entry in entries:
+            by_source.setdefault(entry.source, []).append(entry)
+        ops: list[Op] = []
+        origin: dict[str, Pending] = {}
+        merged = Plan()
+        for source in self.inputs:
+            mine = by_source.pop(source.name, [])
+            if not mine:
+                continue
+            plan = source.plan(mine, now)
+            for entry in plan.deferred:
+                self.pending.put_back(entry)
+            for entry in plan.waiting_for_marker:
+                self.pending.put_back(replace(entry, held=True))
+            for reason, path in plan.skipped:
+                self.metrics.skipped.labels(self.repo.name, source.name, reason).inc()
+                log.warning("input skipped", source=source.name, path=path, reason=reason)
+            for aside in plan.set_aside:
+                self.metrics.skipped.labels(self.repo.name, source.name, "refused").inc()
+                self.state.set_aside(self.repo.name, aside.source, aside.rel_path, aside.reason, None)
+                log.warning(
+                    "input set aside", source=source.name, path=aside.rel_path, reason=aside.reason
+                )
+            source_ops = list(plan.ops)
+            if plan.guarded:
+                if self._release_granted:
+                    source_ops += plan.guarded
+                else:
+                    self._guarded += [
+                        plan.origin[o.repo_path] for o in plan.guarded if o.repo_path in plan.origin
+                    ]
+                    self._set_hold(f"{source.name}: {plan.guard_reason}", "mass-delete")
+            ops += source_ops
+            origin.update(plan.origin)
+            merged.atomic_groups += plan.atomic_groups
+        for leftover in by_source.values():  # a source removed by a reload
+            log.info("dropping changes of a source no longer configured", changes=len(leftover))
+        self._release_granted = False
+        if not self._guarded and self._held_reason and "delete" in self._held_reason:
+            self._set_hold("")
+        return ops, origin, merged
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish_pending(self, reason: str, now: float) -> bool:
+        """Plan and publish one batch; return True if a revision was published."""
+        ops, origin, plan = self.plan(now)
+        if not ops:
+            return False
+        taken, later = cut_to_caps(
+            ops, plan.atomic_groups, self.repo.max_batch_files, self.repo.max_batch_bytes
+        )
+        for op in later:
+            if op.repo_path in origin:
+                self.pending.put_back(origin[op.repo_path])
+        batch = Batch(
+            repo=self.repo.name,
+            ops=tuple(taken),
+            reason=reason,
+            first_change_at=min((origin[o.repo_path].first_at for o in taken if o.repo_path in origin), default=now),
+            changes=len(taken),
+            bytes=sum(o.fingerprint.size for o in taken if o.fingerprint),
+        )
+        self.metrics.batches.labels(self.repo.name, reason).inc()
+        first_seen = {o.repo_path: origin[o.repo_path].first_at for o in taken if o.repo_path in origin}
+        try:
+            return self._publish_batch(batch, origin, first_seen)
+        except _Stopping:
+            raise
+        finally:
+            self._set_status(busy_since=None)
+
+    def _requeue(self, ops: Sequence[Op], origin: dict[str, Pending]) -> None:
+        for op in ops:
+            entry = origin.get(op.repo_path)
+            if entry is not None:
+                self.pending.put_back(replace(entry, not_before=0.0))
+
+    def _source_of(self, op: Op) -> Input | None:
+        for source in self.inputs:
+            if source.name == op.source:
+                return source
+        return None
+
+    def _publish_batch(
+        self, batch: Batch, origin: dict[str, Pending], first_seen: dict[str, float]
+    ) -> bool:
+        started = self.clock()
+        self._set_status(state="waiting for repository lock", busy_since=started)
+        with self._locked():
+            if self.layout.in_transaction():
+                # Someone opened a transaction since we looked: never touch it.
+                self._requeue(batch.ops, origin)
+                return False
+            base_revision = self._revision()
+            batch_id = self.state.create_batch(
+                self.repo.name, batch.ops, reason=batch.reason, summary=batch.summary(),
+                first_seen=first_seen,
+            )
+            log.info(
+                "batch cut", repository=self.repo.name, batch=batch_id, reason=batch.reason,
+                ops=len(batch.ops), bytes=batch.bytes,
+            )
+            if not self._open_transaction(batch_id, base_revision):
+                self._requeue(batch.ops, origin)
+                return False
+            applied = self._apply(batch_id, batch.ops, origin)
+            if not applied:
+                self._abort_own(batch_id, "nothing could be applied")
+                return False
+            self.state.set_stage(batch_id, "applied")
+            revision = self._publish_until_done(batch_id, batch.summary(), origin, applied)
+            if revision is None:
+                return False
+            self._finish(batch_id, applied, revision, first_seen, started)
+            return True
+
+    def _revision(self) -> int | None:
+        try:
+            return self.layout.manifest().revision
+        except RepositoryConfigError as exc:
+            log.warning("cannot read the manifest", repository=self.repo.name, error=str(exc))
+            return None
+
+    def _open_transaction(self, batch_id: int, base_revision: int | None) -> bool:
+        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
+        while True:
+            # Journal first: after a crash, an open transaction is ours exactly when this says so.
+            self.state.set_stage(batch_id, "opening", base_revision=base_revision, attempt=True)
+            self._open_batch = batch_id
+            self._set_status(state="opening transaction")
+            result = self.server.transaction(
+                self.repo.name, timeout=self.config.cvmfs.transaction_timeout_seconds
+            )
+            if result.outcome is Outcome.OK:
+                self.state.set_stage(batch_id, "open")
+                self.metrics.transaction_open.labels(self.repo.name).set(1)
+                self._set_status(transaction_open=True)
+                return True
+            if result.outcome is Outcome.TIMEOUT and self.layout.in_transaction():
+                # The killed command may have opened it after all; the journal says it is ours.
+                self.state.set_stage(batch_id, "open")
+                self._abort_own(batch_id, "transaction command timed out")
+                return False
+            self._open_batch = None
+            self.state.set_stage(batch_id, "aborted", error=_describe(result))
+            if result.outcome is Outcome.ALREADY_IN_TRANSACTION:
+                log.warning(
+                    "repository already in a transaction the daemon did not open; waiting",
+                    repository=self.repo.name,
+                )
+                return False
+            if result.outcome is Outcome.WHITELIST_EXPIRED:
+                self._whitelist_expired()
+            self.metrics.retries.labels(self.repo.name, "transaction").inc()
+            delay = backoff.next_delay()
+            log.warning(
+                "opening a transaction failed; retrying", repository=self.repo.name,
+                outcome=result.outcome.name, retry_in=delay, message=_describe(result),
+            )
+            self._set_status(last_error=_describe(result))
+            self._sleep(delay)
+            if self.layout.in_transaction():
+                return False
+            batch_id = self._retry_batch(batch_id)
+
+    def _retry_batch(self, batch_id: int) -> int:
+        """Start a fresh journal row for another attempt of an aborted batch."""
+        ops = [op for op, _ in self.state.batch_ops(batch_id)]
+        old = self.state.batch(batch_id)
+        return self.state.create_batch(self.repo.name, ops, reason=old.reason, summary=old.summary)
+
+    def _apply(self, batch_id: int, ops: Sequence[Op], origin: dict[str, Pending]) -> list[Op]:
+        self._set_status(state="applying changes")
+        applied: list[Op] = []
+        union = self.layout.union_dir
+        for op in ops:
+            self.heartbeat()
+            source = self._source_of(op)
+            if source is None:
+                continue
+            try:
+                result = source.apply(op, union, batch_id)
+            except OSError as exc:
+                log.warning("applying a change failed", path=op.repo_path, error=str(exc))
+                self._requeue([op], origin)
+                continue
+            if result.created_objects:
+                self.state.record_created_objects(batch_id, result.created_objects)
+            if result.outcome is ApplyOutcome.APPLIED:
+                applied.append(op)
+                self.state.mark_op_applied(batch_id, op.repo_path)
+            elif result.outcome is ApplyOutcome.REFUSED:
+                self.state.set_aside(self.repo.name, op.source, op.source_path, result.reason, op.fingerprint)
+                self.metrics.skipped.labels(self.repo.name, op.source, "refused").inc()
+                log.warning("input refused", path=op.source_path, reason=result.reason)
+            else:
+                log.info("input changed while copying; re-queued", path=op.source_path, outcome=result.outcome.value)
+                self._requeue([op], origin)
+        return applied
+
+    def _publish_until_done(
+        self, batch_id: int, summary: str, origin: dict[str, Pending], applied: list[Op]
+    ) -> int | None:
+        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
+        force = False
+        while True:
+            self.state.set_stage(batch_id, "publishing", attempt=True)
+            self._set_status(state="publishing")
+            result = self.server.publish(
+                self.repo.name, message=summary, force=force,
+                timeout=self.config.cvmfs.publish_timeout_seconds,
+            )
+            if result.outcome is Outcome.OK:
+                revision = self._revision()
+                self.state.set_stage(batch_id, "published", revision=revision)
+                self._set_hold("")
+                return revision if revision is not None else -1
+            self.metrics.publish_failures.labels(self.repo.name, result.outcome.name.lower()).inc()
+            self._set_status(last_error=_describe(result))
+            log.warning(
+                "publish failed", repository=self.repo.name, batch=batch_id,
+                outcome=result.outcome.name, message=_describe(result),
+            )
+            if result.outcome is Outcome.OPEN_READERS and not force:
+                log.warning(
+                    "open read-only descriptors under the repository; publishing with -f",
+                    holders=list(result.open_file_holders),
+                )
+                force = True
+                continue
+            if result.outcome is Outcome.INVALID_GRAFT:
+                self._reject_inputs(batch_id, result, origin, applied)
+                return None
+            if result.outcome in (Outcome.NOT_MOUNTED, Outcome.CANNOT_REPAIR):
+                self._abort_own(batch_id, _describe(result))
+                self._requeue(applied, origin)
+                return None
+            if not self.layout.in_transaction() or result.outcome is Outcome.NOT_IN_TRANSACTION:
+                # Our transaction is gone (aborted by someone): the changes were not published.
+                self._open_batch = None
+                self.metrics.transaction_open.labels(self.repo.name).set(0)
+                self.state.set_stage(batch_id, "failed", error="transaction vanished: " + _describe(result))
+                self._abandon(batch_id)
+                self._requeue(applied, origin)
+                return None
+            if result.outcome is Outcome.WHITELIST_EXPIRED:
+                self._whitelist_expired()
+            # Storage unreachable, open writers, timeouts, unknown failures: the transaction
+            # stays open and a later plain publish completes it (recorded); no abort.
+            self.metrics.retries.labels(self.repo.name, "publish").inc()
+            delay = backoff.next_delay()
+            self._sleep(delay, abort_batch=batch_id)
+
+    def _whitelist_expired(self) -> None:
+        self._set_hold("whitelist expired: publishing resumes after resign", "whitelist-expired")
+        if self.on_whitelist_expired is not None:
+            self.on_whitelist_expired()
+
+    def _reject_inputs(
+        self, batch_id: int, result: CommandResult, origin: dict[str, Pending], applied: list[Op]
+    ) -> None:
+        """publish refused an input: abort our transaction, set the offender aside, retry the rest."""
+        bad = result.invalid_graft_path
+        offenders = [op for op in applied if bad and op.repo_path == bad.strip("/")]
+        if not self._abort_own(batch_id, "publish rejected an input: " + _describe(result)):
+            return
+        for op in offenders:
+            self.state.set_aside(self.repo.name, op.source, op.source_path, "rejected by publish: " + _describe(result), op.fingerprint)
+            self.metrics.skipped.labels(self.repo.name, op.source, "rejected").inc()
+            log.error("input rejected by publish; set aside", path=op.source_path)
+        if not offenders:
+            log.error("publish rejected the batch and named no input; the batch is held for retry")
+        self._requeue([op for op in applied if op not in offenders], origin)
+
+    def _abort_own(self, batch_id: int, why: str) -> bool:
+        """Abort the transaction this batch opened; hold the lane while abort fails."""
+        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
+        while True:
+            self._set_status(state="aborting own transaction")
+            result = self.server.abort(self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds)
+            if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
+                self.state.set_stage(batch_id, "aborted", error=why)
+                self._abandon(batch_id)
+                self._open_batch = None
+                self.metrics.transaction_open.labels(self.repo.name).set(0)
+                self._set_status(transaction_open=False)
+                if self._held_reason.startswith("abort failed"):
+                    self._set_hold("")
+                log.warning("aborted own transaction", repository=self.repo.name, batch=batch_id, why=why)
+                return True
+            self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
+            if result.outcome is Outcome.WHITELIST_EXPIRED:
+                self._whitelist_expired()
+            self.metrics.retries.labels(self.repo.name, "abort").inc()
+            if self._stop_requested.is_set():
+                self.exit_error = f"could not abort own transaction: {_describe(result)}"
+                raise _Stopping
+            self._sleep(backoff.next_delay())
+
+    def _abandon(self, batch_id: int) -> None:
+        created = self.state.created_objects(batch_id)
+        if not created:
+            return
+        for source in self.inputs:
+            source.abandoned(batch_id, created)
+        self.state.forget_created_objects(batch_id)
+
+    def _sleep(self, delay: float, abort_batch: int | None = None) -> None:
+        """Wait for a retry; on stop, abort our open transaction (if any) and stop."""
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            self.heartbeat()
+            if self._stop_requested.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+                if abort_batch is not None:
+                    self._abort_own(abort_batch, "daemon stopping while publish retries")
+                raise _Stopping
+
+    def _finish(
+        self, batch_id: int, ops: Sequence[Op], revision: int, first_seen: dict[str, float], started: float
+    ) -> None:
+        now = self.clock()
+        self._open_batch = None
+        self.metrics.transaction_open.labels(self.repo.name).set(0)
+        self.state.apply_published(self.repo.name, ops, revision if revision >= 0 else None)
+        self.state.forget_created_objects(batch_id)
+        by_source: dict[str, list[Op]] = {}
+        for op in ops:
+            by_source.setdefault(op.source, []).append(op)
+        for source in self.inputs:
+            if source.name in by_source:
+                try:
+                    source.published(by_source[source.name])
+                except Exception:  # noqa: BLE001 (the publish itself succeeded)
+                    log.exception("post-publish step failed", source=source.name)
+        self.state.set_stage(batch_id, "done")
+        m = self.metrics
+        m.publishes.labels(self.repo.name).inc()
+        m.publish_duration.labels(self.repo.name).observe(max(0.0, now - started))
+        m.last_publish.labels(self.repo.name).set(now)
+        if revision >= 0:
+            m.revision.labels(self.repo.name).set(revision)
+        nbytes = sum(o.fingerprint.size for o in ops if o.fingerprint)
+        m.published_bytes.labels(self.repo.name).inc(nbytes)
+        for op in ops:
+            m.drop_latency.labels(self.repo.name).observe(max(0.0, now - first_seen.get(op.repo_path, now)))
+        self._set_status(
+            state="idle", last_publish_at=now, last_revision=revision if revision >= 0 else None,
+            transaction_open=False, last_error="",
+        )
+        log.info(
+            "published", repository=self.repo.name, batch=batch_id, revision=revision,
+            ops=len(ops), bytes=nbytes, seconds=round(now - started, 3),
+        )
+
+    # -- recovery ------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish or roll back what a previous run left, using the journal and the spool."""
+        batch = self.state.unfinished_batch(self.repo.name)
+        if batch is None:
+            return
+        in_txn = self.layout.in_transaction()
+        log.warning(
+            "recovering an unfinished batch", repository=self.repo.name, batch=batch.id,
+            stage=batch.stage, transaction_open=in_txn,
+        )
+        with self._locked():
+            if batch.stage == "planned":
+                self.state.set_stage(batch.id, "aborted", error="not started before restart")
+                self._abandon(batch.id)
+                return
+            revision = self._revision()
+            published = (
+                batch.stage in ("publishing", "published")
+                and batch.base_revision is not None
+                and revision is not None
+                and revision > batch.base_revision
+            ) or batch.stage == "published"
+            ops = [op for op, _ in self.state.batch_ops(batch.id, applied_only=True)]
+            first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
+            if published:
+                self.state.set_stage(batch.id, "published", revision=revision)
+                self._finish(batch.id, ops, revision if revision is not None else -1, first_seen, batch.created_at)
+                return
+            if batch.stage in ("opening", "open"):
+                if in_txn:
+                    self._open_batch = batch.id
+                    self._abort_own(batch.id, "half-applied batch found after restart")
+                else:
+                    self.state.set_stage(batch.id, "aborted", error="no transaction after restart")
+                    self._abandon(batch.id)
+                return
+            # applied / publishing: every op is in the transaction; finish with a plain publish.
+            if in_txn:
+                self._open_batch = batch.id
+                self.metrics.transaction_open.labels(self.repo.name).set(1)
+                new_revision = self._publish_until_done(batch.id, batch.summary, {}, ops)
+                if new_revision is not None:
+                    self._finish(batch.id, ops, new_revision, first_seen, batch.created_at)
+            else:
+                self.state.set_stage(batch.id, "failed", error="transaction gone after restart")
+                self._abandon(batch.id)
+
+    # -- one-shot mode -----------------------------------------------------------------
+
+    def sync_once(self, timeout: float) -> tuple[bool, str]:
+        """Recover, reconcile, publish everything pending; return (in sync, why not).
+
+        Runs in the caller's thread (for ``cvmfs-syncd sync``).
+        """
+        deadline = time.monotonic() + timeout
+        self.recover()
+        self._reconcile(self.clock())
+        while time.monotonic() < deadline:
+            self._drain_inbox()
+            if self._foreign_transaction_open():
+                return False, "a transaction the daemon did not open is in progress"
+            if self._guarded:
+                return False, self._held_reason
+            if not len(self.pending):
+                leftover = []
+                for source in self.inputs:
+                    leftover += source.reconcile(self.clock())
+                if not leftover:
+                    return True, ""
+                for hint in leftover:
+                    self.pending.add(hint)
+            now = self.clock()
+            if self.pending.due(now) is None and self.pending.next_deadline(now) is not None:
+                ready = [p for p in self.pending.items() if not p.held and p.not_before <= now]
+                if not ready:
+                    wait = (self.pending.next_deadline(now) or now) - now
+                    if all(p.held for p in self.pending.items()):
+                        return False, "inputs wait for their ready marker"
+                    time.sleep(min(max(wait, 0.05), max(0.0, deadline - time.monotonic())))
+                    continue
+            self.publish_pending("sync", now)
+        return False, f"not in sync after {timeout:.0f}s ({len(self.pending)} changes pending)"
+
+
+class _LockContext:
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+
+    def __enter__(self) -> None:
+        lane = self.lane
+        while not lane.lock.acquire(timeout=5.0, stop=lane._stop_requested):
+            if lane._stop_requested.is_set():
+                raise _Stopping
+            log.info("waiting for the repository lock", path=str(lane.lock.path))
+            lane.heartbeat()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lane.lock.release()
+
+
+def _describe(result: CommandResult) -> str:
+    text = (result.stderr.strip() or result.stdout.strip()).splitlines()
+    first = next((line for line in text if line.strip()), "")
+    return f"{result.outcome.name.lower()} (exit {result.exit_code}): {first[:300]}"
+
+
+def union_path(layout: RepositoryLayout, repo_path: str) -> Path:
+    """Return the union-dir path of a repository path."""
+    return layout.union_dir / repo_path if repo_path else layout.union_dir

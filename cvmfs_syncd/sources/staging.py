@@ -1,0 +1,451 @@
+"""Staging directories: inotify hints plus a reconciliation scan, planned into ops.
+
+Watch events are only hints: at batch time every pending path is read again from the
+staging directory (never following a symlink) and compared with the index of what is
+live. A periodic full scan (the healer) catches what the watcher missed: watchdog drops
+kernel queue overflows silently.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import structlog
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
+
+from cvmfs_syncd import fsops
+from cvmfs_syncd.batching import Pending, Settler
+from cvmfs_syncd.config import StagingConfig
+from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind, SetAside
+from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
+from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
+from cvmfs_syncd.state import State
+
+log = structlog.get_logger(__name__)
+
+#: Permission bits that are never published: setuid and setgid.
+_STRIPPED_BITS = stat.S_ISUID | stat.S_ISGID
+
+#: Event types that say nothing changed (our own reads of a file cause them too).
+_QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
+
+
+class _Handler(FileSystemEventHandler):
+    """Turns watchdog events into hints; never raises (a raising handler kills the thread)."""
+
+    def __init__(self, source: StagingInput) -> None:
+        self.source = source
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self.source.on_event(event)
+        except Exception:  # noqa: BLE001 (the observer thread must survive anything)
+            log.exception("handling a watch event failed", source=self.source.name)
+
+
+class StagingInput:
+    """One ``[[repository.staging]]`` source of a repository."""
+
+    def __init__(
+        self,
+        repo: str,
+        config: StagingConfig,
+        state: State,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        grafter: Grafter | None = None,
+    ) -> None:
+        self.repo = repo
+        self.config = config
+        self.root = config.path
+        self.name = config.name
+        self.state = state
+        self.metrics = metrics
+        self.clock = clock
+        self.grafter = grafter
+        self.settler = Settler()
+        self._submit: Callable[[Dirty], None] | None = None
+        self._observer: InotifyObserver | None = None
+        self._watch_error = ""
+        self._reported: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    # -- watching ------------------------------------------------------------------------
+
+    def start(self, submit: Callable[[Dirty], None]) -> None:
+        """Start the inotify observer (if the staging path exists)."""
+        self._submit = submit
+        self._start_observer()
+
+    def _start_observer(self) -> None:
+        with self._lock:
+            if self._observer is not None:
+                return
+            if not self.root.is_dir():
+                self._set_up(False, f"staging path {self.root} does not exist")
+                return
+            observer = InotifyObserver()
+            try:
+                observer.schedule(_Handler(self), os.fspath(self.root), recursive=True)
+                observer.start()
+            except OSError as exc:
+                # ENOSPC here means the inotify watch limit (fs.inotify.max_user_watches).
+                self._set_up(False, f"cannot watch {self.root}: {exc}; relying on rescans")
+                log.error("watching failed", source=self.name, error=str(exc))
+                return
+            self._observer = observer
+            self._set_up(True, "")
+
+    def _set_up(self, up: bool, why: str) -> None:
+        self._watch_error = why
+        self.metrics.source_up.labels(self.repo, self.name).set(1 if up else 0)
+
+    def stop(self) -> None:
+        """Stop the observer."""
+        with self._lock:
+            observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout=10)
+
+    def health(self) -> tuple[bool, str]:
+        """Return (up, detail): down when the path is missing or the watcher died."""
+        observer = self._observer
+        if observer is not None and not observer.is_alive():
+            return False, f"watcher of {self.root} died"
+        return (not self._watch_error, self._watch_error)
+
+    def on_event(self, event: FileSystemEvent) -> None:
+        """Map a watchdog event onto hints for the lane."""
+        if event.event_type in _QUIET_EVENTS or self._submit is None:
+            return
+        now = self.clock()
+        moved = event.event_type == "moved"
+        paths = [(os.fsdecode(event.src_path), moved)]
+        if moved and event.dest_path:
+            paths.append((os.fsdecode(event.dest_path), True))
+        for path, closed in paths:
+            rel = self._relative(path)
+            if rel is None:
+                continue
+            closed = closed or event.event_type in ("closed", "deleted")
+            rescan = event.is_directory and event.event_type in ("moved", "created", "deleted")
+            self._submit(Dirty(self.name, rel, now, closed=closed, rescan=rescan))
+
+    def _relative(self, path: str) -> str | None:
+        root = os.fspath(self.root)
+        if path == root:
+            return ""
+        if not path.startswith(root.rstrip("/") + "/"):
+            return None
+        return path[len(root.rstrip("/")) + 1 :]
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    def reconcile(self, now: float) -> list[Dirty]:
+        """Compare the staging tree with the index; return a hint for each difference."""
+        self._start_observer()
+        target = self._target_repo_path()
+        live = {e.source_path: e for e in self.state.published_under(self.repo, target, self.name)}
+        hints: list[Dirty] = []
+        if not self.root.is_dir():
+            if self.config.mode == "mirror":
+                hints += [Dirty(self.name, rel, now, from_scan=True) for rel in live if rel]
+            return hints
+        seen: set[str] = set()
+        for rel, found in fsops.walk_staging(self.root):
+            seen.add(rel)
+            entry = live.get(rel)
+            if isinstance(found, Fingerprint) and entry is not None:
+                if _same(found, entry.fingerprint):
+                    continue
+            elif not isinstance(found, Fingerprint) and rel in self._reported:
+                continue
+            hints.append(Dirty(self.name, rel, now, from_scan=True))
+        if self.config.mode == "mirror":
+            hints += [
+                Dirty(self.name, rel, now, from_scan=True) for rel in live if rel and rel not in seen
+            ]
+        return hints
+
+    def _target_repo_path(self) -> str:
+        return repo_path(self.config.target, "")
+
+    # -- planning --------------------------------------------------------------------------
+
+    def _expand(self, entries: Sequence[Pending]) -> list[Pending]:
+        """Replace subtree rescans by one entry per path found below (and live below)."""
+        result: dict[str, Pending] = {}
+        for entry in entries:
+            result.setdefault(entry.rel_path, entry)
+            if not entry.rescan:
+                continue
+            base = self.root / entry.rel_path if entry.rel_path else self.root
+            if base.is_dir() and not base.is_symlink():
+                for rel, _ in fsops.walk_staging(base):
+                    full = f"{entry.rel_path}/{rel}" if entry.rel_path else rel
+                    result.setdefault(full, _child(entry, full))
+            if self.config.mode == "mirror":
+                try:
+                    below = repo_path(self.config.target, entry.rel_path)
+                except ValueError:
+                    continue
+                for live in self.state.published_under(self.repo, below, self.name):
+                    result.setdefault(live.source_path, _child(entry, live.source_path))
+        return list(result.values())
+
+    def _root_problem(self) -> str:
+        if not self.root.is_dir():
+            return f"staging path {self.root} is missing"
+        if os.path.ismount(self.root) and not any(os.scandir(self.root)):
+            return f"staging path {self.root} is an empty mount point"
+        return ""
+
+    def plan(self, entries: Sequence[Pending], now: float) -> Plan:
+        """Turn pending paths into ops; defer unsettled files, hold marker-less directories."""
+        plan = Plan()
+        marker = self.config.ready_marker
+        groups: dict[str, list[str]] = {}
+        deletes = 0
+        for entry in self._expand(entries):
+            rel = entry.rel_path
+            if rel == "":
+                continue  # the target directory itself exists in the repository already
+            name = rel.rsplit("/", 1)[-1]
+            if is_ignored(name, self.config.ignore):
+                continue
+            try:
+                rp = repo_path(self.config.target, rel)
+            except ValueError as exc:
+                self._refuse(plan, entry, f"unsafe name: {exc}")
+                continue
+            refused = None if self.config.allow_reserved_names else _reserved_in(rel)
+            if refused:
+                self._refuse(plan, entry, refused)
+                continue
+            top, _, inner = rel.partition("/")
+            if marker and (inner or (self.root / top).is_dir()):
+                if name == marker and inner == marker:
+                    continue  # the marker itself is never published
+                if not (self.root / top / marker).exists():
+                    plan.waiting_for_marker.append(entry)
+                    continue
+            found = fsops.stat_entry(self.root, rel)
+            live = self.state.published_entry(self.repo, rp)
+            if found is None:
+                if self.config.mode == "mirror" and live is not None and live.source == self.name:
+                    count = len(self.state.published_under(self.repo, rp, self.name))
+                    deletes += count
+                    self._add(plan, entry, Op(OpKind.DELETE, rp, self.name, rel))
+                self.settler.forget(entry.key)
+                continue
+            if isinstance(found, fsops.Skipped):
+                self._skip(plan, rel, found.reason)
+                continue
+            aside = self.state.set_aside_entry(self.repo, self.name, rel)
+            if aside is not None:
+                if aside[1] is not None and _same(found, aside[1]):
+                    continue
+                self.state.clear_set_aside(self.repo, self.name, rel)
+            if live is not None and live.source == self.name and _same(found, live.fingerprint):
+                self.settler.forget(entry.key)
+                continue
+            if found.type is EntryType.FILE:
+                if entry.writing:
+                    plan.deferred.append(_later(entry, now + self.config.settle_seconds))
+                    continue
+                ready_at = self.settler.observe(entry.key, found, now, self.config.settle_seconds)
+                if ready_at:
+                    plan.deferred.append(_later(entry, ready_at))
+                    continue
+                threshold = self.config.graft_threshold
+                grafted = (
+                    self.grafter is not None
+                    and threshold > 0
+                    and found.size >= threshold
+                    and len(os.fsencode(name)) <= 243
+                )
+                kind = OpKind.GRAFT if grafted else OpKind.COPY_FILE
+            elif found.type is EntryType.DIRECTORY:
+                kind = OpKind.MAKE_DIR
+            else:
+                kind = OpKind.MAKE_SYMLINK
+            self._add(plan, entry, Op(kind, rp, self.name, rel, found))
+            if marker and inner:
+                groups.setdefault(top, []).append(rp)
+        plan.atomic_groups = [paths for paths in groups.values() if paths]
+        if self.config.mode == "mirror" and deletes:
+            why = self._root_problem() or deletion_guard(
+                deletes,
+                self.state.count_published(self.repo, self.name),
+                self.config.max_delete_share,
+            )
+            if why:
+                plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE]
+                plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
+                plan.guard_reason = why
+        return plan
+
+    def _add(self, plan: Plan, entry: Pending, op: Op) -> None:
+        plan.ops.append(op)
+        plan.origin[op.repo_path] = entry
+
+    def _refuse(self, plan: Plan, entry: Pending, reason: str) -> None:
+        if self._reported.get(entry.rel_path) == reason:
+            return
+        self._reported[entry.rel_path] = reason
+        plan.set_aside.append(SetAside(self.name, entry.rel_path, reason))
+
+    def _skip(self, plan: Plan, rel: str, reason: str) -> None:
+        if self._reported.get(rel) == reason:
+            return
+        self._reported[rel] = reason
+        plan.skipped.append((reason, rel))
+
+    # -- applying --------------------------------------------------------------------------
+
+    def apply(self, op: Op, union_dir: Path, batch_id: int) -> Applied:
+        """Carry out one op under the union directory of the open transaction."""
+        fp = op.fingerprint
+        if op.kind is OpKind.DELETE:
+            fsops.delete(union_dir, op.repo_path)
+            return Applied(ApplyOutcome.APPLIED)
+        if fp is None:
+            return Applied(ApplyOutcome.REFUSED, "no fingerprint")
+        if op.kind is OpKind.MAKE_DIR:
+            fsops.make_dir(union_dir, op.repo_path, fp.mode & 0o7777 & ~_STRIPPED_BITS, replace=True)
+            return Applied(ApplyOutcome.APPLIED)
+        if op.kind is OpKind.MAKE_SYMLINK:
+            fsops.make_symlink(union_dir, op.repo_path, fp.target, replace=True)
+            return Applied(ApplyOutcome.APPLIED)
+        if op.kind is OpKind.GRAFT and self.grafter is not None:
+            return self.grafter.graft_staged(self.root, op, union_dir, batch_id)
+        outcome = fsops.copy_file(
+            union_dir, op.repo_path, self.root, op.source_path, fp, replace=True
+        )
+        return _applied(outcome)
+
+    def published(self, ops: Sequence[Op]) -> None:
+        """After a publish: forget settled state; in inbox mode remove the published inputs."""
+        tops: set[str] = set()
+        for op in ops:
+            self.settler.forget((self.name, op.source_path))
+            self._reported.pop(op.source_path, None)
+            if self.config.mode != "inbox" or op.fingerprint is None:
+                continue
+            if op.kind in (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.MAKE_SYMLINK):
+                if fsops.remove_staged(self.root, op.source_path, op.fingerprint):
+                    tops.add(op.source_path.partition("/")[0])
+        if self.config.mode == "inbox" and self.config.ready_marker:
+            for top in tops:
+                marker = self.root / top / self.config.ready_marker
+                if marker.is_file() and not marker.is_symlink():
+                    marker.unlink(missing_ok=True)
+
+    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:
+        """Delete data objects an abandoned batch created."""
+        if self.grafter is not None:
+            self.grafter.delete_objects(created)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def path_status(self, abs_path: Path) -> dict[str, object] | None:
+        """Return whether a staged path is live with its current content, or None if the
+        path is not inside this source."""
+        rel = self._relative(os.path.normpath(os.fspath(abs_path)))
+        if rel is None:
+            return None
+        try:
+            rp = repo_path(self.config.target, rel)
+        except ValueError as exc:
+            return {"live": False, "reason": f"unsafe name: {exc}"}
+        live = self.state.published_entry(self.repo, rp)
+        found = fsops.stat_entry(self.root, rel) if rel else None
+        result: dict[str, object] = {"repository": self.repo, "path": "/" + rp, "source": self.name}
+        aside = self.state.set_aside_entry(self.repo, self.name, rel)
+        if aside is not None:
+            result.update(live=False, reason=f"set aside: {aside[0]}")
+            return result
+        if isinstance(found, Fingerprint):
+            ok = live is not None and _same(found, live.fingerprint)
+            result["live"] = ok
+            if not ok:
+                result["reason"] = "pending" if live is None else "an older version is live"
+        elif found is None:
+            gone_ok = self.config.mode == "inbox" and live is not None
+            result["live"] = gone_ok
+            if not gone_ok:
+                result["reason"] = "no such staged file"
+        else:
+            result.update(live=False, reason=f"not publishable ({found.reason})")
+        if live is not None:
+            result["revision"] = live.revision
+            result["published_at"] = live.published_at
+        return result
+
+
+class Grafter:
+    """Publishes large staged files as grafts (set by the service when configured)."""
+
+    def graft_staged(self, root: Path, op: Op, union_dir: Path, batch_id: int) -> Applied:
+        """Graft one staged file; see :mod:`cvmfs_syncd.grafting`."""
+        raise NotImplementedError
+
+    def delete_objects(self, names: Sequence[str]) -> None:
+        """Delete data objects (of an abandoned batch)."""
+        raise NotImplementedError
+
+
+def _same(found: Fingerprint, live: Fingerprint) -> bool:
+    """Return True if a staged entry equals what is live (setuid/setgid are stripped)."""
+    return found.same_content(live)
+
+
+def _reserved_in(rel: str) -> str | None:
+    for part in rel.split("/"):
+        why = reserved_name(part)
+        if why:
+            return why
+    return None
+
+
+def _child(entry: Pending, rel: str) -> Pending:
+    return Pending(
+        source=entry.source,
+        rel_path=rel,
+        first_at=entry.first_at,
+        last_at=entry.last_at,
+        writing=False,
+        from_scan=entry.from_scan,
+    )
+
+
+def _later(entry: Pending, at: float) -> Pending:
+    return Pending(
+        source=entry.source,
+        rel_path=entry.rel_path,
+        first_at=entry.first_at,
+        last_at=entry.last_at,
+        writing=entry.writing,
+        rescan=False,
+        from_scan=entry.from_scan,
+        not_before=at,
+    )
+
+
+def _applied(outcome: fsops.CopyOutcome) -> Applied:
+    mapping = {
+        fsops.CopyOutcome.COPIED: Applied(ApplyOutcome.APPLIED),
+        fsops.CopyOutcome.CHANGED: Applied(ApplyOutcome.CHANGED),
+        fsops.CopyOutcome.VANISHED: Applied(ApplyOutcome.VANISHED),
+        fsops.CopyOutcome.UNREADABLE: Applied(ApplyOutcome.REFUSED, "unreadable"),
+    }
+    return mapping[outcome]

@@ -1,0 +1,505 @@
+"""SQLite state in ``state_dir``: the batch journal, the index of what is live, S3 listings.
+
+One database (WAL mode) shared by the daemon's lanes and the one-shot CLI commands. Paths
+are stored as bytes (``os.fsencode``) so that names which are not UTF-8 survive unchanged.
+The journal row that says a transaction is being opened is committed *before* the command
+runs: after a crash, an open transaction is ours exactly when the journal says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cvmfs_syncd.errors import StateError
+from cvmfs_syncd.model import Fingerprint, Op, OpKind
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    repo TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    summary TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    base_revision INTEGER,
+    revision INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches(repo, stage);
+CREATE TABLE IF NOT EXISTS batch_ops(
+    batch_id INTEGER NOT NULL REFERENCES batches(id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    repo_path BLOB NOT NULL,
+    source TEXT NOT NULL,
+    source_path BLOB NOT NULL,
+    fingerprint TEXT,
+    first_seen_at REAL NOT NULL DEFAULT 0,
+    applied INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(batch_id, seq)
+);
+CREATE TABLE IF NOT EXISTS published(
+    repo TEXT NOT NULL,
+    path BLOB NOT NULL,
+    source TEXT NOT NULL,
+    source_path BLOB NOT NULL,
+    fingerprint TEXT NOT NULL,
+    revision INTEGER,
+    published_at REAL NOT NULL,
+    PRIMARY KEY(repo, path)
+);
+CREATE INDEX IF NOT EXISTS published_by_source ON published(source, source_path);
+CREATE TABLE IF NOT EXISTS created_objects(
+    batch_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    PRIMARY KEY(batch_id, name)
+);
+CREATE TABLE IF NOT EXISTS set_aside(
+    repo TEXT NOT NULL,
+    source TEXT NOT NULL,
+    path BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    fingerprint TEXT,
+    at REAL NOT NULL,
+    PRIMARY KEY(repo, source, path)
+);
+CREATE TABLE IF NOT EXISTS releases(repo TEXT PRIMARY KEY, requested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS s3_objects(
+    source TEXT NOT NULL,
+    key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    last_modified TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    stable INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY(source, key)
+);
+"""
+
+#: Journal stages in order; a batch moves forward only.
+STAGES = ("planned", "opening", "open", "applied", "publishing", "published", "done")
+FINAL_STAGES = ("done", "aborted", "failed")
+
+
+def encode_path(path: str) -> bytes:
+    """Return the bytes of a path string (surrogate escapes restored)."""
+    return os.fsencode(path)
+
+
+def decode_path(data: bytes | str) -> str:
+    """Return the path string of stored bytes."""
+    return data if isinstance(data, str) else os.fsdecode(data)
+
+
+@dataclass(frozen=True)
+class JournalBatch:
+    """A batch as the journal records it."""
+
+    id: int
+    repo: str
+    stage: str
+    reason: str
+    summary: str
+    created_at: float
+    base_revision: int | None
+    revision: int | None
+    attempts: int
+    error: str
+
+
+@dataclass(frozen=True)
+class PublishedEntry:
+    """One live path of a repository, as last published by the daemon."""
+
+    repo: str
+    path: str
+    source: str
+    source_path: str
+    fingerprint: Fingerprint
+    revision: int | None
+    published_at: float
+
+
+class State:
+    """The state database. Thread-safe: one connection guarded by a lock."""
+
+    def __init__(self, state_dir: Path) -> None:
+        """Open (creating if needed) ``state_dir/state.sqlite``; raise StateError."""
+        self.path = state_dir / "state.sqlite"
+        self._lock = threading.RLock()
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    # -- journal -----------------------------------------------------------------------
+
+    def create_batch(
+        self,
+        repo: str,
+        ops: Iterable[Op],
+        *,
+        reason: str,
+        summary: str,
+        first_seen: dict[str, float] | None = None,
+    ) -> int:
+        """Record a planned batch and its ops; return the batch id."""
+        now = time.time()
+        first_seen = first_seen or {}
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO batches(repo, stage, reason, summary, created_at, updated_at)"
+                " VALUES(?, 'planned', ?, ?, ?, ?)",
+                (repo, reason, summary, now, now),
+            )
+            batch_id = int(cur.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO batch_ops(batch_id, seq, kind, repo_path, source, source_path,"
+                " fingerprint, first_seen_at) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        batch_id,
+                        seq,
+                        op.kind.value,
+                        encode_path(op.repo_path),
+                        op.source,
+                        encode_path(op.source_path),
+                        json.dumps(op.fingerprint.to_json()) if op.fingerprint else None,
+                        first_seen.get(op.repo_path, now),
+                    )
+                    for seq, op in enumerate(ops)
+                ],
+            )
+        return batch_id
+
+    def set_stage(
+        self,
+        batch_id: int,
+        stage: str,
+        *,
+        error: str | None = None,
+        base_revision: int | None = None,
+        revision: int | None = None,
+        attempt: bool = False,
+    ) -> None:
+        """Move a batch to ``stage`` (committed before returning)."""
+        sets = ["stage = ?", "updated_at = ?"]
+        args: list[object] = [stage, time.time()]
+        if error is not None:
+            sets.append("error = ?")
+            args.append(error)
+        if base_revision is not None:
+            sets.append("base_revision = ?")
+            args.append(base_revision)
+        if revision is not None:
+            sets.append("revision = ?")
+            args.append(revision)
+        if attempt:
+            sets.append("attempts = attempts + 1")
+        args.append(batch_id)
+        with self._tx() as db:
+            db.execute(f"UPDATE batches SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608 (fixed column names)
+
+    def mark_op_applied(self, batch_id: int, repo_path: str, applied: bool = True) -> None:
+        """Record whether one op of a batch is now in the transaction."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batch_ops SET applied = ? WHERE batch_id = ? AND repo_path = ?",
+                (1 if applied else 0, batch_id, encode_path(repo_path)),
+            )
+
+    def unfinished_batch(self, repo: str) -> JournalBatch | None:
+        """Return the repository's batch that has not reached a final stage, if any."""
+        rows = self._query(
+            "SELECT id, repo, stage, reason, summary, created_at, base_revision, revision,"
+            " attempts, error FROM batches WHERE repo = ? AND stage NOT IN ('done', 'aborted',"
+            " 'failed') ORDER BY id DESC LIMIT 1",
+            (repo,),
+        )
+        return _batch(rows[0]) if rows else None
+
+    def batch(self, batch_id: int) -> JournalBatch:
+        """Return one batch; raise StateError if unknown."""
+        rows = self._query(
+            "SELECT id, repo, stage, reason, summary, created_at, base_revision, revision,"
+            " attempts, error FROM batches WHERE id = ?",
+            (batch_id,),
+        )
+        if not rows:
+            raise StateError(f"no batch {batch_id} in the journal")
+        return _batch(rows[0])
+
+    def recent_batches(self, repo: str, limit: int = 10) -> list[JournalBatch]:
+        """Return the newest batches of a repository, newest first."""
+        rows = self._query(
+            "SELECT id, repo, stage, reason, summary, created_at, base_revision, revision,"
+            " attempts, error FROM batches WHERE repo = ? ORDER BY id DESC LIMIT ?",
+            (repo, limit),
+        )
+        return [_batch(r) for r in rows]
+
+    def batch_ops(self, batch_id: int, *, applied_only: bool = False) -> list[tuple[Op, float]]:
+        """Return a batch's ops in order, each with the time its change was first seen."""
+        sql = (
+            "SELECT kind, repo_path, source, source_path, fingerprint, first_seen_at"
+            " FROM batch_ops WHERE batch_id = ?"
+        )
+        if applied_only:
+            sql += " AND applied = 1"
+        rows = self._query(sql + " ORDER BY seq", (batch_id,))
+        result = []
+        for kind, repo_path, source, source_path, fp, first in rows:
+            fingerprint = Fingerprint.from_json(json.loads(str(fp))) if fp else None
+            op = Op(
+                kind=OpKind(str(kind)),
+                repo_path=decode_path(repo_path),  # type: ignore[arg-type]
+                source=str(source),
+                source_path=decode_path(source_path),  # type: ignore[arg-type]
+                fingerprint=fingerprint,
+            )
+            result.append((op, float(first)))  # type: ignore[arg-type]
+        return result
+
+    # -- created objects (grafts) -----------------------------------------------------
+
+    def record_created_objects(self, batch_id: int, names: Iterable[str]) -> None:
+        """Record data objects a batch created (so an abandoned batch can delete them)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO created_objects(batch_id, name) VALUES(?, ?)",
+                [(batch_id, n) for n in names],
+            )
+
+    def created_objects(self, batch_id: int) -> list[str]:
+        """Return the data objects a batch created."""
+        rows = self._query(
+            "SELECT name FROM created_objects WHERE batch_id = ? ORDER BY name", (batch_id,)
+        )
+        return [str(r[0]) for r in rows]
+
+    def forget_created_objects(self, batch_id: int) -> None:
+        """Drop the record of a batch's objects (published, or deleted)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM created_objects WHERE batch_id = ?", (batch_id,))
+
+    # -- the published index ----------------------------------------------------------
+
+    def apply_published(self, repo: str, ops: Iterable[Op], revision: int | None) -> None:
+        """Update the index after a publish: upserts recorded, deletes (and subtrees) removed."""
+        now = time.time()
+        with self._tx() as db:
+            for op in ops:
+                key = encode_path(op.repo_path)
+                if op.kind is OpKind.DELETE:
+                    db.execute("DELETE FROM published WHERE repo = ? AND path = ?", (repo, key))
+                    db.execute(
+                        "DELETE FROM published WHERE repo = ? AND substr(path, 1, ?) = ?",
+                        (repo, len(key) + 1, key + b"/"),
+                    )
+                elif op.fingerprint is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO published(repo, path, source, source_path,"
+                        " fingerprint, revision, published_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            repo,
+                            key,
+                            op.source,
+                            encode_path(op.source_path),
+                            json.dumps(op.fingerprint.to_json()),
+                            revision,
+                            now,
+                        ),
+                    )
+
+    def published_entry(self, repo: str, path: str) -> PublishedEntry | None:
+        """Return the index entry of one repository path, if it is live."""
+        rows = self._query(
+            "SELECT repo, path, source, source_path, fingerprint, revision, published_at"
+            " FROM published WHERE repo = ? AND path = ?",
+            (repo, encode_path(path)),
+        )
+        return _entry(rows[0]) if rows else None
+
+    def published_under(self, repo: str, path: str, source: str | None = None) -> list[PublishedEntry]:
+        """Return the index entries at or below a repository path ("" = everything)."""
+        key = encode_path(path)
+        sql = (
+            "SELECT repo, path, source, source_path, fingerprint, revision, published_at"
+            " FROM published WHERE repo = ?"
+        )
+        args: list[object] = [repo]
+        if key:
+            sql += " AND (path = ? OR substr(path, 1, ?) = ?)"
+            args += [key, len(key) + 1, key + b"/"]
+        if source is not None:
+            sql += " AND source = ?"
+            args.append(source)
+        return [_entry(r) for r in self._query(sql + " ORDER BY path", tuple(args))]
+
+    def count_published(self, repo: str, source: str) -> int:
+        """Return how many live paths a source has in a repository."""
+        rows = self._query(
+            "SELECT count(*) FROM published WHERE repo = ? AND source = ?", (repo, source)
+        )
+        return int(str(rows[0][0]))
+
+    # -- set-aside inputs ---------------------------------------------------------------
+
+    def set_aside(
+        self, repo: str, source: str, path: str, reason: str, fingerprint: Fingerprint | None
+    ) -> None:
+        """Record an input that was refused, with its reason."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO set_aside(repo, source, path, reason, fingerprint, at)"
+                " VALUES(?, ?, ?, ?, ?, ?)",
+                (
+                    repo,
+                    source,
+                    encode_path(path),
+                    reason,
+                    json.dumps(fingerprint.to_json()) if fingerprint else None,
+                    time.time(),
+                ),
+            )
+
+    def set_aside_entry(self, repo: str, source: str, path: str) -> tuple[str, Fingerprint | None] | None:
+        """Return (reason, fingerprint) if the input is set aside."""
+        rows = self._query(
+            "SELECT reason, fingerprint FROM set_aside WHERE repo = ? AND source = ? AND path = ?",
+            (repo, source, encode_path(path)),
+        )
+        if not rows:
+            return None
+        reason, fp = rows[0]
+        return str(reason), Fingerprint.from_json(json.loads(str(fp))) if fp else None
+
+    def clear_set_aside(self, repo: str, source: str, path: str) -> None:
+        """Forget that an input was set aside."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM set_aside WHERE repo = ? AND source = ? AND path = ?",
+                (repo, source, encode_path(path)),
+            )
+
+    def set_aside_list(self, repo: str) -> list[tuple[str, str, str]]:
+        """Return (source, path, reason) of every set-aside input of a repository."""
+        rows = self._query(
+            "SELECT source, path, reason FROM set_aside WHERE repo = ? ORDER BY path", (repo,)
+        )
+        return [(str(s), decode_path(p), str(r)) for s, p, r in rows]  # type: ignore[arg-type]
+
+    # -- operator releases of held batches ----------------------------------------------
+
+    def request_release(self, repo: str) -> None:
+        """Record an operator's confirmation that a held batch of ``repo`` may go ahead."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO releases(repo, requested_at) VALUES(?, ?)",
+                (repo, time.time()),
+            )
+
+    def take_release(self, repo: str) -> bool:
+        """Consume a pending release for ``repo``; return True if there was one."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM releases WHERE repo = ?", (repo,))
+            return cur.rowcount > 0
+
+    # -- S3 listing state --------------------------------------------------------------
+
+    def s3_listing(self, source: str) -> dict[str, tuple[int, str, str, float, int]]:
+        """Return key -> (size, etag, last_modified, first_seen, stable) for a source."""
+        rows = self._query(
+            "SELECT key, size, etag, last_modified, first_seen, stable FROM s3_objects"
+            " WHERE source = ?",
+            (source,),
+        )
+        return {
+            str(k): (int(str(s)), str(e), str(m), float(str(f)), int(str(st)))
+            for k, s, e, m, f, st in rows
+        }
+
+    def save_s3_listing(
+        self, source: str, objects: dict[str, tuple[int, str, str, float, int]]
+    ) -> None:
+        """Replace the stored listing of a source."""
+        with self._tx() as db:
+            db.execute("DELETE FROM s3_objects WHERE source = ?", (source,))
+            db.executemany(
+                "INSERT INTO s3_objects(source, key, size, etag, last_modified, first_seen,"
+                " stable) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(source, k, *v) for k, v in objects.items()],
+            )
+
+
+def _batch(row: tuple[object, ...]) -> JournalBatch:
+    bid, repo, stage, reason, summary, created, base, rev, attempts, error = row
+    return JournalBatch(
+        id=int(str(bid)),
+        repo=str(repo),
+        stage=str(stage),
+        reason=str(reason),
+        summary=str(summary),
+        created_at=float(str(created)),
+        base_revision=int(str(base)) if base is not None else None,
+        revision=int(str(rev)) if rev is not None else None,
+        attempts=int(str(attempts)),
+        error=str(error),
+    )
+
+
+def _entry(row: tuple[object, ...]) -> PublishedEntry:
+    repo, path, source, source_path, fp, rev, at = row
+    return PublishedEntry(
+        repo=str(repo),
+        path=decode_path(path),  # type: ignore[arg-type]
+        source=str(source),
+        source_path=decode_path(source_path),  # type: ignore[arg-type]
+        fingerprint=Fingerprint.from_json(json.loads(str(fp))),
+        revision=int(str(rev)) if rev is not None else None,
+        published_at=float(str(at)),
+    )
