@@ -1,0 +1,58 @@
+"""Tests of the SQLite journal and index."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.state import State
+
+
+def test_journal_stages_survive_reopening(tmp_path: Path) -> None:
+    """A batch's stage and ops are committed and read back after reopening the database."""
+    state = State(tmp_path)
+    fp = Fingerprint(EntryType.FILE, 0o644, 3, 1, 2)
+    bid = state.create_batch("r", [Op(OpKind.COPY_FILE, "a/b", "s", "b", fp)], reason="quiet", summary="x")
+    state.set_stage(bid, "opening", base_revision=4)
+    state.close()
+    again = State(tmp_path)
+    batch = again.unfinished_batch("r")
+    assert batch is not None
+    assert (batch.stage, batch.base_revision) == ("opening", 4)
+    ops = again.batch_ops(bid)
+    assert ops[0][0].fingerprint == fp
+    again.set_stage(bid, "done")
+    assert again.unfinished_batch("r") is None
+
+
+def test_index_keeps_non_utf8_names(tmp_path: Path) -> None:
+    """Paths that are not UTF-8 round-trip through the index unchanged."""
+    state = State(tmp_path)
+    name = os.fsdecode(b"caf\xe9/\xff\xfe")
+    fp = Fingerprint(EntryType.FILE, 0o644, 1)
+    state.apply_published("r", [Op(OpKind.COPY_FILE, name, "s", name, fp)], 7)
+    entry = state.published_entry("r", name)
+    assert entry is not None
+    assert os.fsencode(entry.source_path) == b"caf\xe9/\xff\xfe"
+    assert entry.revision == 7
+
+
+def test_delete_removes_a_subtree_from_the_index(tmp_path: Path) -> None:
+    """Deleting a directory removes everything below it, and nothing beside it."""
+    state = State(tmp_path)
+    fp = Fingerprint(EntryType.FILE)
+    paths = ["d", "d/a", "d/b/c", "dd", "e"]
+    state.apply_published("r", [Op(OpKind.COPY_FILE, p, "s", p, fp) for p in paths], 1)
+    state.apply_published("r", [Op(OpKind.DELETE, "d", "s", "d")], 2)
+    assert [e.path for e in state.published_under("r", "")] == ["dd", "e"]
+    assert state.count_published("r", "s") == 2
+
+
+def test_release_is_consumed_once(tmp_path: Path) -> None:
+    """An operator's release is taken by exactly one lane step."""
+    state = State(tmp_path)
+    assert not state.take_release("r")
+    state.request_release("r")
+    assert state.take_release("r")
+    assert not state.take_release("r")
