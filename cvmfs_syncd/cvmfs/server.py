@@ -582,8 +582,9 @@ class CvmfsServer:
         :attr:`Outcome.OPEN_READERS` and the holders in ``open_file_holders`` were
         logged.  ``-f`` answers the read-only descriptor prompt with yes (and may
         take a minute); it does not help against :attr:`Outcome.OPEN_WRITERS`.
-        The message is restricted (see ``_message``) because ``cvmfs_server``
-        re-parses it with a shell.
+        ``cvmfs_server`` pastes the message into a shell command line, so it may hold
+        only letters, digits, spaces and ``._,:+=@/%-``, no word may start with ``-``,
+        and it is at most 200 characters; otherwise :class:`CvmfsCommandError`.
         """
         args: tuple[str, ...] = ("publish",)
         if force:
