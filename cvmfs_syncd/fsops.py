@@ -211,11 +211,17 @@ def _list_dir(fd: int) -> list[str]:
 def walk_staging(
     root: Path,
     *,
+    subdir: str = "",
     prune: Callable[[str], bool] | None = None,
     cross_mounts: bool = False,
     max_depth: int = MAX_DEPTH,
 ) -> Iterator[tuple[str, Fingerprint | Skipped]]:
     """Yield ``(rel_path, Fingerprint | Skipped)`` for every entry below ``root``.
+
+    ``rel_path`` is relative to ``root``. With ``subdir`` (a ``/``-separated path below
+    ``root``, reached without following any symlink) only the entries below that directory
+    are yielded, still with paths relative to ``root``; use it for subtree rescans instead
+    of passing ``root / subdir``, which would follow a symlinked component.
 
     Order: names sorted within a directory, a directory before its contents. Symlinks are
     reported as symlinks and never descended into. Names are ``os.fsdecode`` strings.
@@ -228,15 +234,44 @@ def walk_staging(
     ``Skipped("unreadable")`` in place of its fingerprint and the walk goes on. Entries that
     vanish during the walk are left out.
 
-    Raise OSError if ``root`` itself is missing or unreadable: an empty result must never
-    be mistaken for "everything was deleted".
+    Raise (when iteration starts) OSError if ``root`` or ``subdir`` is missing or
+    unreadable, NotADirectoryError if ``subdir`` is not a directory (a symlink included),
+    OSError(EXDEV) if ``subdir`` is on another file system without ``cross_mounts``, and
+    ValueError for an unsafe ``subdir``: an empty result must never be mistaken for
+    "everything was deleted".
     """
+    parts = split_repo_path(subdir)
     root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
     try:
-        walker = _Walker(os.fstat(root_fd).st_dev, prune, cross_mounts, max_depth)
-        yield from walker.walk(root_fd, "", _list_dir(root_fd), 1)
+        root_dev = os.fstat(root_fd).st_dev
+        start_fd = _open_subdir(root_fd, parts) if parts else root_fd
+        try:
+            if os.fstat(start_fd).st_dev != root_dev and not cross_mounts:
+                raise OSError(errno.EXDEV, "on another file system than the staging root", subdir)
+            walker = _Walker(root_dev, prune, cross_mounts, max_depth)
+            yield from walker.walk(start_fd, subdir, _list_dir(start_fd), len(parts) + 1)
+        finally:
+            if start_fd != root_fd:
+                os.close(start_fd)
     finally:
         os.close(root_fd)
+
+
+def _open_subdir(root_fd: int, parts: list[str]) -> int:
+    """Open ``parts`` below ``root_fd`` for listing, never following a symlink."""
+    try:
+        parent_fd = _descend(root_fd, parts[:-1])
+        try:
+            return os.open(parts[-1], _LIST_FLAGS, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+    except OSError as exc:
+        if exc.errno in _NOT_A_DIR_ERRNOS:
+            where = "/".join(parts)
+            raise NotADirectoryError(
+                errno.ENOTDIR, "not a directory (or reached through a symlink)", where
+            ) from None
+        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,8 +576,10 @@ def copy_file(
 
     Return COPIED, CHANGED, VANISHED or UNREADABLE (see :class:`CopyOutcome`). Raise
     ValueError for unsafe paths or a non-file ``expected``; NotADirectoryError for a
-    non-directory parent without ``replace``; OSError for failures writing the union dir
-    (ENOSPC...) or reading the opened source (EIO).
+    non-directory parent without ``replace``; OSError if either root cannot be opened, for
+    failures writing the union dir (ENOSPC...) or reading the opened source (EIO). The
+    union dir is not touched unless the source was opened and matched; parents created
+    before a copy that ends CHANGED are left in place (the directory exists in staging).
     """
     if expected.type is not EntryType.FILE:
         raise ValueError(f"copy_file needs a file fingerprint, got {expected.type.value}")

@@ -571,3 +571,26 @@ def test_remove_staged_does_not_follow_intermediate_symlinks(src: Path, outside:
     )
     assert fsops.remove_staged(src, "d/secret", expected) is False
     assert (outside / "secret").exists()
+
+
+def test_walk_subtree_never_follows_symlinked_components(src: Path, outside: Path) -> None:
+    """A subtree walk yields root-relative paths and refuses a path through a symlink."""
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "f").write_text("x")
+    (src / "a" / "out").symlink_to(outside)
+    assert sorted(_walk(src, subdir="a")) == ["a/b", "a/b/f", "a/out"]
+    assert sorted(_walk(src, subdir="a/b")) == ["a/b/f"]
+    with pytest.raises(NotADirectoryError):
+        _walk(src, subdir="a/out")
+    with pytest.raises(FileNotFoundError):
+        _walk(src, subdir="a/missing")
+    with pytest.raises(ValueError, match=r"'\.\.'"):
+        _walk(src, subdir="../elsewhere")
+
+
+def test_non_utf8_symlink_target_round_trips(src: Path, union: Path) -> None:
+    """A symlink target that is not UTF-8 is scanned and recreated byte for byte."""
+    (src / "l").symlink_to(os.fsdecode(b"../caf\xe9/x"))
+    link = _fp(src, "l")
+    fsops.make_symlink(union, "l", link.target)
+    assert os.fsencode((union / "l").readlink()) == b"../caf\xe9/x"
