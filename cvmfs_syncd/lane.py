@@ -545,7 +545,10 @@ class Lane(threading.Thread):
                 self._reject_inputs(batch_id, result, origin, applied)
                 return None
             if result.outcome in (Outcome.NOT_MOUNTED, Outcome.CANNOT_REPAIR):
+                # Recorded: only abort helps a transaction whose union mount vanished (the
+                # written files are lost); then `mount` repairs when auto-repair is off.
                 self._abort_own(batch_id, _describe(result))
+                self._repair_mounts()
                 self._requeue(applied, origin)
                 return None
             if not self.layout.in_transaction() or result.outcome is Outcome.NOT_IN_TRANSACTION:
@@ -563,6 +566,10 @@ class Lane(threading.Thread):
             self.metrics.retries.labels(self.repo.name, "publish").inc()
             delay = backoff.next_delay()
             self._sleep(delay, abort_batch=batch_id)
+
+    def _repair_mounts(self) -> None:
+        result = self.server.mount(self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds)
+        log.warning("repaired repository mounts", repository=self.repo.name, outcome=result.outcome.name)
 
     def _whitelist_expired(self) -> None:
         self._set_hold("whitelist expired: publishing resumes after resign", "whitelist-expired")
@@ -768,9 +775,11 @@ class _LockContext:
 
 
 def _describe(result: CommandResult) -> str:
-    text = (result.stderr.strip() or result.stdout.strip()).splitlines()
-    first = next((line for line in text if line.strip()), "")
-    return f"{result.outcome.name.lower()} (exit {result.exit_code}): {first[:300]}"
+    reason = result.reason
+    if not reason:
+        text = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        reason = next((line for line in text if line.strip()), "")
+    return f"{result.outcome.name.lower()} (exit {result.exit_code}): {reason[:300]}"
 
 
 def union_path(layout: RepositoryLayout, repo_path: str) -> Path:

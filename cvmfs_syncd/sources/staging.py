@@ -161,7 +161,12 @@ class StagingInput:
                 hints += [Dirty(self.name, rel, now, from_scan=True) for rel in live if rel]
             return hints
         seen: set[str] = set()
-        for rel, found in fsops.walk_staging(self.root):
+        try:
+            found_entries = list(fsops.walk_staging(self.root))
+        except OSError as exc:
+            log.warning("reconciliation scan failed", source=self.name, error=str(exc))
+            return hints
+        for rel, found in found_entries:
             seen.add(rel)
             entry = live.get(rel)
             if isinstance(found, Fingerprint) and entry is not None:
@@ -190,9 +195,11 @@ class StagingInput:
                 continue
             base = self.root / entry.rel_path if entry.rel_path else self.root
             if base.is_dir() and not base.is_symlink():
-                for rel, _ in fsops.walk_staging(base):
-                    full = f"{entry.rel_path}/{rel}" if entry.rel_path else rel
-                    result.setdefault(full, _child(entry, full))
+                try:
+                    for rel, _ in fsops.walk_staging(self.root, subdir=entry.rel_path):
+                        result.setdefault(rel, _child(entry, rel))
+                except OSError as exc:
+                    log.warning("rescanning failed", source=self.name, path=entry.rel_path, error=str(exc))
             if self.config.mode == "mirror":
                 try:
                     below = repo_path(self.config.target, entry.rel_path)
@@ -405,7 +412,12 @@ class Grafter:
 
 
 def _same(found: Fingerprint, live: Fingerprint) -> bool:
-    """Return True if a staged entry equals what is live (setuid/setgid are stripped)."""
+    """Return True if a staged entry equals what is live.
+
+    Directories compare by type and mode only: their mtime moves with every child.
+    """
+    if found.type is EntryType.DIRECTORY:
+        return live.type is EntryType.DIRECTORY and found.mode == live.mode
     return found.same_content(live)
 
 

@@ -1,0 +1,95 @@
+"""Helpers for tests: waiting on conditions, tree snapshots, configurations for the fake."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Tree = dict[str, tuple[str, int, bytes]]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def staging_tree(root: Path, *, ignore: Callable[[str], bool] = lambda _: False) -> Tree:
+    """Return path -> (type, permission bits, content or link target) of a directory tree."""
+    tree: Tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = os.fsdecode(os.path.relpath(full, root))
+            if ignore(rel):
+                continue
+            st = full.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                tree[rel] = ("symlink", 0o777, os.fsencode(os.readlink(full)))
+            elif stat.S_ISDIR(st.st_mode):
+                tree[rel] = ("dir", stat.S_IMODE(st.st_mode), b"")
+            elif stat.S_ISREG(st.st_mode):
+                tree[rel] = ("file", stat.S_IMODE(st.st_mode) & 0o777, full.read_bytes())
+        dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+    return tree
+
+
+def write_config(
+    path: Path,
+    *,
+    state_dir: Path,
+    server_command: Path | str,
+    config_dir: Path,
+    repo: str,
+    staging: Path,
+    metrics_address: str = "127.0.0.1:0",
+    repo_extra: str = "",
+    staging_extra: str = "",
+    daemon_extra: str = "",
+) -> Path:
+    """Write a daemon configuration for tests (short quiet periods, fast retries)."""
+    path.write_text(
+        f"""
+[daemon]
+state_dir = "{state_dir}"
+metrics_address = "{metrics_address}"
+log_format = "json"
+rescan_seconds = 30
+stop_timeout_seconds = 60
+{daemon_extra}
+
+[cvmfs]
+server_command = "{server_command}"
+config_dir = "{config_dir}"
+transaction_timeout_seconds = 20
+publish_timeout_seconds = 60
+command_timeout_seconds = 20
+
+[[repository]]
+name = "{repo}"
+quiet_seconds = 0.2
+max_batch_seconds = 2
+retry_initial_seconds = 0.1
+retry_max_seconds = 1
+{repo_extra}
+
+  [[repository.staging]]
+  path = "{staging}"
+  target = "/"
+  settle_seconds = 0.1
+{staging_extra}
+"""
+    )
+    return path

@@ -1,0 +1,262 @@
+"""End-to-end tests of a repository lane against the stateful fake cvmfs_server (in process)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cvmfs_syncd import config as config_mod
+from cvmfs_syncd.config import Config
+from cvmfs_syncd.lane import Lane
+from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.service import build_lane, make_server
+from cvmfs_syncd.state import State
+from tests.fake_cvmfs.stratum0 import FakeStratum0
+from tests.support import Tree, staging_tree, write_config
+
+REPO = "test.example.org"
+
+
+@pytest.fixture
+def stratum0(tmp_path: Path) -> FakeStratum0:
+    """A fake stratum 0 with one repository."""
+    fake = FakeStratum0(tmp_path / "root")
+    fake.mkfs(REPO)
+    return fake
+
+
+@pytest.fixture
+def staging(tmp_path: Path) -> Path:
+    """An empty staging directory."""
+    path = tmp_path / "staging"
+    path.mkdir()
+    return path
+
+
+def make_lane_config(
+    tmp_path: Path, stratum0: FakeStratum0, staging: Path, **kw: str
+) -> Config:
+    """Write and load a configuration for the fake."""
+    path = write_config(
+        tmp_path / "cvmfs-syncd.toml",
+        state_dir=tmp_path / "state",
+        server_command=stratum0.server_command,
+        config_dir=stratum0.config_dir,
+        repo=REPO,
+        staging=staging,
+        **kw,
+    )
+    return config_mod.load(path)
+
+
+@pytest.fixture
+def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[object]:
+    """Build lanes (not started) and close their state afterwards."""
+    states: list[State] = []
+
+    def build(**kw: str) -> Lane:
+        config = make_lane_config(tmp_path, stratum0, staging, **kw)
+        state = State(config.daemon.state_dir)
+        states.append(state)
+        return build_lane(config, config.repositories[0], state, Metrics(), make_server(config))
+
+    yield build
+    for state in states:
+        state.close()
+
+
+def published(stratum0: FakeStratum0) -> Tree:
+    """Return the tree a client sees at the latest revision."""
+    tree: Tree = {}
+    for path, entry in stratum0.published_tree(REPO).items():
+        rel = path.strip("/")
+        if not rel:
+            continue
+        if entry.type == "symlink":
+            tree[rel] = ("symlink", 0o777, os.fsencode(entry.target))
+        elif entry.type == "dir":
+            tree[rel] = ("dir", entry.mode & 0o7777, b"")
+        else:
+            tree[rel] = ("file", entry.mode & 0o777, stratum0.read_file(REPO, path))
+    return tree
+
+
+def _sync(lane: Lane) -> None:
+    ok, why = lane.sync_once(60)
+    assert ok, why
+
+
+def test_sync_publishes_a_tree_byte_for_byte(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """Files, directories, modes, empty files and symlinks are published exactly."""
+    (staging / "dir" / "sub").mkdir(parents=True)
+    (staging / "dir" / "a.txt").write_bytes(b"hello\n")
+    (staging / "dir" / "sub" / "exe").write_bytes(b"#!/bin/sh\n")
+    os.chmod(staging / "dir" / "sub" / "exe", 0o755)
+    (staging / "empty").write_bytes(b"")
+    os.symlink("dir/a.txt", staging / "link")
+    os.symlink("/etc/passwd", staging / "abs-link")
+    lane = lane_factory()
+    _sync(lane)
+    assert published(stratum0) == staging_tree(staging)
+    assert stratum0.revision(REPO) >= 2
+    assert not stratum0.violations()
+
+
+def test_mirror_propagates_changes_renames_and_deletes(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """A second pass publishes modifications, renames and deletions."""
+    (staging / "d").mkdir()
+    for i in range(4):
+        (staging / "d" / f"f{i}").write_text(str(i))
+    (staging / "keep").write_text("k")
+    lane = lane_factory()
+    _sync(lane)
+    (staging / "d" / "f0").write_text("changed")
+    os.rename(staging / "d" / "f1", staging / "d" / "renamed")
+    (staging / "d" / "f2").unlink()
+    _sync(lane)
+    assert published(stratum0) == staging_tree(staging)
+
+
+def test_symlinks_are_never_followed(lane_factory, stratum0: FakeStratum0, staging: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A symlink to a directory outside staging is published as a link; nothing is read through it."""
+    secret = tmp_path / "outside"
+    secret.mkdir()
+    (secret / "secret.txt").write_text("do not publish")
+    os.symlink(secret, staging / "escape")
+    lane = lane_factory()
+    _sync(lane)
+    tree = published(stratum0)
+    assert tree["escape"] == ("symlink", 0o777, os.fsencode(str(secret)))
+    assert "escape/secret.txt" not in tree
+
+
+def test_fifo_is_skipped_and_counted(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """A FIFO is never opened (this would hang) and not published; the rest is."""
+    os.mkfifo(staging / "pipe")
+    (staging / "ok").write_text("ok")
+    lane = lane_factory()
+    _sync(lane)
+    assert set(published(stratum0)) == {"ok"}
+    value = lane.metrics.registry.get_sample_value(
+        "cvmfs_syncd_inputs_skipped_total",
+        {"repository": REPO, "source": lane.inputs[0].name, "reason": "fifo"},
+    )
+    assert value == 1
+
+
+def test_reserved_names_are_refused(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """CVMFS's reserved names in staging are set aside with a reason, not published."""
+    (staging / ".cvmfscatalog").write_text("")
+    (staging / "d").mkdir()
+    (staging / "d" / ".cvmfsgraft-x").write_text("size=1\n")
+    (staging / "fine").write_text("x")
+    lane = lane_factory()
+    _sync(lane)
+    assert set(published(stratum0)) == {"d", "fine"}
+    reasons = lane.state.set_aside_list(REPO)
+    assert {p for _, p, _ in reasons} == {".cvmfscatalog", "d/.cvmfsgraft-x"}
+
+
+def test_setuid_bits_are_stripped(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """setuid/setgid never reach the repository."""
+    path = staging / "suid"
+    path.write_text("x")
+    os.chmod(path, 0o6755)
+    lane = lane_factory()
+    _sync(lane)
+    assert stat.S_IMODE(stratum0.published_tree(REPO)["/suid"].mode) & 0o6000 == 0
+
+
+def test_non_utf8_and_long_names(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """Names that are not UTF-8 and 255-byte names are published unchanged."""
+    odd = os.fsdecode(b"caf\xe9-\xff")
+    long_name = "L" * 255
+    (staging / odd).write_text("latin-1")
+    (staging / long_name).write_text("long")
+    lane = lane_factory()
+    _sync(lane)
+    assert published(stratum0) == staging_tree(staging)
+
+
+def test_temporary_names_are_ignored(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """Temporary names (*.tmp, *.part, rsync's .name.XXXXXX) are never published."""
+    for name in ("a.tmp", "b.part", ".c.swp", ".data.bin.Ab3xYz", "real.bin"):
+        (staging / name).write_text(name)
+    lane = lane_factory()
+    _sync(lane)
+    assert set(published(stratum0)) == {"real.bin"}
+
+
+def test_inbox_removes_published_files(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """In inbox mode a file leaves staging only after it is live; deletions do not propagate."""
+    (staging / "drop.txt").write_text("one")
+    lane = lane_factory(staging_extra='  mode = "inbox"')
+    _sync(lane)
+    assert not (staging / "drop.txt").exists()
+    assert published(stratum0)["drop.txt"][2] == b"one"
+    (staging / "second.txt").write_text("two")
+    _sync(lane)
+    assert set(published(stratum0)) == {"drop.txt", "second.txt"}
+
+
+def test_ready_marker_holds_a_directory(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """A top-level directory is published only once its marker exists; the marker never is."""
+    (staging / "release").mkdir()
+    (staging / "release" / "a").write_text("a")
+    (staging / "loose").write_text("l")
+    lane = lane_factory(staging_extra='  ready_marker = ".ready"')
+    ok, why = lane.sync_once(10)
+    assert not ok
+    assert "ready marker" in why
+    assert set(published(stratum0)) == {"loose"}
+    (staging / "release" / ".ready").write_text("")
+    _sync(lane)
+    assert set(published(stratum0)) == {"loose", "release", "release/a"}
+
+
+def test_mass_deletion_is_held_until_released(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """A batch deleting most of the target is held; `release` lets it through."""
+    for i in range(20):
+        (staging / f"f{i}").write_text(str(i))
+    lane = lane_factory()
+    _sync(lane)
+    for i in range(15):
+        (staging / f"f{i}").unlink()
+    ok, why = lane.sync_once(10)
+    assert not ok
+    assert "release" in why
+    assert len(published(stratum0)) == 20
+    lane.state.request_release(REPO)
+    _sync(lane)
+    assert set(published(stratum0)) == {f"f{i}" for i in range(15, 20)}
+
+
+def test_missing_staging_path_never_wipes_the_repository(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """A vanished staging directory holds the deletions instead of publishing them."""
+    (staging / "a").write_text("a")
+    lane = lane_factory()
+    _sync(lane)
+    (staging / "a").unlink()
+    staging.rmdir()
+    ok, why = lane.sync_once(10)
+    assert not ok
+    assert "missing" in why
+    assert set(published(stratum0)) == {"a"}
+
+
+def test_foreign_transaction_is_never_aborted(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+    """A transaction the daemon did not open makes the lane wait; it is left open."""
+    stratum0.run("transaction", REPO)
+    (staging / "a").write_text("a")
+    lane = lane_factory()
+    ok, why = lane.sync_once(10)
+    assert not ok
+    assert "did not open" in why
+    assert stratum0.state(REPO)["in_transaction_lock"]
+    stratum0.run("abort", "-f", REPO)
+    _sync(lane)
+    assert set(published(stratum0)) == {"a"}
