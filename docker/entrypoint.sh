@@ -272,9 +272,12 @@ set_server_conf() {
 }
 
 # A container that stopped during a transaction leaves its lock in the persisted spool and
-# its mounts gone. Only cvmfs_server may clear that state: `abort -f` discards the dead
-# writer's scratch area and remounts; `mount` repairs missing mounts and is a no-op when
-# the repository is healthy. Lock files are never removed by hand.
+# its mounts gone. cvmfs_server cannot publish such a transaction any more ("in a
+# transaction and cannot be repaired"): only `abort` recovers it, and only cvmfs_server may
+# clear that state, so lock files are never removed by hand. `abort -f` discards the dead
+# writer's scratch area and remounts; cvmfs-syncd's journal then marks the batch failed
+# and its reconciliation scan publishes the inputs again. `mount` repairs missing mounts
+# and is a no-op when the repository is healthy.
 repair_repository() {
     if [ -e "$(at "$SPOOL/in_transaction.lock")" ]; then
         if [ "$ABORT_STALE" = yes ]; then
