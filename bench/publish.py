@@ -20,11 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cvmfs_syncd import config as config_mod  # noqa: E402
-from cvmfs_syncd.service import Service  # noqa: E402
-from cvmfs_syncd.state import State  # noqa: E402
-from tests.fake_cvmfs.stratum0 import FakeStratum0  # noqa: E402
-from tests.support import write_config  # noqa: E402
+from tests.fake_cvmfs.stratum0 import FakeStratum0
+
+from cvmfs_syncd import config as config_mod
+from cvmfs_syncd.service import Service
+from cvmfs_syncd.state import State
+from tests.support import write_config
 
 REPO = "bench.example.org"
 
@@ -83,7 +84,9 @@ def run(files: int, size: int, quiet: float, max_batch: float) -> dict[str, floa
         state = State(config.daemon.state_dir)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
-            if state.count_published(REPO, config.repositories[0].staging[0].name) >= files + files // 1000 + (1 if files % 1000 else 0):
+            if state.count_published(
+                REPO, config.repositories[0].staging[0].name
+            ) >= files + files // 1000 + (1 if files % 1000 else 0):
                 break
             time.sleep(0.2)
         cpu = _cpu() - cpu0
@@ -92,9 +95,12 @@ def run(files: int, size: int, quiet: float, max_batch: float) -> dict[str, floa
             entry = state.published_entry(REPO, rel)
             if entry is not None:
                 latencies.append(entry.published_at - at)
-        publishes = service.metrics.registry.get_sample_value(
-            "cvmfs_syncd_publishes_total", {"repository": REPO}
-        ) or 0.0
+        publishes = (
+            service.metrics.registry.get_sample_value(
+                "cvmfs_syncd_publishes_total", {"repository": REPO}
+            )
+            or 0.0
+        )
         service.stop()
         state.close()
         latencies.sort()
@@ -117,7 +123,10 @@ def main() -> int:
     parser.add_argument("--max-batch", type=float, default=30.0)
     args = parser.parse_args()
     result = run(args.files, args.size, args.quiet, args.max_batch)
-    print("| files | published | publishes | p50 latency (s) | p99 latency (s) | daemon CPU per file (ms) |")
+    print(
+        "| files | published | publishes | p50 latency (s) | p99 latency (s) "
+        "| daemon CPU per file (ms) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
     print(
         f"| {result['files']} | {result['published']} | {result['publishes']:.0f} | "

@@ -137,7 +137,10 @@ class PendingChanges:
         if active:
             oldest = min(p.first_at for p in active)
             newest = max(max(p.last_at, p.not_before) for p in active)
-            candidates += [oldest + self.policy.max_batch_seconds, newest + self.policy.quiet_seconds]
+            candidates += [
+                oldest + self.policy.max_batch_seconds,
+                newest + self.policy.quiet_seconds,
+            ]
         candidates += [
             p.not_before for p in self._items.values() if not p.held and p.not_before > now
         ]

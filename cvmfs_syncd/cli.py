@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
-            "-c", "--config", default=config_mod.DEFAULT_CONFIG_PATH,
+            "-c",
+            "--config",
+            default=config_mod.DEFAULT_CONFIG_PATH,
             help=f"configuration file (default {config_mod.DEFAULT_CONFIG_PATH})",
         )
         return p
@@ -146,7 +148,8 @@ def _check_config(args: argparse.Namespace) -> int:
         server_conf = config.cvmfs.config_dir / "repositories.d" / repo.name / "server.conf"
         if not server_conf.is_file():
             problems.append(
-                f"repository[{i}].name: {repo.name!r} has no {server_conf} (not created on this host?)"
+                f"repository[{i}].name: {repo.name!r} has no {server_conf}"
+                " (not created on this host?)"
             )
     problems += _s3_credential_problems(config)
     if problems:
@@ -155,7 +158,8 @@ def _check_config(args: argparse.Namespace) -> int:
         for j, staging in enumerate(repo.staging):
             if not staging.path.is_dir():
                 print(
-                    f"warning: repository[{i}].staging[{j}].path: {staging.path} does not exist yet",
+                    f"warning: repository[{i}].staging[{j}].path: {staging.path}"
+                    " does not exist yet",
                     file=sys.stderr,
                 )
     names = ", ".join(r.name for r in config.repositories)
@@ -192,7 +196,7 @@ def _http_get(config: config_mod.Config, path: str, timeout: float = 5.0) -> tup
         host = "127.0.0.1"
     url = f"http://{host if ':' not in host else '[' + host + ']'}:{address[1]}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http URL built above)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"{}")
@@ -209,8 +213,10 @@ def _status(args: argparse.Namespace) -> int:
     for name, lane in sorted(body.get("repositories", {}).items()):
         last = lane.get("last_publish_at")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
-        print(f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
-              f" (revision {lane.get('last_revision') or '-'})")
+        print(
+            f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
+            f" (revision {lane.get('last_revision') or '-'})"
+        )
         if lane.get("held"):
             print(f"  HELD: {lane['held']}")
         if lane.get("last_error"):
@@ -237,15 +243,20 @@ def _wait(args: argparse.Namespace) -> int:
         while True:
             answer = path_status(config, state, metrics, path)
             if answer.get("live"):
-                print(f"{path}: live in {answer.get('repository')} at {answer.get('path')}"
-                      f" (revision {answer.get('revision')})")
+                print(
+                    f"{path}: live in {answer.get('repository')} at {answer.get('path')}"
+                    f" (revision {answer.get('revision')})"
+                )
                 return EXIT_OK
             if answer.get("unknown"):
                 print(f"cvmfs-syncd: {answer.get('reason')}", file=sys.stderr)
                 return EXIT_USAGE
             if time.monotonic() >= deadline:
-                print(f"cvmfs-syncd: {path} not live after {args.timeout:.0f}s: "
-                      f"{answer.get('reason', 'pending')}", file=sys.stderr)
+                print(
+                    f"cvmfs-syncd: {path} not live after {args.timeout:.0f}s: "
+                    f"{answer.get('reason', 'pending')}",
+                    file=sys.stderr,
+                )
                 return EXIT_TIMEOUT
             time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
     finally:

@@ -173,7 +173,7 @@ class Lane(threading.Thread):
             for source in self.inputs:
                 try:
                     source.stop()
-                except Exception:  # noqa: BLE001 (stopping must go on)
+                except Exception:
                     log.exception("stopping a source failed", source=source.name)
             self.lock.release()
             self._set_status(state="stopped" if not self.exit_error else "crashed")
@@ -228,7 +228,7 @@ class Lane(threading.Thread):
         try:
             with self._locked():
                 result = job.fn()
-        except BaseException as exc:  # noqa: BLE001 (the caller receives it)
+        except BaseException as exc:
             job.future.set_exception(exc)
         else:
             job.future.set_result(result)
@@ -246,7 +246,7 @@ class Lane(threading.Thread):
         for source in self.inputs:
             try:
                 hints = source.reconcile(now)
-            except Exception as exc:  # noqa: BLE001 (a broken source must not stop the lane)
+            except Exception as exc:
                 log.warning("reconciliation failed", source=source.name, error=str(exc))
                 continue
             missed = 0
@@ -329,7 +329,9 @@ class Lane(threading.Thread):
                 log.warning("input skipped", source=source.name, path=path, reason=reason)
             for aside in plan.set_aside:
                 self.metrics.skipped.labels(self.repo.name, source.name, "refused").inc()
-                self.state.set_aside(self.repo.name, aside.source, aside.rel_path, aside.reason, None)
+                self.state.set_aside(
+                    self.repo.name, aside.source, aside.rel_path, aside.reason, None
+                )
                 log.warning(
                     "input set aside", source=source.name, path=aside.rel_path, reason=aside.reason
                 )
@@ -369,16 +371,18 @@ class Lane(threading.Thread):
             repo=self.repo.name,
             ops=tuple(taken),
             reason=reason,
-            first_change_at=min((origin[o.repo_path].first_at for o in taken if o.repo_path in origin), default=now),
+            first_change_at=min(
+                (origin[o.repo_path].first_at for o in taken if o.repo_path in origin), default=now
+            ),
             changes=len(taken),
             bytes=sum(o.fingerprint.size for o in taken if o.fingerprint),
         )
         self.metrics.batches.labels(self.repo.name, reason).inc()
-        first_seen = {o.repo_path: origin[o.repo_path].first_at for o in taken if o.repo_path in origin}
+        first_seen = {
+            o.repo_path: origin[o.repo_path].first_at for o in taken if o.repo_path in origin
+        }
         try:
             return self._publish_batch(batch, origin, first_seen)
-        except _Stopping:
-            raise
         finally:
             self._set_status(busy_since=None)
 
@@ -406,12 +410,19 @@ class Lane(threading.Thread):
                 return False
             base_revision = self._revision()
             batch_id = self.state.create_batch(
-                self.repo.name, batch.ops, reason=batch.reason, summary=batch.summary(),
+                self.repo.name,
+                batch.ops,
+                reason=batch.reason,
+                summary=batch.summary(),
                 first_seen=first_seen,
             )
             log.info(
-                "batch cut", repository=self.repo.name, batch=batch_id, reason=batch.reason,
-                ops=len(batch.ops), bytes=batch.bytes,
+                "batch cut",
+                repository=self.repo.name,
+                batch=batch_id,
+                reason=batch.reason,
+                ops=len(batch.ops),
+                bytes=batch.bytes,
             )
             if not self._open_transaction(batch_id, base_revision):
                 self._requeue(batch.ops, origin)
@@ -467,8 +478,11 @@ class Lane(threading.Thread):
             self.metrics.retries.labels(self.repo.name, "transaction").inc()
             delay = backoff.next_delay()
             log.warning(
-                "opening a transaction failed; retrying", repository=self.repo.name,
-                outcome=result.outcome.name, retry_in=delay, message=_describe(result),
+                "opening a transaction failed; retrying",
+                repository=self.repo.name,
+                outcome=result.outcome.name,
+                retry_in=delay,
+                message=_describe(result),
             )
             self._set_status(last_error=_describe(result))
             self._sleep(delay)
@@ -503,11 +517,17 @@ class Lane(threading.Thread):
                 applied.append(op)
                 self.state.mark_op_applied(batch_id, op.repo_path)
             elif result.outcome is ApplyOutcome.REFUSED:
-                self.state.set_aside(self.repo.name, op.source, op.source_path, result.reason, op.fingerprint)
+                self.state.set_aside(
+                    self.repo.name, op.source, op.source_path, result.reason, op.fingerprint
+                )
                 self.metrics.skipped.labels(self.repo.name, op.source, "refused").inc()
                 log.warning("input refused", path=op.source_path, reason=result.reason)
             else:
-                log.info("input changed while copying; re-queued", path=op.source_path, outcome=result.outcome.value)
+                log.info(
+                    "input changed while copying; re-queued",
+                    path=op.source_path,
+                    outcome=result.outcome.value,
+                )
                 self._requeue([op], origin)
         return applied
 
@@ -520,7 +540,9 @@ class Lane(threading.Thread):
             self.state.set_stage(batch_id, "publishing", attempt=True)
             self._set_status(state="publishing")
             result = self.server.publish(
-                self.repo.name, message=summary, force=force,
+                self.repo.name,
+                message=summary,
+                force=force,
                 timeout=self.config.cvmfs.publish_timeout_seconds,
             )
             if result.outcome is Outcome.OK:
@@ -531,8 +553,11 @@ class Lane(threading.Thread):
             self.metrics.publish_failures.labels(self.repo.name, result.outcome.name.lower()).inc()
             self._set_status(last_error=_describe(result))
             log.warning(
-                "publish failed", repository=self.repo.name, batch=batch_id,
-                outcome=result.outcome.name, message=_describe(result),
+                "publish failed",
+                repository=self.repo.name,
+                batch=batch_id,
+                outcome=result.outcome.name,
+                message=_describe(result),
             )
             if result.outcome is Outcome.OPEN_READERS and not force:
                 log.warning(
@@ -555,7 +580,9 @@ class Lane(threading.Thread):
                 # Our transaction is gone (aborted by someone): the changes were not published.
                 self._open_batch = None
                 self.metrics.transaction_open.labels(self.repo.name).set(0)
-                self.state.set_stage(batch_id, "failed", error="transaction vanished: " + _describe(result))
+                self.state.set_stage(
+                    batch_id, "failed", error="transaction vanished: " + _describe(result)
+                )
                 self._abandon(batch_id)
                 self._requeue(applied, origin)
                 return None
@@ -568,8 +595,12 @@ class Lane(threading.Thread):
             self._sleep(delay, abort_batch=batch_id)
 
     def _repair_mounts(self) -> None:
-        result = self.server.mount(self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds)
-        log.warning("repaired repository mounts", repository=self.repo.name, outcome=result.outcome.name)
+        result = self.server.mount(
+            self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
+        )
+        log.warning(
+            "repaired repository mounts", repository=self.repo.name, outcome=result.outcome.name
+        )
 
     def _whitelist_expired(self) -> None:
         self._set_hold("whitelist expired: publishing resumes after resign", "whitelist-expired")
@@ -579,13 +610,19 @@ class Lane(threading.Thread):
     def _reject_inputs(
         self, batch_id: int, result: CommandResult, origin: dict[str, Pending], applied: list[Op]
     ) -> None:
-        """publish refused an input: abort our transaction, set the offender aside, retry the rest."""
+        """publish refused an input: abort, set the offender aside, retry the rest."""
         bad = result.invalid_graft_path
         offenders = [op for op in applied if bad and op.repo_path == bad.strip("/")]
         if not self._abort_own(batch_id, "publish rejected an input: " + _describe(result)):
             return
         for op in offenders:
-            self.state.set_aside(self.repo.name, op.source, op.source_path, "rejected by publish: " + _describe(result), op.fingerprint)
+            self.state.set_aside(
+                self.repo.name,
+                op.source,
+                op.source_path,
+                "rejected by publish: " + _describe(result),
+                op.fingerprint,
+            )
             self.metrics.skipped.labels(self.repo.name, op.source, "rejected").inc()
             log.error("input rejected by publish; set aside", path=op.source_path)
         if not offenders:
@@ -597,7 +634,9 @@ class Lane(threading.Thread):
         backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
         while True:
             self._set_status(state="aborting own transaction")
-            result = self.server.abort(self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds)
+            result = self.server.abort(
+                self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
+            )
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
                 self.state.set_stage(batch_id, "aborted", error=why)
                 self._abandon(batch_id)
@@ -606,7 +645,9 @@ class Lane(threading.Thread):
                 self._set_status(transaction_open=False)
                 if self._held_reason.startswith("abort failed"):
                     self._set_hold("")
-                log.warning("aborted own transaction", repository=self.repo.name, batch=batch_id, why=why)
+                log.warning(
+                    "aborted own transaction", repository=self.repo.name, batch=batch_id, why=why
+                )
                 return True
             self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
             if result.outcome is Outcome.WHITELIST_EXPIRED:
@@ -636,7 +677,12 @@ class Lane(threading.Thread):
                 raise _Stopping
 
     def _finish(
-        self, batch_id: int, ops: Sequence[Op], revision: int, first_seen: dict[str, float], started: float
+        self,
+        batch_id: int,
+        ops: Sequence[Op],
+        revision: int,
+        first_seen: dict[str, float],
+        started: float,
     ) -> None:
         now = self.clock()
         self._open_batch = None
@@ -650,7 +696,7 @@ class Lane(threading.Thread):
             if source.name in by_source:
                 try:
                     source.published(by_source[source.name])
-                except Exception:  # noqa: BLE001 (the publish itself succeeded)
+                except Exception:
                     log.exception("post-publish step failed", source=source.name)
         self.state.set_stage(batch_id, "done")
         m = self.metrics
@@ -662,14 +708,24 @@ class Lane(threading.Thread):
         nbytes = sum(o.fingerprint.size for o in ops if o.fingerprint)
         m.published_bytes.labels(self.repo.name).inc(nbytes)
         for op in ops:
-            m.drop_latency.labels(self.repo.name).observe(max(0.0, now - first_seen.get(op.repo_path, now)))
+            m.drop_latency.labels(self.repo.name).observe(
+                max(0.0, now - first_seen.get(op.repo_path, now))
+            )
         self._set_status(
-            state="idle", last_publish_at=now, last_revision=revision if revision >= 0 else None,
-            transaction_open=False, last_error="",
+            state="idle",
+            last_publish_at=now,
+            last_revision=revision if revision >= 0 else None,
+            transaction_open=False,
+            last_error="",
         )
         log.info(
-            "published", repository=self.repo.name, batch=batch_id, revision=revision,
-            ops=len(ops), bytes=nbytes, seconds=round(now - started, 3),
+            "published",
+            repository=self.repo.name,
+            batch=batch_id,
+            revision=revision,
+            ops=len(ops),
+            bytes=nbytes,
+            seconds=round(now - started, 3),
         )
 
     # -- recovery ------------------------------------------------------------------------
@@ -681,8 +737,11 @@ class Lane(threading.Thread):
             return
         in_txn = self.layout.in_transaction()
         log.warning(
-            "recovering an unfinished batch", repository=self.repo.name, batch=batch.id,
-            stage=batch.stage, transaction_open=in_txn,
+            "recovering an unfinished batch",
+            repository=self.repo.name,
+            batch=batch.id,
+            stage=batch.stage,
+            transaction_open=in_txn,
         )
         with self._locked():
             if batch.stage == "planned":
@@ -700,7 +759,13 @@ class Lane(threading.Thread):
             first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
             if published:
                 self.state.set_stage(batch.id, "published", revision=revision)
-                self._finish(batch.id, ops, revision if revision is not None else -1, first_seen, batch.created_at)
+                self._finish(
+                    batch.id,
+                    ops,
+                    revision if revision is not None else -1,
+                    first_seen,
+                    batch.created_at,
+                )
                 return
             if batch.stage in ("opening", "open"):
                 if in_txn:

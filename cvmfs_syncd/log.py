@@ -11,7 +11,12 @@ from typing import Any
 
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
@@ -20,7 +25,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     ``fmt`` is ``json``, ``console`` or ``auto`` (console when ``stream`` is a TTY).
     """
     stream = stream if stream is not None else sys.stderr
-    use_console = fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
+    use_console = fmt == "console" or (
+        fmt == "auto" and hasattr(stream, "isatty") and stream.isatty()
+    )
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -57,5 +64,5 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
 
 
-def _identity(logger: Any, method: str, event: Any) -> Any:
+def _identity(_logger: Any, _method: str, event: Any) -> Any:
     return event

@@ -48,7 +48,10 @@ class Metrics:
             "cvmfs_syncd_pending_changes", "Paths waiting to be published.", repo, registry=r
         )
         self.batches = Counter(
-            "cvmfs_syncd_batches_total", "Batches cut, by why they were cut.", ["repository", "reason"], registry=r
+            "cvmfs_syncd_batches_total",
+            "Batches cut, by why they were cut.",
+            ["repository", "reason"],
+            registry=r,
         )
         self.publishes = Counter(
             "cvmfs_syncd_publishes_total", "Successful publishes.", repo, registry=r
@@ -119,10 +122,16 @@ class Metrics:
             registry=r,
         )
         self.source_up = Gauge(
-            "cvmfs_syncd_source_up", "1 if the input source is reachable and watched.", src, registry=r
+            "cvmfs_syncd_source_up",
+            "1 if the input source is reachable and watched.",
+            src,
+            registry=r,
         )
         self.published_bytes = Counter(
-            "cvmfs_syncd_published_bytes_total", "Bytes of file content published.", repo, registry=r
+            "cvmfs_syncd_published_bytes_total",
+            "Bytes of file content published.",
+            repo,
+            registry=r,
         )
         self.grafted_files = Counter(
             "cvmfs_syncd_grafted_files_total", "Files published as grafts.", repo, registry=r
@@ -229,7 +238,7 @@ class MetricsServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+            def log_message(self, format: str, *args: Any) -> None:
                 """Silence per-request logging; scrapes would flood the journal."""
 
         self._server = ThreadingHTTPServer((host, port), Handler)

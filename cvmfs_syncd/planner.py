@@ -95,13 +95,16 @@ def order_ops(ops: Sequence[Op]) -> list[Op]:
     """Return ops in a safe order: deletions deepest first, then directories top-down, then
     files and links. A type change (file → directory) thus deletes before it creates."""
     deletes = sorted(
-        (o for o in ops if o.kind is OpKind.DELETE), key=lambda o: (-o.repo_path.count("/"), o.repo_path)
+        (o for o in ops if o.kind is OpKind.DELETE),
+        key=lambda o: (-o.repo_path.count("/"), o.repo_path),
     )
     dirs = sorted(
-        (o for o in ops if o.kind is OpKind.MAKE_DIR), key=lambda o: (o.repo_path.count("/"), o.repo_path)
+        (o for o in ops if o.kind is OpKind.MAKE_DIR),
+        key=lambda o: (o.repo_path.count("/"), o.repo_path),
     )
     rest = sorted(
-        (o for o in ops if o.kind not in (OpKind.DELETE, OpKind.MAKE_DIR)), key=lambda o: o.repo_path
+        (o for o in ops if o.kind not in (OpKind.DELETE, OpKind.MAKE_DIR)),
+        key=lambda o: o.repo_path,
     )
     return deletes + dirs + rest
 
@@ -130,9 +133,7 @@ def cut_to_caps(
     return order_ops(taken), later
 
 
-def deletion_guard(
-    deletes: int, live: int, max_share: float, min_entries: int = 10
-) -> str:
+def deletion_guard(deletes: int, live: int, max_share: float, min_entries: int = 10) -> str:
     """Return why a batch's deletions must be held, or "" if they may go ahead.
 
     ``deletes`` counts live paths the batch would remove (a directory counts with its

@@ -68,8 +68,14 @@ def build_lane(
     inputs = build_inputs(config, repo, layout, state, metrics)
     metrics.init_repository(repo.name, [i.name for i in inputs])
     return Lane(
-        config, repo, layout=layout, server=server, state=state, metrics=metrics,
-        inputs=inputs, clock=clock,
+        config,
+        repo,
+        layout=layout,
+        server=server,
+        state=state,
+        metrics=metrics,
+        inputs=inputs,
+        clock=clock,
     )
 
 
@@ -97,7 +103,7 @@ class Service:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
 
-    def _record_signal(self, signum: int, frame: FrameType | None) -> None:
+    def _record_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)
         self._wake.set()
 
@@ -107,7 +113,9 @@ class Service:
         """Start the HTTP endpoint and every lane, then tell systemd READY."""
         address = config_mod.parse_address(self.config.daemon.metrics_address)
         if address is not None:
-            self.http = MetricsServer(address[0], address[1], self.metrics, self.status, self.health)
+            self.http = MetricsServer(
+                address[0], address[1], self.metrics, self.status, self.health
+            )
             self.http.start()
             log.info("metrics endpoint listening", address=f"{address[0]}:{self.http.address[1]}")
         for repo in self.config.repositories:
@@ -183,8 +191,10 @@ class Service:
         try:
             new = config_mod.load(path)
         except ConfigError as exc:
-            log.error("reload refused: the new configuration is invalid; keeping the old one",
-                      errors=exc.problems)
+            log.error(
+                "reload refused: the new configuration is invalid; keeping the old one",
+                errors=exc.problems,
+            )
             self.notifier.ready(self._status_line())
             return
         if new.daemon != self.config.daemon or new.cvmfs != self.config.cvmfs:
@@ -240,7 +250,11 @@ class Service:
 
     def _status_line(self) -> str:
         pending = sum(lane.status().pending for lane in self.lanes.values())
-        last = [s.last_publish_at for s in (lane.status() for lane in self.lanes.values()) if s.last_publish_at]
+        last = [
+            s.last_publish_at
+            for s in (lane.status() for lane in self.lanes.values())
+            if s.last_publish_at
+        ]
         parts = [f"{len(self.lanes)} repositories", f"{pending} changes pending"]
         if last:
             parts.append("last publish " + time.strftime("%H:%M:%S", time.localtime(max(last))))
@@ -268,7 +282,8 @@ def _lane_json(lane: Lane) -> dict[str, Any]:
     data = asdict(lane.status())
     data["sources"] = {s.name: {"up": s.health()[0], "detail": s.health()[1]} for s in lane.inputs}
     data["set_aside"] = [
-        {"source": s, "path": p, "reason": r} for s, p, r in lane.state.set_aside_list(lane.repo.name)
+        {"source": s, "path": p, "reason": r}
+        for s, p, r in lane.state.set_aside_list(lane.repo.name)
     ][:100]
     return data
 

@@ -364,7 +364,9 @@ class State:
         )
         return _entry(rows[0]) if rows else None
 
-    def published_under(self, repo: str, path: str, source: str | None = None) -> list[PublishedEntry]:
+    def published_under(
+        self, repo: str, path: str, source: str | None = None
+    ) -> list[PublishedEntry]:
         """Return the index entries at or below a repository path ("" = everything)."""
         key = encode_path(path)
         sql = (
@@ -407,7 +409,9 @@ class State:
                 ),
             )
 
-    def set_aside_entry(self, repo: str, source: str, path: str) -> tuple[str, Fingerprint | None] | None:
+    def set_aside_entry(
+        self, repo: str, source: str, path: str
+    ) -> tuple[str, Fingerprint | None] | None:
         """Return (reason, fingerprint) if the input is set aside."""
         rows = self._query(
             "SELECT reason, fingerprint FROM set_aside WHERE repo = ? AND source = ? AND path = ?",

@@ -5,7 +5,9 @@ from __future__ import annotations
 from cvmfs_syncd.batching import BatchPolicy, PendingChanges, Settler
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint
 
-POLICY = BatchPolicy(quiet_seconds=5, max_batch_seconds=60, max_batch_files=100, max_batch_bytes=10**9)
+POLICY = BatchPolicy(
+    quiet_seconds=5, max_batch_seconds=60, max_batch_files=100, max_batch_bytes=10**9
+)
 
 
 def _dirty(path: str, at: float, **kw: bool) -> Dirty:

@@ -48,7 +48,8 @@ def test_parse_size_rejects(bad: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"), [("7d", 7 * 86400), ("90s", 90), ("5m", 300), ("2h", 7200), (3, 3), ("4", 4)]
+    ("text", "expected"),
+    [("7d", 7 * 86400), ("90s", 90), ("5m", 300), ("2h", 7200), (3, 3), ("4", 4)],
 )
 def test_parse_duration(text: object, expected: float) -> None:
     """Durations are read with s/m/h/d units or as plain seconds."""
@@ -91,7 +92,9 @@ def test_every_error_is_reported_with_its_key_path() -> None:
 
 def test_overlapping_targets_are_refused() -> None:
     """Two sources whose targets contain one another cannot be configured together."""
-    data = _minimal(staging=[{"path": "/srv/a", "target": "/"}, {"path": "/srv/b", "target": "/sub"}])
+    data = _minimal(
+        staging=[{"path": "/srv/a", "target": "/"}, {"path": "/srv/b", "target": "/sub"}]
+    )
     with pytest.raises(ConfigError, match=r"staging\[1\]\.target.*overlaps"):
         config_mod.validate(data)
 
@@ -108,7 +111,9 @@ def test_overlapping_s3_and_staging_targets_are_refused() -> None:
 
 def test_disjoint_targets_are_accepted() -> None:
     """Sibling targets do not overlap."""
-    data = _minimal(staging=[{"path": "/srv/a", "target": "/a"}, {"path": "/srv/b", "target": "/ab"}])
+    data = _minimal(
+        staging=[{"path": "/srv/a", "target": "/a"}, {"path": "/srv/b", "target": "/ab"}]
+    )
     cfg = config_mod.validate(data)
     assert [s.target for s in cfg.repositories[0].staging] == ["/a", "/ab"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,8 @@ from tests.fake_cvmfs.stratum0 import FakeStratum0
 from tests.support import Tree, staging_tree, write_config
 
 REPO = "test.example.org"
+
+LaneFactory = Callable[..., Lane]
 
 
 @pytest.fixture
@@ -37,9 +39,7 @@ def staging(tmp_path: Path) -> Path:
     return path
 
 
-def make_lane_config(
-    tmp_path: Path, stratum0: FakeStratum0, staging: Path, **kw: str
-) -> Config:
+def make_lane_config(tmp_path: Path, stratum0: FakeStratum0, staging: Path, **kw: str) -> Config:
     """Write and load a configuration for the fake."""
     path = write_config(
         tmp_path / "cvmfs-syncd.toml",
@@ -54,7 +54,7 @@ def make_lane_config(
 
 
 @pytest.fixture
-def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[object]:
+def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[LaneFactory]:
     """Build lanes (not started) and close their state afterwards."""
     states: list[State] = []
 
@@ -90,7 +90,9 @@ def _sync(lane: Lane) -> None:
     assert ok, why
 
 
-def test_sync_publishes_a_tree_byte_for_byte(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_sync_publishes_a_tree_byte_for_byte(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """Files, directories, modes, empty files and symlinks are published exactly."""
     (staging / "dir" / "sub").mkdir(parents=True)
     (staging / "dir" / "a.txt").write_bytes(b"hello\n")
@@ -106,7 +108,9 @@ def test_sync_publishes_a_tree_byte_for_byte(lane_factory, stratum0: FakeStratum
     assert not stratum0.violations()
 
 
-def test_mirror_propagates_changes_renames_and_deletes(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mirror_propagates_changes_renames_and_deletes(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A second pass publishes modifications, renames and deletions."""
     (staging / "d").mkdir()
     for i in range(4):
@@ -121,8 +125,10 @@ def test_mirror_propagates_changes_renames_and_deletes(lane_factory, stratum0: F
     assert published(stratum0) == staging_tree(staging)
 
 
-def test_symlinks_are_never_followed(lane_factory, stratum0: FakeStratum0, staging: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A symlink to a directory outside staging is published as a link; nothing is read through it."""
+def test_symlinks_are_never_followed(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path, tmp_path: Path
+) -> None:
+    """A symlink to a directory outside staging is published as a link, never followed."""
     secret = tmp_path / "outside"
     secret.mkdir()
     (secret / "secret.txt").write_text("do not publish")
@@ -134,7 +140,9 @@ def test_symlinks_are_never_followed(lane_factory, stratum0: FakeStratum0, stagi
     assert "escape/secret.txt" not in tree
 
 
-def test_fifo_is_skipped_and_counted(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fifo_is_skipped_and_counted(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A FIFO is never opened (this would hang) and not published; the rest is."""
     os.mkfifo(staging / "pipe")
     (staging / "ok").write_text("ok")
@@ -148,7 +156,9 @@ def test_fifo_is_skipped_and_counted(lane_factory, stratum0: FakeStratum0, stagi
     assert value == 1
 
 
-def test_reserved_names_are_refused(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reserved_names_are_refused(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """CVMFS's reserved names in staging are set aside with a reason, not published."""
     (staging / ".cvmfscatalog").write_text("")
     (staging / "d").mkdir()
@@ -161,7 +171,9 @@ def test_reserved_names_are_refused(lane_factory, stratum0: FakeStratum0, stagin
     assert {p for _, p, _ in reasons} == {".cvmfscatalog", "d/.cvmfsgraft-x"}
 
 
-def test_setuid_bits_are_stripped(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_setuid_bits_are_stripped(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """setuid/setgid never reach the repository."""
     path = staging / "suid"
     path.write_text("x")
@@ -171,7 +183,9 @@ def test_setuid_bits_are_stripped(lane_factory, stratum0: FakeStratum0, staging:
     assert stat.S_IMODE(stratum0.published_tree(REPO)["/suid"].mode) & 0o6000 == 0
 
 
-def test_non_utf8_and_long_names(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_non_utf8_and_long_names(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """Names that are not UTF-8 and 255-byte names are published unchanged."""
     odd = os.fsdecode(b"caf\xe9-\xff")
     long_name = "L" * 255
@@ -182,7 +196,9 @@ def test_non_utf8_and_long_names(lane_factory, stratum0: FakeStratum0, staging: 
     assert published(stratum0) == staging_tree(staging)
 
 
-def test_temporary_names_are_ignored(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_temporary_names_are_ignored(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """Temporary names (*.tmp, *.part, rsync's .name.XXXXXX) are never published."""
     for name in ("a.tmp", "b.part", ".c.swp", ".data.bin.Ab3xYz", "real.bin"):
         (staging / name).write_text(name)
@@ -191,7 +207,9 @@ def test_temporary_names_are_ignored(lane_factory, stratum0: FakeStratum0, stagi
     assert set(published(stratum0)) == {"real.bin"}
 
 
-def test_inbox_removes_published_files(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_inbox_removes_published_files(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """In inbox mode a file leaves staging only after it is live; deletions do not propagate."""
     (staging / "drop.txt").write_text("one")
     lane = lane_factory(staging_extra='  mode = "inbox"')
@@ -203,7 +221,9 @@ def test_inbox_removes_published_files(lane_factory, stratum0: FakeStratum0, sta
     assert set(published(stratum0)) == {"drop.txt", "second.txt"}
 
 
-def test_ready_marker_holds_a_directory(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_ready_marker_holds_a_directory(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A top-level directory is published only once its marker exists; the marker never is."""
     (staging / "release").mkdir()
     (staging / "release" / "a").write_text("a")
@@ -218,7 +238,9 @@ def test_ready_marker_holds_a_directory(lane_factory, stratum0: FakeStratum0, st
     assert set(published(stratum0)) == {"loose", "release", "release/a"}
 
 
-def test_mass_deletion_is_held_until_released(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_mass_deletion_is_held_until_released(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A batch deleting most of the target is held; `release` lets it through."""
     for i in range(20):
         (staging / f"f{i}").write_text(str(i))
@@ -235,7 +257,9 @@ def test_mass_deletion_is_held_until_released(lane_factory, stratum0: FakeStratu
     assert set(published(stratum0)) == {f"f{i}" for i in range(15, 20)}
 
 
-def test_missing_staging_path_never_wipes_the_repository(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_staging_path_never_wipes_the_repository(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A vanished staging directory holds the deletions instead of publishing them."""
     (staging / "a").write_text("a")
     lane = lane_factory()
@@ -248,7 +272,9 @@ def test_missing_staging_path_never_wipes_the_repository(lane_factory, stratum0:
     assert set(published(stratum0)) == {"a"}
 
 
-def test_foreign_transaction_is_never_aborted(lane_factory, stratum0: FakeStratum0, staging: Path) -> None:  # type: ignore[no-untyped-def]
+def test_foreign_transaction_is_never_aborted(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A transaction the daemon did not open makes the lane wait; it is left open."""
     stratum0.run("transaction", REPO)
     (staging / "a").write_text("a")

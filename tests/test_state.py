@@ -13,7 +13,9 @@ def test_journal_stages_survive_reopening(tmp_path: Path) -> None:
     """A batch's stage and ops are committed and read back after reopening the database."""
     state = State(tmp_path)
     fp = Fingerprint(EntryType.FILE, 0o644, 3, 1, 2)
-    bid = state.create_batch("r", [Op(OpKind.COPY_FILE, "a/b", "s", "b", fp)], reason="quiet", summary="x")
+    bid = state.create_batch(
+        "r", [Op(OpKind.COPY_FILE, "a/b", "s", "b", fp)], reason="quiet", summary="x"
+    )
     state.set_stage(bid, "opening", base_revision=4)
     state.close()
     again = State(tmp_path)

@@ -46,7 +46,7 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
             self.source.on_event(event)
-        except Exception:  # noqa: BLE001 (the observer thread must survive anything)
+        except Exception:
             log.exception("handling a watch event failed", source=self.source.name)
 
 
@@ -132,11 +132,11 @@ class StagingInput:
         paths = [(os.fsdecode(event.src_path), moved)]
         if moved and event.dest_path:
             paths.append((os.fsdecode(event.dest_path), True))
-        for path, closed in paths:
+        for path, was_moved in paths:
             rel = self._relative(path)
             if rel is None:
                 continue
-            closed = closed or event.event_type in ("closed", "deleted")
+            closed = was_moved or event.event_type in ("closed", "deleted")
             rescan = event.is_directory and event.event_type in ("moved", "created", "deleted")
             self._submit(Dirty(self.name, rel, now, closed=closed, rescan=rescan))
 
@@ -177,7 +177,9 @@ class StagingInput:
             hints.append(Dirty(self.name, rel, now, from_scan=True))
         if self.config.mode == "mirror":
             hints += [
-                Dirty(self.name, rel, now, from_scan=True) for rel in live if rel and rel not in seen
+                Dirty(self.name, rel, now, from_scan=True)
+                for rel in live
+                if rel and rel not in seen
             ]
         return hints
 
@@ -199,7 +201,9 @@ class StagingInput:
                     for rel, _ in fsops.walk_staging(self.root, subdir=entry.rel_path):
                         result.setdefault(rel, _child(entry, rel))
                 except OSError as exc:
-                    log.warning("rescanning failed", source=self.name, path=entry.rel_path, error=str(exc))
+                    log.warning(
+                        "rescanning failed", source=self.name, path=entry.rel_path, error=str(exc)
+                    )
             if self.config.mode == "mirror":
                 try:
                     below = repo_path(self.config.target, entry.rel_path)
@@ -328,7 +332,9 @@ class StagingInput:
         if fp is None:
             return Applied(ApplyOutcome.REFUSED, "no fingerprint")
         if op.kind is OpKind.MAKE_DIR:
-            fsops.make_dir(union_dir, op.repo_path, fp.mode & 0o7777 & ~_STRIPPED_BITS, replace=True)
+            fsops.make_dir(
+                union_dir, op.repo_path, fp.mode & 0o7777 & ~_STRIPPED_BITS, replace=True
+            )
             return Applied(ApplyOutcome.APPLIED)
         if op.kind is OpKind.MAKE_SYMLINK:
             fsops.make_symlink(union_dir, op.repo_path, fp.target, replace=True)
@@ -348,16 +354,16 @@ class StagingInput:
             self._reported.pop(op.source_path, None)
             if self.config.mode != "inbox" or op.fingerprint is None:
                 continue
-            if op.kind in (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.MAKE_SYMLINK):
-                if fsops.remove_staged(self.root, op.source_path, op.fingerprint):
-                    tops.add(op.source_path.partition("/")[0])
+            removable = op.kind in (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.MAKE_SYMLINK)
+            if removable and fsops.remove_staged(self.root, op.source_path, op.fingerprint):
+                tops.add(op.source_path.partition("/")[0])
         if self.config.mode == "inbox" and self.config.ready_marker:
             for top in tops:
                 marker = self.root / top / self.config.ready_marker
                 if marker.is_file() and not marker.is_symlink():
                     marker.unlink(missing_ok=True)
 
-    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:
+    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:  # noqa: ARG002 (protocol)
         """Delete data objects an abandoned batch created."""
         if self.grafter is not None:
             self.grafter.delete_objects(created)
