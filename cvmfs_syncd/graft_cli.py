@@ -95,10 +95,10 @@ def parse_chunk_size(text: str) -> int:
     body = text.lstrip(_C_SPACE)
     digits = body[1:] if body[:1] in ("+", "-") else body
     if not digits or not digits.isascii() or not digits.isdigit():
-        raise ValueError(text)
+        raise ValueError(f"not a chunk size in MiB: {text!r}")
     value = int(body)
     if value < 0 or value > _INT64_MAX:
-        raise ValueError(text)
+        raise ValueError(f"chunk size out of range: {text!r}")
     return (value * MIB) % (1 << 64)
 
 
