@@ -626,6 +626,8 @@ class Repo:
         self.root = root
         self.name = name
         self._conf: dict[str, str] | None = None
+        self._data_dir: str | None = None
+        self._staging_dir: str | None = None
 
     # -- locations ------------------------------------------------------------------
     @property
@@ -733,18 +735,34 @@ class Repo:
         return object_path(self.data, name)
 
     def store_object(self, payload: bytes, suffix: str = "") -> str:
-        """Store ``payload`` content-addressed (via ``data/txn``) and return its name."""
-        name = hash_hex(self.hash_algorithm, payload) + algorithm_suffix(self.hash_algorithm)
-        name += suffix
-        target = self.object_file(name)
-        if not target.exists():
-            staging = self.data / "txn"
+        """Store ``payload`` content-addressed (via ``data/txn``) and return its name.
+
+        This is the hot path of a publish with thousands of files, so it works on plain
+        strings and ``os`` calls instead of ``pathlib``.
+        """
+        algorithm = self.hash_algorithm
+        name = hash_hex(algorithm, payload) + algorithm_suffix(algorithm) + suffix
+        if self._data_dir is None or self._staging_dir is None:
+            self._data_dir = str(self.data)
+            staging = self.spool / "tmp" if self.is_s3 else self.data / "txn"
             staging.mkdir(parents=True, exist_ok=True)
-            tmp = staging / f"{name}.{os.getpid()}"
-            tmp.write_bytes(payload)
-            tmp.chmod(0o644)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.replace(target)
+            self._staging_dir = str(staging)
+        target = f"{self._data_dir}/{name[:2]}/{name[2:]}"
+        if os.path.exists(target):
+            return name
+        tmp = f"{self._staging_dir}/{name}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, target)
+        except FileNotFoundError:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
         return name
 
     def read_object(self, name: str) -> bytes:
@@ -2039,6 +2057,7 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     ctx.out(PUBLISH_STEPS_BEFORE_UPLOAD[0])
     previous = repo.catalog(job.manifest.root_hash)
     snap = load_snapshot(repo)
+    union = str(repo.union)
     current = scan_tree(repo.union)
     entries, todo = _plan_catalog(ctx, job, previous, snap, current)
     ctx.out(PUBLISH_STEPS_BEFORE_UPLOAD[1])
@@ -2046,7 +2065,7 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     for index, (path, st_info) in enumerate(todo):
         if index == half:
             ctx.fault("upload", lambda rule: _upload_failure(ctx, job, rule))
-        entries[path] = _ingest_file(repo, repo.union / path[1:], st_info, job)
+        entries[path] = _ingest_file(repo, union + path, st_info, job)
     if not todo:
         ctx.fault("upload", lambda rule: _upload_failure(ctx, job, rule))
     ctx.fault("after_upload")
@@ -2205,7 +2224,7 @@ def _upload_failure(ctx: Context, job: PublishJob, rule: dict[str, Any]) -> NoRe
     )
 
 
-def _ingest_file(repo: Repo, path: Path, info: StatInfo, job: PublishJob) -> CatalogEntry:
+def _ingest_file(repo: Repo, path: str, info: StatInfo, job: PublishJob) -> CatalogEntry:
     """Compress and store one regular file (chunked when larger than the average chunk)."""
     chunk_size = int(repo.conf.get("CVMFS_AVG_CHUNK_SIZE", "8388608"))
     chunking = repo.flag("CVMFS_USE_FILE_CHUNKING", default=True)
@@ -2220,7 +2239,7 @@ def _ingest_file(repo: Repo, path: Path, info: StatInfo, job: PublishJob) -> Cat
         compression=repo.compression,
     )
     try:
-        handle = path.open("rb")
+        handle = open(path, "rb")  # noqa: SIM115 - hot path, closed below
     except OSError:
         handle = None
     if handle is None:
@@ -3014,36 +3033,74 @@ def cmd_rmfs(ctx: Context, args: list[str]) -> None:
 
 
 def cmd_diff(ctx: Context, args: list[str]) -> None:
-    """``diff REPO``: what changed between trunk-previous and trunk (human format)."""
-    if len(args) != 1:
-        ctx.err("usage: cvmfs_server diff <repository name>\n")
+    """``diff [-m] REPO``: what changed between trunk-previous and trunk."""
+    opts, rest = parse_options(args, "ms:d:")
+    if len(rest) != 1:
+        ctx.err("usage: cvmfs_server diff [-m] <repository name>\n")
         raise CommandExit(1)
-    repo = require_repo(ctx, split_repo_arg(args[0])[0])
+    machine = any(key == "-m" for key, _ in opts)
+    repo = require_repo(ctx, split_repo_arg(rest[0])[0])
     tags = {str(t["name"]): t for t in repo.tags()}
     new = repo.catalog(str(tags["trunk"]["hash"]))
     old_tag = tags.get("trunk-previous")
     old = repo.catalog(str(old_tag["hash"])) if old_tag else Catalog(repo.name, 0, 0, {})
-    labels = {"file": "file", "dir": "directory", "symlink": "symlink"}
+    labels = {"file": ("file", "F"), "dir": ("directory", "D"), "symlink": ("symlink", "S")}
     counts = {"file": 0, "symlink": 0, "dir": 0}
     lines: list[str] = []
     for path in sorted(set(old.entries) | set(new.entries)):
         before = old.entries.get(path)
         after = new.entries.get(path)
-        if path == "/" or before == after:
+        if path == "/":
             continue
         if before is None and after is not None:
             counts[after.kind] += 1
-            lines.append(f"{path} add {labels[after.kind]} +{after.size} bytes\n")
+            word, letter = labels[after.kind]
+            suffix = "" if after.kind == "dir" else f" +{after.size}"
+            lines.append(
+                f"A {letter} {path}{suffix}\n"
+                if machine
+                else f"{path} add {word} +{after.size} bytes\n"
+            )
         elif after is None and before is not None:
             counts[before.kind] -= 1
-            lines.append(f"{path} remove {labels[before.kind]} -{before.size} bytes\n")
-        elif before is not None and after is not None:
+            word, letter = labels[before.kind]
+            suffix = "" if before.kind == "dir" else f" -{before.size}"
             lines.append(
-                f"{path} modify {labels[after.kind]} {after.size - before.size:+d} bytes\n"
+                f"R {letter} {path}{suffix}\n"
+                if machine
+                else f"{path} remove {word} -{before.size} bytes\n"
             )
+        elif before is not None and after is not None and _content_changed(before, after):
+            word, letter = labels[after.kind]
+            delta = after.size - before.size
+            lines.append(
+                f"M {letter} {path} {delta:+d}\n"
+                if machine
+                else f"{path} modify {word} {delta:+d} bytes\n"
+            )
+    if machine:
+        ctx.out(
+            f"S F {counts['file']}\nS S {counts['symlink']}\nS D {counts['dir']}\nS N 0\n"
+            + "".join(lines)
+        )
+        return
     ctx.out(
         f"d(# regular files): {counts['file']}\nd(# symlinks): {counts['symlink']}\n"
         f"d(# directories): {counts['dir']}\nd(# catalogs): 0\n" + "".join(lines)
+    )
+
+
+def _content_changed(before: CatalogEntry, after: CatalogEntry) -> bool:
+    if before.kind != after.kind:
+        return True
+    if after.kind == "dir":
+        return before.mode != after.mode
+    return (before.hash, before.chunks, before.target, before.size, before.mode) != (
+        after.hash,
+        after.chunks,
+        after.target,
+        after.size,
+        after.mode,
     )
 
 
