@@ -63,7 +63,8 @@ class PendingChanges:
         """Merge a source's hint into the pending set; return the merged entry.
 
         A close-after-write or move-in clears the "still being written" state; any other
-        event from a watcher sets it. A new event releases a hold and a settle delay.
+        event from a watcher sets it. Any hint releases a hold (it is checked again at
+        planning); a watcher event also cancels a settle delay.
         """
         key = (dirty.source, dirty.rel_path)
         old = self._items.get(key)
@@ -86,7 +87,7 @@ class PendingChanges:
                 rescan=old.rescan or dirty.rescan,
                 from_scan=old.from_scan and dirty.from_scan,
                 not_before=0.0 if not dirty.from_scan else old.not_before,
-                held=False if not dirty.from_scan else old.held,
+                held=False,  # any hint re-checks a hold (the marker may be there now)
             )
         self._items[key] = entry
         return entry

@@ -798,6 +798,7 @@ class Lane(threading.Thread):
         self._reconcile(self.clock())
         while time.monotonic() < deadline:
             self._drain_inbox()
+            self._check_release()
             if self._foreign_transaction_open():
                 return False, "a transaction the daemon did not open is in progress"
             if self._guarded:
@@ -811,14 +812,13 @@ class Lane(threading.Thread):
                 for hint in leftover:
                     self.pending.add(hint)
             now = self.clock()
-            if self.pending.due(now) is None and self.pending.next_deadline(now) is not None:
-                ready = [p for p in self.pending.items() if not p.held and p.not_before <= now]
-                if not ready:
-                    wait = (self.pending.next_deadline(now) or now) - now
-                    if all(p.held for p in self.pending.items()):
-                        return False, "inputs wait for their ready marker"
-                    time.sleep(min(max(wait, 0.05), max(0.0, deadline - time.monotonic())))
-                    continue
+            items = self.pending.items()
+            if all(p.held for p in items):
+                return False, f"{len(items)} inputs wait for their ready marker"
+            if not any(p.not_before <= now for p in items if not p.held):
+                wait = (self.pending.next_deadline(now) or now) - now
+                time.sleep(min(max(wait, 0.01), max(0.0, deadline - time.monotonic())))
+                continue
             self.publish_pending("sync", now)
         return False, f"not in sync after {timeout:.0f}s ({len(self.pending)} changes pending)"
 

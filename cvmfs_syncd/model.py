@@ -111,7 +111,7 @@ class Batch:
         for op in self.ops:
             counts[op.kind.value] = counts.get(op.kind.value, 0) + 1
         parts = [f"{n} {k}" for k, n in sorted(counts.items())]
-        return f"cvmfs-syncd: {', '.join(parts) or 'no changes'} ({self.reason})"
+        return f"cvmfs-syncd {self.reason}: {', '.join(parts) or 'no changes'}"
 
 
 @dataclass(frozen=True, slots=True)

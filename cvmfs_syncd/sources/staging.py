@@ -26,7 +26,7 @@ from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind, SetAside
 from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
-from cvmfs_syncd.state import State
+from cvmfs_syncd.state import PublishedEntry, State
 
 log = structlog.get_logger(__name__)
 
@@ -136,6 +136,7 @@ class StagingInput:
             rel = self._relative(path)
             if rel is None:
                 continue
+            self._reported.pop(rel, None)
             closed = was_moved or event.event_type in ("closed", "deleted")
             rescan = event.is_directory and event.event_type in ("moved", "created", "deleted")
             self._submit(Dirty(self.name, rel, now, closed=closed, rescan=rescan))
@@ -152,7 +153,8 @@ class StagingInput:
 
     def reconcile(self, now: float) -> list[Dirty]:
         """Compare the staging tree with the index; return a hint for each difference."""
-        self._start_observer()
+        if self._submit is not None:
+            self._start_observer()  # the path may have appeared since start()
         target = self._target_repo_path()
         live = {e.source_path: e for e in self.state.published_under(self.repo, target, self.name)}
         hints: list[Dirty] = []
@@ -168,11 +170,7 @@ class StagingInput:
             return hints
         for rel, found in found_entries:
             seen.add(rel)
-            entry = live.get(rel)
-            if isinstance(found, Fingerprint) and entry is not None:
-                if _same(found, entry.fingerprint):
-                    continue
-            elif not isinstance(found, Fingerprint) and rel in self._reported:
+            if not self._differs(rel, found, live.get(rel)):
                 continue
             hints.append(Dirty(self.name, rel, now, from_scan=True))
         if self.config.mode == "mirror":
@@ -182,6 +180,30 @@ class StagingInput:
                 if rel and rel not in seen
             ]
         return hints
+
+    def _differs(
+        self, rel: str, found: Fingerprint | fsops.Skipped, live: PublishedEntry | None
+    ) -> bool:
+        """Return True if a scanned entry needs planning (new, changed, not yet reported)."""
+        if is_ignored(rel.rsplit("/", 1)[-1], self.config.ignore):
+            return False
+        marker = self.config.ready_marker
+        if marker and rel.count("/") == 1 and rel.endswith("/" + marker):
+            return False  # the marker itself is never published
+        if rel in self._reported:
+            return False  # refused or skipped already; a watch event brings it back
+        if not isinstance(found, Fingerprint):
+            return True
+        if live is not None and _same(found, live.fingerprint):
+            return False
+        aside = self.state.set_aside_entry(self.repo, self.name, rel)
+        return not (aside is not None and aside[1] is not None and _same(found, aside[1]))
+
+    def _stat(self, rel: str) -> Fingerprint | fsops.Skipped | None:
+        try:
+            return fsops.stat_entry(self.root, rel)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # the staging root itself is gone
 
     def _target_repo_path(self) -> str:
         return repo_path(self.config.target, "")
@@ -249,7 +271,7 @@ class StagingInput:
                 if not (self.root / top / marker).exists():
                     plan.waiting_for_marker.append(entry)
                     continue
-            found = fsops.stat_entry(self.root, rel)
+            found = self._stat(rel)
             live = self.state.published_entry(self.repo, rp)
             if found is None:
                 if self.config.mode == "mirror" and live is not None and live.source == self.name:
@@ -381,7 +403,7 @@ class StagingInput:
         except ValueError as exc:
             return {"live": False, "reason": f"unsafe name: {exc}"}
         live = self.state.published_entry(self.repo, rp)
-        found = fsops.stat_entry(self.root, rel) if rel else None
+        found = self._stat(rel) if rel else None
         result: dict[str, object] = {"repository": self.repo, "path": "/" + rp, "source": self.name}
         aside = self.state.set_aside_entry(self.repo, self.name, rel)
         if aside is not None:
