@@ -22,7 +22,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final, TextIO
+from typing import BinaryIO, Final, Protocol
 
 from cvmfs_syncd.cvmfs.graft import (
     DEFAULT_CHUNK_SIZE,
@@ -76,6 +76,40 @@ class GraftInvocation:
     verbose: bool
 
 
+class TextOutput(Protocol):
+    """Where messages go: anything with ``write(str)`` (a text stream, ``io.StringIO``)."""
+
+    def write(self, text: str, /) -> object:
+        """Write ``text``."""
+
+
+class _Console:
+    """Writes to a text stream; names that its encoding rejects go out as their raw bytes.
+
+    File names need not be valid UTF-8; ``os.fsdecode`` keeps their bytes as surrogates,
+    which a strict text stream refuses. They are written to the stream's byte buffer then.
+    """
+
+    def __init__(self, stream: TextOutput) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        """Write ``text``, falling back to file-system bytes when it cannot be encoded."""
+        try:
+            self._stream.write(text)
+        except UnicodeEncodeError:
+            raw = getattr(self._stream, "buffer", None)
+            flush = getattr(self._stream, "flush", None)
+            if raw is None or flush is None:
+                self._stream.write(
+                    text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                )
+                return
+            flush()
+            raw.write(os.fsencode(text))
+            raw.flush()
+
+
 class _Exit(Exception):
     """Ends argument parsing early with an exit status."""
 
@@ -102,7 +136,9 @@ def parse_chunk_size(text: str) -> int:
     return (value * MIB) % (1 << 64)
 
 
-def parse_graft_arguments(argv: list[str], stdout: TextIO, stderr: TextIO) -> GraftInvocation:
+def parse_graft_arguments(
+    argv: list[str], stdout: TextOutput, stderr: TextOutput
+) -> GraftInvocation:
     """Parse the arguments after ``graft``; print usage or errors and raise ``_Exit`` on them."""
     try:
         pairs, extra = getopt.gnu_getopt(argv, "i:o:Z:c:a:bvh", ["help"])
@@ -177,8 +213,8 @@ class _Grafter:
         self,
         invocation: GraftInvocation,
         stdin: BinaryIO,
-        stdout: TextIO,
-        stderr: TextIO,
+        stdout: TextOutput,
+        stderr: TextOutput,
         workers: int,
     ) -> None:
         self._invocation = invocation
@@ -267,7 +303,7 @@ class _Grafter:
         if from_stdin:
             return self._graft_opened(self._stdin, _STDIN_PLACEHOLDER_MODE, output)
         try:
-            stream = open(source, "rb")  # noqa: PTH123, SIM115 - closed below; errno text needed
+            stream = open(source, "rb")  # noqa: SIM115 - closed below; errno text needed
         except OSError as error:
             self._stderr.write(f"Unable to open input file ({source}): {_describe(error)}\n")
             return 1
@@ -318,8 +354,8 @@ def _default_workers() -> int:
 def run_graft(
     argv: list[str],
     stdin: BinaryIO,
-    stdout: TextIO,
-    stderr: TextIO,
+    stdout: TextOutput,
+    stderr: TextOutput,
     *,
     workers: int | None = None,
 ) -> int:
@@ -330,12 +366,13 @@ def run_graft(
     the number of CPUs, at most 4). Exit status 0 on success, 1 on any error; nothing is
     raised for bad input or options.
     """
+    out, err = _Console(stdout), _Console(stderr)
     try:
-        invocation = parse_graft_arguments(argv, stdout, stderr)
+        invocation = parse_graft_arguments(argv, out, err)
     except _Exit as done:
         return done.status
     chosen = workers if workers is not None else _default_workers()
-    return _Grafter(invocation, stdin, stdout, stderr, chosen).run()
+    return _Grafter(invocation, stdin, out, err, chosen).run()
 
 
 def run_from_namespace(namespace: argparse.Namespace) -> int:
@@ -365,10 +402,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def main() -> int:
     """Entry point of ``python -m cvmfs_syncd.graft_cli``."""
-    for stream in (sys.stdout, sys.stderr):
-        # File names need not be UTF-8; print them back byte for byte.
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="surrogateescape")
     return run_graft(sys.argv[1:], sys.stdin.buffer, sys.stdout, sys.stderr)
 
 

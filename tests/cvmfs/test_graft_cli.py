@@ -517,6 +517,19 @@ def test_tree_skips_fifos_and_reuses_existing_output_directories(tmp_path: Path)
     assert sorted(snapshot(out)) == ["sub", "sub/.cvmfsgraft-file", "sub/file"]
 
 
+def test_undecodable_file_names_are_printed_as_bytes(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 is printed byte for byte, even on a strict stream."""
+    raw_name = os.fsencode(tmp_path) + b"/caf\xe9.bin"
+    with open(raw_name, "wb") as created:
+        created.write(b"hello\n")
+    buffer = io.BytesIO()
+    stdout = io.TextIOWrapper(buffer, encoding="utf-8", errors="strict", write_through=True)
+    code = run_graft(["-i", os.fsdecode(raw_name)], io.BytesIO(), stdout, io.StringIO())
+    stdout.flush()
+    assert code == 0
+    assert buffer.getvalue().startswith(b"Grafting " + raw_name + b"\nsize=6\n")
+
+
 def test_add_parser_hands_all_arguments_to_run_graft() -> None:
     """The registered subparser keeps every argument after ``graft`` verbatim."""
     parser = argparse.ArgumentParser(prog="cvmfs-syncd")
