@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NotRequired, TypedDict
 
 from . import cvmfs_server as engine
 
@@ -37,6 +37,19 @@ STATE_KEYS = (
     "root_hash",
     "spool_files",
 )
+
+
+class RepoState(TypedDict):
+    """A repository's state with the keys of the recordings' ``state_before/after``."""
+
+    in_transaction_lock: bool
+    is_publishing_lock: bool
+    mount_mode: Literal["ro", "rw"] | None
+    rdonly_mounted: bool
+    revision: int | None
+    root_hash: str | None
+    spool_files: list[str] | None
+    in_transaction_lock_content: NotRequired[str]
 
 
 class FakeCvmfsError(RuntimeError):
@@ -264,14 +277,14 @@ class FakeStratum0:
         path.write_text("\n".join(lines) + "\n")
 
     # -- state ------------------------------------------------------------------------
-    def state(self, repo: str) -> dict[str, object]:
+    def state(self, repo: str) -> RepoState:
         """The repository state with the keys of the recordings' ``state_before/after``."""
         handle = self.repository(repo)
         spool = handle.spool
         exists = handle.exists()
         mount = handle.mount_state() if exists else {}
         lock = spool / "in_transaction.lock"
-        state: dict[str, object] = {
+        state: RepoState = {
             "in_transaction_lock": lock.exists(),
             "is_publishing_lock": (spool / "is_publishing.lock").exists(),
             "mount_mode": None,

@@ -1006,7 +1006,7 @@ def test_transaction_repairs_missing_mounts(fake: FakeStratum0) -> None:
     fake.unmount(REPO, union=True, rdonly=True)
     state = fake.state(REPO)
     assert (state["mount_mode"], state["rdonly_mounted"]) == (None, False)
-    assert "cvmfs_io" not in list(state["spool_files"] or [])
+    assert "cvmfs_io" not in (state["spool_files"] or [])
     assert f"{REPO} (stratum0 / local - unhealthy)  \n" == fake.run("list").stdout
     result = fake.run("transaction", REPO)
     rdonly = fake.spool_dir(REPO) / "rdonly"
