@@ -111,7 +111,6 @@ MKFS_TAIL = (
     "For client configuration, have a look at 'cvmfs_server info'\n"
     "\n"
     "If you go for production, backup your masterkey from {keys}/!\n"
-    "\n"
 )
 
 META_INFO_TEXT = (
