@@ -454,7 +454,7 @@ def test_workers_must_be_positive() -> None:
         graft_stream(io.BytesIO(b""), GraftOptions(), workers=0)
 
 
-def test_checksum_helpers() -> None:
+def test_checksum_parsing_and_null_hashes() -> None:
     """algorithm_of reads suffixes; malformed checksums raise GraftError."""
     assert algorithm_of("a" * 40) == "sha1"
     assert algorithm_of("a" * 40 + "-rmd160") == "rmd160"

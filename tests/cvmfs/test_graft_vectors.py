@@ -143,7 +143,7 @@ def recorded_exactly(vector: Vector) -> bool:
 
 
 class InputCache:
-    """Generated vector inputs, written once per session and shared by all vectors."""
+    """Generated vector inputs, written once per test run and shared by all vectors."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -167,7 +167,7 @@ class InputCache:
 
 @pytest.fixture(scope="session")
 def vector_inputs(tmp_path_factory: pytest.TempPathFactory) -> InputCache:
-    """Provide the session-wide cache of generated inputs."""
+    """Provide the cache of generated inputs."""
     return InputCache(tmp_path_factory.mktemp("graft-inputs"))
 
 
