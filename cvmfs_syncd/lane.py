@@ -658,6 +658,20 @@ class Lane(threading.Thread):
                 raise _Stopping
             self._sleep(backoff.next_delay())
 
+    def _abort_transaction_only(self, batch_id: int) -> None:
+        """Abort a leftover transaction of an already published batch (journal unchanged)."""
+        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
+        while True:
+            result = self.server.abort(
+                self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
+            )
+            if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
+                log.warning("closed the leftover transaction of a published batch", batch=batch_id)
+                return
+            self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
+            self.metrics.retries.labels(self.repo.name, "abort").inc()
+            self._sleep(backoff.next_delay())
+
     def _abandon(self, batch_id: int) -> None:
         created = self.state.created_objects(batch_id)
         if not created:
@@ -759,6 +773,11 @@ class Lane(threading.Thread):
             first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
             if published:
                 self.state.set_stage(batch.id, "published", revision=revision)
+                if in_txn:
+                    # The publish went through but died before closing the transaction: what
+                    # is open is ours and holds nothing new; abort it, then finish.
+                    self._open_batch = batch.id
+                    self._abort_transaction_only(batch.id)
                 self._finish(
                     batch.id,
                     ops,
