@@ -1218,13 +1218,21 @@ class Context:
         return fake_now(self.root)
 
     # -- locking ----------------------------------------------------------------------
-    def lock_repo(self, repo: Repo) -> None:
-        """Take the repository's internal flock for the rest of the command."""
+    def lock_repo(self, repo: Repo, *, wait: bool = True) -> bool:
+        """Take the repository's internal flock for the rest of the command.
+
+        With ``wait=False`` give up at once (returning False) when another process holds it.
+        """
         path = repo.state_dir / "lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a")
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
         self._locks.append(handle)
+        return True
 
     def release_locks(self) -> None:
         """Drop every internal flock this process holds."""
@@ -2405,9 +2413,9 @@ def cmd_list(ctx: Context, args: list[str]) -> None:
     for name in list_repositories(ctx.root):
         repo = Repo(ctx.root, name)
         ctx.repo_name = name
-        ctx.lock_repo(repo)
-        check_union_violations(ctx, repo)
-        ctx.release_locks()
+        if ctx.lock_repo(repo, wait=False):
+            check_union_violations(ctx, repo)
+            ctx.release_locks()
         parts = ["S3" if repo.is_s3 else "local"]
         if repo.in_transaction():
             parts.append("in transaction")
@@ -2763,9 +2771,10 @@ def _missing_objects(repo: Repo, catalog: Catalog) -> list[str]:
 
 
 def parse_gc_time(text: str, now: float) -> float | None:
-    """Parse ``gc -t``: UNIX seconds, ``YYYY-MM-DD[ HH:MM[:SS]]`` (UTC) or ``N units ago``."""
-    if re.fullmatch(r"\d{9,}", text):
-        return float(text)
+    """Parse ``gc -t`` like ``date -d``: ``@SECONDS``, ``YYYY-MM-DD[ HH:MM[:SS]]`` (UTC)
+    or ``N units ago``."""
+    if re.fullmatch(r"@-?\d+(\.\d+)?|\d{9,}", text):
+        return float(text.lstrip("@"))
     for fmt in (
         "%Y-%m-%d %H:%M:%S",
         "%Y-%m-%d %H:%M",

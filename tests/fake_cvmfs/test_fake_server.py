@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import subprocess
 import time
 import zlib
@@ -1441,3 +1442,27 @@ def test_small_commands_are_fast(fake: FakeStratum0) -> None:
         fake.check_run(*args)
         durations.append(time.monotonic() - started)
     assert max(durations) < 1.0, durations
+
+
+def test_gc_time_threshold_accepts_at_epoch(gc_fake: FakeStratum0) -> None:
+    """gc -t @SECONDS keeps revisions newer than that time and sweeps older untagged ones."""
+    repo = "refgc.local"
+    start = gc_fake.now() + 1000
+    union = gc_fake.union_dir(repo)
+    for offset in (0, 100, 200):
+        gc_fake.set_clock(start + offset)
+        gc_fake.check_run("transaction", repo)
+        (union / "file.txt").write_text(f"at {offset}\n")
+        gc_fake.check_run("publish", repo)
+    for name in list(gc_fake.tags(repo)):
+        if name.startswith("generic"):
+            gc_fake.check_run("tag", "-r", name, "-f", repo)
+    threshold = int(start + 50)
+    result = gc_fake.run("gc", "-f", "-l", "-t", f"@{threshold}", repo)
+    assert result.returncode == 0, result.stderr
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(threshold))
+    assert f"Preserve Revisions newer than: {stamp}\n" in result.stdout
+    swept = re.findall(r"^Sweeping Revision (\d+) ", result.stdout, re.MULTILINE)
+    assert sorted(int(n) for n in swept) == [0, 1, 2, 3, 4, 5]
+    assert gc_fake.read_file(repo, "file.txt", revision=6) == b"at 100\n"
+    assert gc_fake.read_file(repo, "file.txt") == b"at 200\n"
