@@ -877,3 +877,79 @@ def _rmdir_if_empty(parent_fd: int, name: str) -> bool:
             return False
         raise
     return True
+
+
+# --------------------------------------------------------------------------------------
+# grafting: reading a staged file once, writing small files into the union directory
+
+
+def open_staged(source_root: Path, rel_path: str, expected: Fingerprint) -> int | CopyOutcome:
+    """Open the staged file ``rel_path`` read-only if it is still the version ``expected``.
+
+    Return the descriptor (the caller closes it) or why it cannot be read (CHANGED,
+    VANISHED, UNREADABLE), with the same checks as :func:`copy_file`: no symlink is followed
+    anywhere on the path, a FIFO or device is never opened. Call :func:`still_matches` on
+    the descriptor after reading to detect a change during the read. Raise ValueError for
+    an unsafe path, OSError if the root cannot be opened.
+    """
+    if expected.type is not EntryType.FILE:
+        raise ValueError(f"open_staged needs a file fingerprint, got {expected.type.value}")
+    parts = split_repo_path(rel_path)
+    if not parts:
+        raise ValueError("open_staged needs a non-empty path")
+    return _open_source(source_root, parts, expected)
+
+
+def still_matches(fd: int, expected: Fingerprint) -> bool:
+    """Return True if the opened file is still the version ``expected`` describes."""
+    return _matches(os.fstat(fd), expected)
+
+
+def write_file(
+    union_root: Path,
+    repo_path: str,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    mtime_ns: int | None = None,
+    replace: bool = True,
+    dir_mode: int = DEFAULT_DIR_MODE,
+) -> None:
+    """Write ``data`` as the file ``repo_path`` under the union dir, atomically.
+
+    The bytes go to a temporary name created with O_EXCL|O_NOFOLLOW next to the
+    destination, get ``mode & 0o777`` and ``mtime_ns`` (if given), and are renamed over the
+    destination (a directory there is removed first, a symlink replaced, never followed).
+    Raise ValueError for an unsafe path, OSError for I/O failures.
+    """
+    parts = split_repo_path(repo_path)
+    if not parts:
+        raise ValueError("write_file needs a non-empty repository path")
+    union_fd = _open_root(union_root)
+    try:
+        parent_fd = _union_parent(
+            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
+        )
+    finally:
+        os.close(union_fd)
+    try:
+        temp, fd = _create_temp(
+            parent_fd, lambda name: os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent_fd)
+        )
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fchmod(fd, mode & 0o777)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+            _place(parent_fd, temp, parts[-1])
+        except BaseException:
+            _unlink_quietly(parent_fd, temp)
+            raise
+    finally:
+        os.close(parent_fd)

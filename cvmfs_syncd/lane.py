@@ -27,7 +27,7 @@ from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer, Outcome
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Batch, Dirty, LaneStatus, Op
+from cvmfs_syncd.model import Batch, Dirty, LaneStatus, Op, OpKind
 from cvmfs_syncd.planner import ApplyOutcome, Input, Plan, cut_to_caps
 from cvmfs_syncd.state import State
 
@@ -721,6 +721,7 @@ class Lane(threading.Thread):
             m.revision.labels(self.repo.name).set(revision)
         nbytes = sum(o.fingerprint.size for o in ops if o.fingerprint)
         m.published_bytes.labels(self.repo.name).inc(nbytes)
+        m.grafted_files.labels(self.repo.name).inc(sum(1 for o in ops if o.kind is OpKind.GRAFT))
         for op in ops:
             m.drop_latency.labels(self.repo.name).observe(
                 max(0.0, now - first_seen.get(op.repo_path, now))

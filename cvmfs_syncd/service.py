@@ -50,8 +50,13 @@ def build_inputs(
 ) -> list[Input]:
     """Return the input sources of one repository."""
     inputs: list[Input] = []
+    grafter = None
+    if any(s.graft_threshold > 0 for s in repo.staging):
+        from cvmfs_syncd.grafting import RepositoryGrafter
+
+        grafter = RepositoryGrafter(layout)
     for staging in repo.staging:
-        inputs.append(StagingInput(repo.name, staging, state, metrics))
+        inputs.append(StagingInput(repo.name, staging, state, metrics, grafter=grafter))
     return inputs
 
 

@@ -61,7 +61,7 @@ class DaemonUnderTest:
             cwd=self.tmp_path,
         )
         log.close()
-        wait_for(lambda: self._answers(), 30, "the daemon's HTTP endpoint")
+        wait_for(self._answers, 30, "the daemon's HTTP endpoint")
 
     def _answers(self) -> bool:
         assert self.process is not None
@@ -77,7 +77,7 @@ class DaemonUnderTest:
         """GET an endpoint; return (HTTP status, JSON body or text)."""
         url = f"http://127.0.0.1:{self.port}{path}"
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (loopback test URL)
+            with urllib.request.urlopen(url, timeout=5) as response:
                 data = response.read()
                 status = response.status
         except urllib.error.HTTPError as exc:

@@ -57,9 +57,9 @@ def test_drop_is_published_and_reported_live(daemon: DaemonUnderTest) -> None:
     status, body = daemon.get(f"/status?path={daemon.staging / 'pkg' / 'README'}")
     assert body["path"]["live"] is False
     daemon.wait_converged()
-    status = daemon.cli("status")
-    assert status.returncode == 0
-    assert REPO in status.stdout
+    shown = daemon.cli("status")
+    assert shown.returncode == 0
+    assert REPO in shown.stdout
 
 
 def test_wait_times_out_for_a_file_that_is_never_published(daemon: DaemonUnderTest) -> None:
@@ -120,10 +120,8 @@ def test_storage_outage_during_publish_is_finished_without_abort(daemon: DaemonU
     _drop_tree(daemon.staging)
     daemon.wait_converged()
     _, text = daemon.get("/metrics")
-    assert (
-        f'cvmfs_syncd_publish_failures_total{{outcome="storage_unreachable",repository="{REPO}"}} 2.0'
-        in text
-    )
+    series = f'outcome="storage_unreachable",repository="{REPO}"'
+    assert f"cvmfs_syncd_publish_failures_total{{{series}}} 2.0" in text
     assert "aborted own transaction" not in daemon.log()
 
 
@@ -161,7 +159,11 @@ def test_failing_abort_holds_the_lane_then_recovers(daemon: DaemonUnderTest) -> 
     """While abort fails the lane is held and alerts; once abort works publishing resumes."""
     daemon.start()
     daemon.stratum0.inject_fault(
-        "publish", "exit", at="start", times=1, exit_code=1,
+        "publish",
+        "exit",
+        at="start",
+        times=1,
+        exit_code=1,
         stderr="Encountered a grafted file (x) with invalid grafting information\n",
     )
     daemon.stratum0.inject_fault("abort", "fail", times=3)
@@ -184,9 +186,11 @@ def test_foreign_transaction_is_left_alone(daemon: DaemonUnderTest) -> None:
     daemon.start()
     (daemon.staging / "a").write_text("a")
     wait_for(
-        lambda: "cvmfs_syncd_foreign_transaction_open" in str(daemon.get("/metrics")[1])
-        and f'cvmfs_syncd_foreign_transaction_open{{repository="{REPO}"}} 1.0'
-        in str(daemon.get("/metrics")[1]),
+        lambda: (
+            "cvmfs_syncd_foreign_transaction_open" in str(daemon.get("/metrics")[1])
+            and f'cvmfs_syncd_foreign_transaction_open{{repository="{REPO}"}} 1.0'
+            in str(daemon.get("/metrics")[1])
+        ),
         30,
         "the foreign transaction metric",
     )
@@ -200,7 +204,13 @@ def test_sigterm_lets_the_inflight_publish_finish(daemon: DaemonUnderTest) -> No
     daemon.start()
     daemon.stratum0.inject_fault("publish", "delay", at="after_lock", delay=2.0, times=1)
     (daemon.staging / "a").write_text("a")
-    wait_for(lambda: daemon.stratum0.in_transaction(REPO) and _journal_stages(daemon)[-1] == "publishing", 30, "the publish")
+    wait_for(
+        lambda: (
+            daemon.stratum0.in_transaction(REPO) and _journal_stages(daemon)[-1] == "publishing"
+        ),
+        30,
+        "the publish",
+    )
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     assert not daemon.stratum0.in_transaction(REPO)

@@ -77,7 +77,7 @@ def published(stratum0: FakeStratum0) -> Tree:
         if not rel or rel == "new_repository":  # mkfs's own file; mirror manages only its own
             continue
         if entry.type == "symlink":
-            tree[rel] = ("symlink", 0o777, os.fsencode(entry.target))
+            tree[rel] = ("symlink", 0o777, os.fsencode(entry.target or ""))
         elif entry.type == "dir":
             tree[rel] = ("dir", entry.mode & 0o7777, b"")
         else:
