@@ -2072,7 +2072,11 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     for index, (path, st_info) in enumerate(todo):
         if index == half:
             ctx.fault("upload", lambda rule: _upload_failure(ctx, job, rule))
-        entries[path] = _ingest_file(repo, union + path, st_info, job)
+        try:
+            entries[path] = _ingest_file(repo, union + path, st_info, job)
+        except OSError as exc:
+            ctx.err(f"Failed to read {union + path}: {exc.strerror}\nSynchronization failed\n")
+            raise CommandExit(1) from None
     if not todo:
         ctx.fault("upload", lambda rule: _upload_failure(ctx, job, rule))
     ctx.fault("after_upload")
@@ -2147,7 +2151,7 @@ def _plan_catalog(
             entries[path] = CatalogEntry("dir", mode, 4096, mtime, uid, gid)
         elif kind == "symlink":
             entries[path] = CatalogEntry(
-                "symlink", 0o777, len(info[6].encode()), mtime, uid, gid, target=info[6]
+                "symlink", 0o777, len(os.fsencode(info[6])), mtime, uid, gid, target=info[6]
             )
         elif kind != "file" or base.startswith(".cvmfsgraft-"):
             continue
@@ -2245,16 +2249,7 @@ def _ingest_file(repo: Repo, path: str, info: StatInfo, job: PublishJob) -> Cata
         os.getgid(),
         compression=repo.compression,
     )
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - hot path, closed below
-    except OSError:
-        handle = None
-    if handle is None:
-        data = b""
-        entry.hash = repo.store_object(zlib.compress(data) if compress else data)
-        job.uploaded.append(entry.hash)
-        return entry
-    with handle:
+    with open(path, "rb") as handle:
         if not chunking or info[2] <= chunk_size:
             data = handle.read()
             entry.size = len(data)

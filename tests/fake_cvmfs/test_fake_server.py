@@ -1466,3 +1466,26 @@ def test_gc_time_threshold_accepts_at_epoch(gc_fake: FakeStratum0) -> None:
     assert sorted(int(n) for n in swept) == [0, 1, 2, 3, 4, 5]
     assert gc_fake.read_file(repo, "file.txt", revision=6) == b"at 100\n"
     assert gc_fake.read_file(repo, "file.txt") == b"at 200\n"
+
+
+def test_non_utf8_names_and_symlink_targets_round_trip(fake: FakeStratum0) -> None:
+    """File names and symlink targets that are not UTF-8 are published byte for byte."""
+    fake.check_run("transaction", REPO)
+    union = os.fsencode(fake.union_dir(REPO))
+    with open(union + b"/caf\xe9.txt", "wb") as handle:
+        handle.write(b"latin-1 name")
+    os.symlink(b"\xff\xfe-target", union + b"/link\xff")
+    assert fake.run("publish", REPO).returncode == 0
+    tree = fake.published_tree(REPO)
+    name = os.fsdecode(b"caf\xe9.txt")
+    link = os.fsdecode(b"link\xff")
+    assert tree[name].content == b"latin-1 name"
+    assert tree[link].target is not None
+    assert os.fsencode(tree[link].target) == b"\xff\xfe-target"
+    assert tree[link].size == len(b"\xff\xfe-target")
+    assert fake.run("check", REPO).returncode == 0
+    fake.check_run("transaction", REPO)
+    os.unlink(union + b"/caf\xe9.txt")
+    assert fake.run("abort", "-f", REPO).returncode == 0
+    with open(union + b"/caf\xe9.txt", "rb") as handle:
+        assert handle.read() == b"latin-1 name"
