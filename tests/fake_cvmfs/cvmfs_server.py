@@ -682,6 +682,9 @@ class Repo:
             return self.root / "s3" / bucket / self.name
         if len(parts) >= 3:
             return Path(parts[2])
+        # without a configuration (e.g. after rmfs) an S3 stand-in bucket outlives it
+        for leftover in sorted((self.root / "s3").glob(f"*/{self.name}")):
+            return leftover
         return self.root / "srv" / "cvmfs" / self.name
 
     @property
