@@ -379,7 +379,6 @@ class Replayer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        time.sleep(0)
         try:
             with pytest.raises(subprocess.TimeoutExpired):
                 process.wait(timeout=1.5)
