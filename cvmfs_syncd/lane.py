@@ -431,7 +431,12 @@ class Lane(threading.Thread):
             if not applied:
                 self._abort_own(batch_id, "nothing could be applied")
                 return False
-            self.state.set_stage(batch_id, "applied")
+            # One commit for the whole batch: a crash before it leaves the stage at "open",
+            # and recovery aborts the half-applied transaction anyway.
+            done = {op.repo_path for op in applied}
+            self.state.mark_applied(
+                batch_id, [i for i, op in enumerate(batch.ops) if op.repo_path in done]
+            )
             revision = self._publish_until_done(batch_id, batch.summary(), origin, applied)
             if revision is None:
                 return False
@@ -515,7 +520,6 @@ class Lane(threading.Thread):
                 self.state.record_created_objects(batch_id, result.created_objects)
             if result.outcome is ApplyOutcome.APPLIED:
                 applied.append(op)
-                self.state.mark_op_applied(batch_id, op.repo_path)
             elif result.outcome is ApplyOutcome.REFUSED:
                 self.state.set_aside(
                     self.repo.name, op.source, op.source_path, result.reason, op.fingerprint

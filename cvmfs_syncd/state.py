@@ -244,12 +244,16 @@ class State:
         with self._tx() as db:
             db.execute(f"UPDATE batches SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608 (fixed column names)
 
-    def mark_op_applied(self, batch_id: int, repo_path: str, applied: bool = True) -> None:
-        """Record whether one op of a batch is now in the transaction."""
+    def mark_applied(self, batch_id: int, seqs: Iterable[int]) -> None:
+        """Record which ops (by position) are in the transaction and move to ``applied``."""
         with self._tx() as db:
+            db.executemany(
+                "UPDATE batch_ops SET applied = 1 WHERE batch_id = ? AND seq = ?",
+                [(batch_id, seq) for seq in seqs],
+            )
             db.execute(
-                "UPDATE batch_ops SET applied = ? WHERE batch_id = ? AND repo_path = ?",
-                (1 if applied else 0, batch_id, encode_path(repo_path)),
+                "UPDATE batches SET stage = 'applied', updated_at = ? WHERE id = ?",
+                (time.time(), batch_id),
             )
 
     def unfinished_batch(self, repo: str) -> JournalBatch | None:

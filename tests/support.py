@@ -93,3 +93,13 @@ retry_max_seconds = 1
 """
     )
     return path
+
+
+def reference_dir() -> Path:
+    """Where the recordings of the real CVMFS tools are: ``$CVMFS_REFERENCE_DIR``, else the
+    ``shared/cvmfs-reference`` folder beside the checkout (as CI lays it out)."""
+    explicit = os.environ.get("CVMFS_REFERENCE_DIR")
+    if explicit:
+        return Path(explicit)
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "cvmfs-reference"
+    return beside if beside.is_dir() else Path("/work/shared/cvmfs-reference")

@@ -25,8 +25,9 @@ from typing import Any
 import pytest
 
 from cvmfs_syncd.graft_cli import run_graft
+from tests.support import reference_dir
 
-REFERENCE_DIR = Path(os.environ.get("CVMFS_REFERENCE_DIR", "/work/shared/cvmfs-reference"))
+REFERENCE_DIR = reference_dir()
 VECTORS_FILE = REFERENCE_DIR / "graft" / "vectors.jsonl"
 KIB = 1024
 MIB = 1024 * 1024

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +18,9 @@ from cvmfs_syncd.cvmfs.server import (
     parse_open_file_holders,
     parse_tag_listing,
 )
+from tests.support import reference_dir
 
-REFERENCE_DIR = Path(os.environ.get("CVMFS_REFERENCE_DIR", "/work/shared/cvmfs-reference"))
+REFERENCE_DIR = reference_dir()
 TRANSCRIPTS = REFERENCE_DIR / "transcripts"
 
 pytestmark = pytest.mark.skipif(

@@ -36,8 +36,9 @@ from typing import Any
 import pytest
 
 from tests.fake_cvmfs.stratum0 import FakeStratum0, RepoState
+from tests.support import reference_dir
 
-REFERENCE_DIR = Path(os.environ.get("CVMFS_REFERENCE_DIR", "/work/shared/cvmfs-reference"))
+REFERENCE_DIR = reference_dir()
 TRANSCRIPTS = REFERENCE_DIR / "transcripts"
 
 pytestmark = pytest.mark.skipif(
