@@ -68,19 +68,25 @@ def run(files: int, size: int, quiet: float, max_batch: float) -> dict[str, floa
         config = config_mod.load(cfg_path)
         from cvmfs_syncd import log
 
-        log.configure("warning", "json", stream=open(os.devnull, "w"))  # noqa: SIM115
+        log.configure(
+            "info" if os.environ.get("BENCH_DEBUG") else "warning",
+            "json",
+            stream=open(os.environ.get("BENCH_LOG", os.devnull), "w"),  # noqa: SIM115
+        )
         service = Service(config, notifier=_Quiet())  # type: ignore[arg-type]
         service.start()
         time.sleep(0.5)
         cpu0 = _cpu()
         dropped: dict[str, float] = {}
         payload = os.urandom(size)
+        started = time.time()
         for i in range(files):
             sub = staging / f"d{i // 1000:03d}"
             sub.mkdir(exist_ok=True)
             path = sub / f"f{i:05d}"
             path.write_bytes(payload)
             dropped[f"d{i // 1000:03d}/f{i:05d}"] = time.time()
+        write_seconds = time.time() - started
         state = State(config.daemon.state_dir)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
@@ -90,11 +96,16 @@ def run(files: int, size: int, quiet: float, max_batch: float) -> dict[str, floa
                 break
             time.sleep(0.2)
         cpu = _cpu() - cpu0
+        if os.environ.get("BENCH_DEBUG"):
+            for b in reversed(state.recent_batches(REPO)):
+                print(b.id, b.stage, b.reason, round(b.created_at - started, 2), b.summary)
         latencies = []
+        live_at = []
         for rel, at in dropped.items():
             entry = state.published_entry(REPO, rel)
             if entry is not None:
                 latencies.append(entry.published_at - at)
+                live_at.append(entry.published_at)
         publishes = (
             service.metrics.registry.get_sample_value(
                 "cvmfs_syncd_publishes_total", {"repository": REPO}
@@ -111,6 +122,8 @@ def run(files: int, size: int, quiet: float, max_batch: float) -> dict[str, floa
             "p50_s": latencies[len(latencies) // 2] if latencies else float("nan"),
             "p99_s": latencies[int(len(latencies) * 0.99) - 1] if latencies else float("nan"),
             "cpu_ms_per_file": 1000 * cpu / max(1, files),
+            "write_s": write_seconds,
+            "all_live_s": max(live_at) - started if live_at else float("nan"),
         }
 
 
@@ -125,12 +138,13 @@ def main() -> int:
     result = run(args.files, args.size, args.quiet, args.max_batch)
     print(
         "| files | published | publishes | p50 latency (s) | p99 latency (s) "
-        "| daemon CPU per file (ms) |"
+        "| daemon CPU per file (ms) | writing the burst (s) | burst start to all live (s) |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     print(
         f"| {result['files']} | {result['published']} | {result['publishes']:.0f} | "
-        f"{result['p50_s']:.2f} | {result['p99_s']:.2f} | {result['cpu_ms_per_file']:.3f} |"
+        f"{result['p50_s']:.2f} | {result['p99_s']:.2f} | {result['cpu_ms_per_file']:.3f} | "
+        f"{result['write_s']:.2f} | {result['all_live_s']:.2f} |"
     )
     return 0
 

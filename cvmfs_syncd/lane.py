@@ -104,11 +104,13 @@ class Lane(threading.Thread):
         self.lock = RepositoryLock(config.daemon.state_dir, repo.name)
         self._inbox: queue.SimpleQueue[Dirty | _Job | None] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._wake_on_submit = True
         self._stop_requested = threading.Event()
         self._drain = threading.Event()
         self._status_lock = threading.Lock()
         self._status = LaneStatus(repo=repo.name, progress_at=clock())
         self._next_rescan = 0.0
+        self._timings: dict[str, float] = {}
         self._held_reason = ""
         self._guarded: list[Pending] = []
         self._open_batch: int | None = None
@@ -121,7 +123,11 @@ class Lane(threading.Thread):
     def submit(self, dirty: Dirty) -> None:
         """Queue a hint from a source (thread-safe, never blocks)."""
         self._inbox.put(dirty)
-        self._wake.set()
+        # While changes are pending, a new hint can only push the quiet deadline later:
+        # waking the lane for each of thousands of events would only re-scan the pending
+        # set. It wakes at the deadline (or within a second) and drains the queue then.
+        if self._wake_on_submit:
+            self._wake.set()
 
     def run_job(self, name: str, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` in the lane between batches, under the repository lock."""
@@ -197,7 +203,9 @@ class Lane(threading.Thread):
             deadline = self.pending.next_deadline(now)
             timeout = _IDLE_WAKE_SECONDS if deadline is None else max(0.0, deadline - now)
             self._set_status(state="idle" if not len(self.pending) else "batching")
+            self._wake_on_submit = not len(self.pending)
             self._wait(min(timeout, _IDLE_WAKE_SECONDS, max(0.0, self._next_rescan - now)))
+            self._wake_on_submit = True
             return False
         return self.publish_pending(reason, now)
 
@@ -358,7 +366,9 @@ class Lane(threading.Thread):
 
     def publish_pending(self, reason: str, now: float) -> bool:
         """Plan and publish one batch; return True if a revision was published."""
+        planning_started = time.monotonic()
         ops, origin, plan = self.plan(now)
+        self._timings = {"plan": time.monotonic() - planning_started}
         if not ops:
             return False
         taken, later = cut_to_caps(
@@ -427,7 +437,9 @@ class Lane(threading.Thread):
             if not self._open_transaction(batch_id, base_revision):
                 self._requeue(batch.ops, origin)
                 return False
+            phase = time.monotonic()
             applied = self._apply(batch_id, batch.ops, origin)
+            self._timings["apply"] = time.monotonic() - phase
             if not applied:
                 self._abort_own(batch_id, "nothing could be applied")
                 return False
@@ -437,7 +449,9 @@ class Lane(threading.Thread):
             self.state.mark_applied(
                 batch_id, [i for i, op in enumerate(batch.ops) if op.repo_path in done]
             )
+            phase = time.monotonic()
             revision = self._publish_until_done(batch_id, batch.summary(), origin, applied)
+            self._timings["publish"] = time.monotonic() - phase
             if revision is None:
                 return False
             self._finish(batch_id, applied, revision, first_seen, started)
@@ -745,7 +759,9 @@ class Lane(threading.Thread):
             ops=len(ops),
             bytes=nbytes,
             seconds=round(now - started, 3),
+            **{f"{k}_seconds": round(v, 3) for k, v in self._timings.items()},
         )
+        self._timings = {}
 
     # -- recovery ------------------------------------------------------------------------
 
