@@ -20,11 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.fake_cvmfs.stratum0 import FakeStratum0
-
 from cvmfs_syncd import config as config_mod
 from cvmfs_syncd.service import Service
 from cvmfs_syncd.state import State
+from tests.fake_cvmfs.stratum0 import FakeStratum0
 from tests.support import write_config
 
 REPO = "bench.example.org"
