@@ -117,6 +117,9 @@ class Lane(threading.Thread):
         self._txn_seen_since: float | None = None
         self.exit_error = ""
         self.on_whitelist_expired: Callable[[], None] | None = None
+        # Maintenance start-up (re-sign an expired whitelist, repair mounts): runs before
+        # recovery, whose transaction/publish/abort would all fail on an expired whitelist.
+        self.on_start: Callable[[], None] | None = None
 
     # -- interface for other threads ----------------------------------------------------
 
@@ -165,6 +168,8 @@ class Lane(threading.Thread):
         try:
             for source in self.inputs:
                 source.start(self.submit)
+            if self.on_start is not None:
+                self.on_start()
             self.recover()
             self._schedule_rescan(now=0.0)
             while not self._stop_requested.is_set():
@@ -494,6 +499,9 @@ class Lane(threading.Thread):
                 return False
             if result.outcome is Outcome.WHITELIST_EXPIRED:
                 self._whitelist_expired()
+            if result.outcome is Outcome.NOT_MOUNTED:
+                # Auto-repair is off and a mount is missing: `mount` repairs (l_stale_mount 40).
+                self._repair_mounts()
             self.metrics.retries.labels(self.repo.name, "transaction").inc()
             delay = backoff.next_delay()
             log.warning(

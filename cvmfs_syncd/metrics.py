@@ -146,29 +146,43 @@ class Metrics:
         self.grafted_files = Counter(
             "cvmfs_syncd_grafted_files_total", "Files published as grafts.", repo, registry=r
         )
-        # Maintenance.
+        # Maintenance. The label is ``task``, not ``job``: Prometheus gives every scraped
+        # series the target's ``job`` label, which would rename ours to ``exported_job``.
+        task = ["repository", "task"]
         self.whitelist_expiry = Gauge(
             "cvmfs_syncd_whitelist_expiry_timestamp_seconds",
-            "When the repository's whitelist expires.",
+            "When the repository's whitelist expires (0: its expiry line is unreadable).",
             repo,
             registry=r,
         )
         self.maintenance_last_success = Gauge(
             "cvmfs_syncd_maintenance_last_success_timestamp_seconds",
-            "Last successful run of a maintenance job.",
-            ["repository", "job"],
+            "Last successful run of a maintenance task (resign: when the whitelist was signed).",
+            task,
             registry=r,
         )
         self.maintenance_duration = Gauge(
             "cvmfs_syncd_maintenance_last_duration_seconds",
-            "Duration of the last run of a maintenance job.",
-            ["repository", "job"],
+            "Duration of the last run of a maintenance task.",
+            task,
             registry=r,
         )
         self.maintenance_failures = Counter(
             "cvmfs_syncd_maintenance_failures_total",
-            "Failed maintenance job runs.",
-            ["repository", "job"],
+            "Maintenance task runs that failed or could not run.",
+            task,
+            registry=r,
+        )
+        self.maintenance_failing = Gauge(
+            "cvmfs_syncd_maintenance_failing",
+            "1 while the last run of a maintenance task failed or could not run.",
+            task,
+            registry=r,
+        )
+        self.maintenance_enabled_since = Gauge(
+            "cvmfs_syncd_maintenance_enabled_since_timestamp_seconds",
+            "Since when the daemon runs a maintenance task for the repository; 0 if it does not.",
+            task,
             registry=r,
         )
         self.master_key_present = Gauge(
@@ -196,8 +210,11 @@ class Metrics:
             self.changes_detected.labels(repo, source)
             self.reconciled_changes.labels(repo, source)
             self.source_up.labels(repo, source)
-        for job in ("resign", "gc", "check"):
-            self.maintenance_failures.labels(repo, job)
+        for task in ("resign", "gc", "check"):
+            self.maintenance_failures.labels(repo, task)
+            self.maintenance_failing.labels(repo, task)
+            self.maintenance_enabled_since.labels(repo, task)
+        self.master_key_present.labels(repo)
 
     def render(self) -> bytes:
         """Return the text exposition of every metric."""
