@@ -99,6 +99,7 @@ class Service:
         self._signals: list[int] = []
         self._wake = threading.Event()
         self._stopping = False
+        self._unhealthy_reason = ""
         self.exit_code = 0
 
     # -- signals -------------------------------------------------------------------------
@@ -142,9 +143,11 @@ class Service:
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
         self.start()
+        # Ping at least twice per watchdog interval (systemd's WatchdogSec).
+        tick = min(_TICK_SECONDS, self.notifier.watchdog_interval() or _TICK_SECONDS)
         try:
             while True:
-                self._wake.wait(_TICK_SECONDS)
+                self._wake.wait(tick)
                 self._wake.clear()
                 while self._signals:
                     signum = self._signals.pop(0)
@@ -163,8 +166,12 @@ class Service:
         healthy, why = self.health()
         if healthy:
             self.notifier.watchdog()
-        else:
-            log.warning("unhealthy; not pinging the watchdog", reason=why)
+        if why != self._unhealthy_reason:
+            if why:
+                log.error("unhealthy; watchdog pings stop", reason=why)
+            else:
+                log.info("healthy again; watchdog pings resume")
+            self._unhealthy_reason = why
         self.notifier.status(self._status_line())
 
     def stop(self) -> int:
