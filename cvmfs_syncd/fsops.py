@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -953,3 +954,90 @@ def write_file(
             raise
     finally:
         os.close(parent_fd)
+
+
+def write_stream(
+    union_root: Path,
+    repo_path: str,
+    pieces: Iterable[bytes],
+    *,
+    size: int | None = None,
+    mode: int = 0o644,
+    mtime_ns: int | None = None,
+    replace: bool = True,
+    dir_mode: int = DEFAULT_DIR_MODE,
+) -> bool:
+    """Write the concatenated ``pieces`` as the file ``repo_path`` under the union dir.
+
+    For content that arrives in parts (a download): nothing larger than one piece is held
+    in memory. Placement is as for :func:`write_file` (a temporary name created with
+    O_EXCL|O_NOFOLLOW, ``mode & 0o777``, ``mtime_ns``, renamed over the destination, no
+    symlink followed). If ``size`` is given and the pieces add up to a different number of
+    bytes, the temporary file is removed, the destination is left as it was and False is
+    returned; otherwise True. An exception raised while iterating ``pieces`` propagates
+    after the temporary file is removed. Raise ValueError for an unsafe path, OSError for
+    I/O failures.
+    """
+    parts = split_repo_path(repo_path)
+    if not parts:
+        raise ValueError("write_stream needs a non-empty repository path")
+    union_fd = _open_root(union_root)
+    try:
+        parent_fd = _union_parent(
+            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
+        )
+    finally:
+        os.close(union_fd)
+    try:
+        temp, fd = _create_temp(
+            parent_fd, lambda name: os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent_fd)
+        )
+        try:
+            try:
+                written = 0
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    written += len(piece)
+                complete = size is None or written == size
+                if complete:
+                    os.fchmod(fd, mode & 0o777)
+                    if mtime_ns is not None:
+                        os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+            if not complete:
+                _unlink_quietly(parent_fd, temp)
+                return False
+            _place(parent_fd, temp, parts[-1])
+        except BaseException:
+            _unlink_quietly(parent_fd, temp)
+            raise
+    finally:
+        os.close(parent_fd)
+    return True
+
+
+def has_writers(source_root: Path, rel_path: str, expected: Fingerprint) -> bool | None:
+    """Return whether any process has the staged file open for writing.
+
+    Asks the kernel with a read lease (``F_SETLEASE``), which is refused exactly while some
+    descriptor of the file is open for writing; the lease is dropped at once. Return None
+    when that cannot be known (the file changed or vanished, leases are not supported by
+    the file system, or the daemon may not take them). Never follows a symlink.
+    """
+    opened = open_staged(source_root, rel_path, expected)
+    if isinstance(opened, CopyOutcome):
+        return None
+    try:
+        fcntl.fcntl(opened, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EBUSY):
+            return True
+        return None  # EINVAL (no lease support), EACCES/EPERM (not owner, no CAP_LEASE)
+    else:
+        fcntl.fcntl(opened, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(opened)

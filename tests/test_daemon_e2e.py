@@ -241,3 +241,14 @@ def test_sync_command_publishes_everything(daemon: DaemonUnderTest) -> None:
     result = daemon.cli("sync", "--timeout", "5")
     assert result.returncode == 1
     assert "did not open" in result.stderr
+
+
+def test_file_moved_in_from_elsewhere_is_published(daemon: DaemonUnderTest) -> None:
+    """A file renamed into staging from another directory (no close event) goes live."""
+    daemon.start()
+    outside = daemon.tmp_path / "build-output.tar"
+    outside.write_bytes(b"artifact" * 1000)
+    outside.rename(daemon.staging / "artifact.tar")
+    result = daemon.cli("wait", str(daemon.staging / "artifact.tar"), "--timeout", "30")
+    assert result.returncode == 0, result.stderr + daemon.log()[-3000:]
+    daemon.wait_converged()

@@ -323,7 +323,7 @@ class StagingInput:
                 self.settler.forget(entry.key)
                 continue
             if found.type is EntryType.FILE:
-                if entry.writing:
+                if entry.writing and not self._writer_gone(entry, found, now):
                     plan.deferred.append(_later(entry, now + self.config.settle_seconds))
                     continue
                 ready_at = self.settler.observe(entry.key, found, now, self.config.settle_seconds)
@@ -357,6 +357,16 @@ class StagingInput:
                 plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
                 plan.guard_reason = why
         return plan
+
+    def _writer_gone(self, entry: Pending, found: Fingerprint, now: float) -> bool:
+        """A file was seen modified but no close-after-write followed (e.g. moved in from
+        another file system, which inotify reports as a creation). Ask the kernel whether
+        anyone still has it open for writing; if that cannot be known, accept it only after
+        a long quiet time without events."""
+        writers = fsops.has_writers(self.root, entry.rel_path, found)
+        if writers is not None:
+            return not writers
+        return now - entry.last_at >= max(60.0, 10 * self.config.settle_seconds)
 
     def _add(self, plan: Plan, entry: Pending, op: Op) -> None:
         plan.ops.append(op)
