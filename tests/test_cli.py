@@ -1,0 +1,154 @@
+"""Tests of the command line: check-config, release, version, locking of one-shot commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from cvmfs_syncd import __version__
+from cvmfs_syncd.cli import main
+from cvmfs_syncd.locking import RepositoryLock
+from cvmfs_syncd.state import State
+from tests.fake_cvmfs.stratum0 import FakeStratum0
+from tests.support import write_config
+
+REPO = "cli.example.org"
+
+
+def _config(tmp_path: Path, stratum0: FakeStratum0 | None = None) -> Path:
+    staging = tmp_path / "staging"
+    staging.mkdir(exist_ok=True)
+    return write_config(
+        tmp_path / "c.toml",
+        state_dir=tmp_path / "state",
+        server_command=stratum0.server_command if stratum0 else "/nonexistent/cvmfs_server",
+        config_dir=stratum0.config_dir if stratum0 else tmp_path / "etc-cvmfs",
+        repo=REPO,
+        staging=staging,
+    )
+
+
+def test_check_config_reports_every_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config lists all problems with key paths and exits 2."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[daemon]\nstate_dir = "rel"\n[[repository]]\nname = "x.org"\nquiet_seconds = "soon"\n'
+        '  [[repository.staging]]\n  path = "also-rel"\n'
+    )
+    assert main(["check-config", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "daemon.state_dir" in err
+    assert "repository[0].quiet_seconds" in err
+    assert "repository[0].staging[0].path" in err
+
+
+def test_check_config_needs_the_repository_on_this_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A repository without server.conf under config_dir is an error naming the key."""
+    assert main(["check-config", "-c", str(_config(tmp_path))]) == 2
+    assert "repository[0].name" in capsys.readouterr().err
+
+
+def test_check_config_accepts_a_valid_setup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A valid configuration with an existing repository passes."""
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    assert main(["check-config", "-c", str(_config(tmp_path, stratum0))]) == 0
+    assert "OK" in capsys.readouterr().out
+
+
+def test_check_config_refuses_world_readable_s3_credentials(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An S3 credentials file readable by other users is refused."""
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    creds = tmp_path / "creds"
+    creds.write_text("[default]\naws_access_key_id = a\naws_secret_access_key = b\n")
+    creds.chmod(0o644)
+    path = _config(tmp_path, stratum0)
+    text = path.read_text().replace(
+        "  [[repository.staging]]",
+        "  [[repository.s3]]\n"
+        f'  bucket = "b"\n  target = "/ci"\n  credentials_file = "{creds}"\n\n'
+        "  [[repository.staging]]",
+        1,
+    )
+    path.write_text(text.replace('target = "/"', 'target = "/sw"'))
+    assert main(["check-config", "-c", str(path)]) == 2
+    assert "readable by other users" in capsys.readouterr().err
+    creds.chmod(0o600)
+    assert main(["check-config", "-c", str(path)]) == 0
+
+
+def test_release_records_a_confirmation(tmp_path: Path) -> None:
+    """release stores a confirmation that a lane consumes once; unknown repositories fail."""
+    path = _config(tmp_path)
+    assert main(["release", "-c", str(path), REPO]) == 0
+    assert main(["release", "-c", str(path), "nope.org"]) == 2
+    state = State(tmp_path / "state")
+    assert state.take_release(REPO)
+    assert not state.take_release(REPO)
+    state.close()
+
+
+def test_version_and_module_entry_point() -> None:
+    """`python -m cvmfs_syncd --version` prints the version."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cvmfs_syncd", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert __version__ in result.stdout
+
+
+def test_sync_waits_for_the_repository_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-shot sync waits (publishing nothing) while another process holds the lock."""
+    import fcntl
+
+
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    path = _config(tmp_path, stratum0)
+    (tmp_path / "staging" / "f").write_text("f")
+    lock = RepositoryLock(tmp_path / "state", REPO)
+    assert lock.acquire(timeout=5)
+    blocked = threading.Event()
+    real_flock = fcntl.flock
+
+    def observed_flock(fd: int, operation: int) -> None:
+        try:
+            real_flock(fd, operation)
+        except BlockingIOError:
+            blocked.set()
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", observed_flock)
+    results: list[int] = []
+    worker = threading.Thread(
+        target=lambda: results.append(main(["sync", "-c", str(path), "--timeout", "60"]))
+    )
+    worker.start()
+    try:
+        assert blocked.wait(30), "sync never tried the lock"
+        assert stratum0.revision(REPO) == 1
+        assert worker.is_alive()
+    finally:
+        lock.release()
+    worker.join(timeout=60)
+    assert results == [0]
+    assert "f" in stratum0.published_tree(REPO)
