@@ -24,8 +24,10 @@ from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.errors import ConfigError, RepositoryConfigError
 from cvmfs_syncd.lane import Lane
+from cvmfs_syncd.maintenance import RepositoryMaintenance
 from cvmfs_syncd.metrics import Metrics, MetricsServer
 from cvmfs_syncd.planner import Input
+from cvmfs_syncd.scheduler import MaintenanceScheduler
 from cvmfs_syncd.sources.staging import StagingInput
 from cvmfs_syncd.state import State
 from cvmfs_syncd.systemd import Notifier
@@ -46,7 +48,7 @@ def make_server(config: Config) -> CvmfsServer:
 
 
 def build_inputs(
-    config: Config, repo: RepositoryConfig, layout: RepositoryLayout, state: State, metrics: Metrics
+    repo: RepositoryConfig, layout: RepositoryLayout, state: State, metrics: Metrics
 ) -> list[Input]:
     """Return the input sources of one repository."""
     inputs: list[Input] = []
@@ -57,6 +59,13 @@ def build_inputs(
         grafter = RepositoryGrafter(layout)
     for staging in repo.staging:
         inputs.append(StagingInput(repo.name, staging, state, metrics, grafter=grafter))
+    if repo.s3:
+        from cvmfs_syncd.sources.s3 import S3Input
+
+        for s3 in repo.s3:
+            inputs.append(
+                S3Input(repo.name, s3, state, metrics, layout=layout, grafter=grafter)
+            )
     return inputs
 
 
@@ -70,7 +79,7 @@ def build_lane(
 ) -> Lane:
     """Return a (not started) lane for ``repo``; raise RepositoryConfigError."""
     layout = load_layout(config.cvmfs.config_dir, repo.name)
-    inputs = build_inputs(config, repo, layout, state, metrics)
+    inputs = build_inputs(repo, layout, state, metrics)
     metrics.init_repository(repo.name, [i.name for i in inputs])
     return Lane(
         config,
@@ -95,6 +104,10 @@ class Service:
         self.server = make_server(config)
         self.lanes: dict[str, Lane] = {}
         self.broken: dict[str, str] = {}
+        self.maintenance: dict[str, RepositoryMaintenance] = {}
+        # Resign and check run in its workers (they must not wait for a lane): room for
+        # both in every repository at once, plus the jobs that only queue gc in a lane.
+        self.scheduler = MaintenanceScheduler(workers=2 * len(config.repositories) + 2)
         self.http: MetricsServer | None = None
         self._signals: list[int] = []
         self._wake = threading.Event()
@@ -124,6 +137,7 @@ class Service:
             )
             self.http.start()
             log.info("metrics endpoint listening", address=f"{address[0]}:{self.http.address[1]}")
+        self.scheduler.start()
         for repo in self.config.repositories:
             self._start_lane(repo)
         self.notifier.ready(self._status_line())
@@ -138,7 +152,23 @@ class Service:
             return
         self.broken.pop(repo.name, None)
         self.lanes[repo.name] = lane
+        self._attach_maintenance(repo, lane)
         lane.start()
+
+    def _attach_maintenance(self, repo: RepositoryConfig, lane: Lane) -> None:
+        """Schedule the repository's maintenance and hook it into its lane."""
+        maint = RepositoryMaintenance(
+            self.config,
+            repo,
+            layout=lane.layout,
+            server=self.server,
+            metrics=self.metrics,
+            lane=lane,
+        )
+        maint.schedule_problems = self.scheduler.add(maint)
+        self.maintenance[repo.name] = maint
+        lane.on_start = maint.startup
+        lane.on_whitelist_expired = maint.request_resign
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""
@@ -178,11 +208,17 @@ class Service:
         """Stop taking changes, let in-flight publishes finish, stop; return the exit code."""
         self._stopping = True
         self.notifier.stopping()
+        self.scheduler.pause()
         for lane in self.lanes.values():
             lane.request_stop()
         deadline = time.monotonic() + self.config.daemon.stop_timeout_seconds
         for lane in self.lanes.values():
             lane.join(timeout=max(0.1, deadline - time.monotonic()))
+        idle = self.scheduler.wait_idle(max(0.1, deadline - time.monotonic()))
+        if not idle:
+            # A long check -i, most likely; the process exits when it ends.
+            log.error("a maintenance task is still running after the stop timeout")
+        self.scheduler.shutdown(wait=idle)
         code = 0
         for name, lane in self.lanes.items():
             if lane.is_alive():
@@ -221,6 +257,8 @@ class Service:
                 if lane is not None:
                     lane.request_stop()
                     lane.join(timeout=self.config.daemon.stop_timeout_seconds)
+                self.scheduler.remove(name)
+                self.maintenance.pop(name, None)
                 self.broken.pop(name, None)
                 log.info("repository lane stopped by reload", repository=name)
         for name, repo in fresh.items():
@@ -235,6 +273,8 @@ class Service:
     def health(self) -> tuple[bool, str]:
         """Return (healthy, why not): lanes alive and making progress, watchers alive."""
         now = time.time()
+        if not self.scheduler.running and not self._stopping:
+            return False, "the maintenance scheduler is not running"
         for name, lane in self.lanes.items():
             if not lane.is_alive() and not self._stopping:
                 return False, f"lane {name} is not running"
@@ -258,6 +298,8 @@ class Service:
             held = lane.status().held
             if held:
                 items.append(f"{lane.repo.name}: held: {held}")
+        for maint in list(self.maintenance.values()):
+            items += maint.problems()
         return items
 
     def _status_line(self) -> str:
@@ -281,6 +323,7 @@ class Service:
             "repositories": {name: _lane_json(lane) for name, lane in self.lanes.items()},
             "broken": dict(self.broken),
             "degraded": self.degraded(),
+            "maintenance": {name: m.status() for name, m in list(self.maintenance.items())},
         }
         path = query.get("path")
         if path:
