@@ -252,3 +252,20 @@ def test_file_moved_in_from_elsewhere_is_published(daemon: DaemonUnderTest) -> N
     result = daemon.cli("wait", str(daemon.staging / "artifact.tar"), "--timeout", "30")
     assert result.returncode == 0, result.stderr + daemon.log()[-3000:]
     daemon.wait_converged()
+
+
+def test_sigterm_with_failing_abort_exits_nonzero_and_recovers(daemon: DaemonUnderTest) -> None:
+    """If our abort fails at shutdown the daemon exits 1; the next start finishes the batch."""
+    daemon.start()
+    daemon.stratum0.inject_fault("publish", "fail", at="upload")
+    daemon.stratum0.inject_fault("abort", "fail")
+    (daemon.staging / "a").write_text("a")
+    wait_for(lambda: "publish failed" in daemon.log(), 30, "a failed publish")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 1
+    assert daemon.stratum0.in_transaction(REPO)
+    assert _journal_stages(daemon)[-1] in ("publishing", "applied")
+    daemon.stratum0.clear_faults()
+    daemon.start()
+    daemon.wait_converged()
+    assert _journal_stages(daemon)[-1] == "done"
