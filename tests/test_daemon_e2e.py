@@ -269,3 +269,27 @@ def test_sigterm_with_failing_abort_exits_nonzero_and_recovers(daemon: DaemonUnd
     daemon.start()
     daemon.wait_converged()
     assert _journal_stages(daemon)[-1] == "done"
+
+
+def test_reload_adds_and_removes_repositories(daemon: DaemonUnderTest) -> None:
+    """SIGHUP with a new [[repository]] starts its lane; removing it stops that lane."""
+    daemon.start()
+    second = "second.example.org"
+    daemon.stratum0.mkfs(second)
+    other = daemon.tmp_path / "staging2"
+    other.mkdir()
+    original = daemon.config_path.read_text()
+    daemon.config_path.write_text(
+        original
+        + f'\n[[repository]]\nname = "{second}"\nquiet_seconds = 0.2\nmax_batch_seconds = 2\n'
+        f'  [[repository.staging]]\n  path = "{other}"\n  settle_seconds = 0.1\n'
+    )
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "repository lane started by reload" in daemon.log(), 30, "the new lane")
+    (other / "x").write_text("x")
+    wait_for(lambda: "x" in daemon.stratum0.published_tree(second), 30, "the new repository")
+    daemon.config_path.write_text(original)
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "repository lane stopped by reload" in daemon.log(), 30, "the lane to stop")
+    _, body = daemon.get("/status")
+    assert set(body["repositories"]) == {REPO}
