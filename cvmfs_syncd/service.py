@@ -63,9 +63,7 @@ def build_inputs(
         from cvmfs_syncd.sources.s3 import S3Input
 
         for s3 in repo.s3:
-            inputs.append(
-                S3Input(repo.name, s3, state, metrics, layout=layout, grafter=grafter)
-            )
+            inputs.append(S3Input(repo.name, s3, state, metrics, layout=layout, grafter=grafter))
     return inputs
 
 
