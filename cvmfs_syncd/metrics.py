@@ -137,6 +137,18 @@ class Metrics:
             src,
             registry=r,
         )
+        self.s3_listed_objects = Gauge(
+            "cvmfs_syncd_s3_listed_objects",
+            "Objects under the prefix of an S3 source at its last successful listing.",
+            src,
+            registry=r,
+        )
+        self.s3_last_listing = Gauge(
+            "cvmfs_syncd_s3_last_listing_timestamp_seconds",
+            "When an S3 source last listed its prefix successfully.",
+            src,
+            registry=r,
+        )
         self.published_bytes = Counter(
             "cvmfs_syncd_published_bytes_total",
             "Bytes of file content published.",

@@ -483,6 +483,28 @@ class State:
                 [(source, k, *v) for k, v in objects.items()],
             )
 
+    def update_s3_listing(
+        self,
+        source: str,
+        changed: dict[str, tuple[int, str, str, float, int]],
+        removed: Iterable[str],
+    ) -> None:
+        """Upsert the ``changed`` keys and drop the ``removed`` keys of a source's listing.
+
+        One commit; writes only what differs, so a large prefix that barely changes costs
+        little per poll (:meth:`save_s3_listing` rewrites every row).
+        """
+        with self._tx() as db:
+            db.executemany(
+                "DELETE FROM s3_objects WHERE source = ? AND key = ?",
+                [(source, k) for k in removed],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO s3_objects(source, key, size, etag, last_modified,"
+                " first_seen, stable) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                [(source, k, *v) for k, v in changed.items()],
+            )
+
 
 def _batch(row: tuple[object, ...]) -> JournalBatch:
     bid, repo, stage, reason, summary, created, base, rev, attempts, error = row

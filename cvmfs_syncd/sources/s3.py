@@ -1,0 +1,1012 @@
+"""S3 prefixes: a poller lists the prefix, the lane plans and applies what changed.
+
+CI pipelines upload build outputs under a prefix of a bucket (MinIO or AWS). One poller
+thread per source lists the prefix (paginated ``ListObjectsV2``) every ``poll_seconds``,
+records the listing in the state database (so a restart neither republishes nor waits
+again) and sends the lane a hint for every key that changed. As for staging directories
+the hints are only hints: at batch time the source compares its latest listing with the
+index of what is live and returns ops.
+
+- **Keys to paths.** Every key below the prefix maps to exactly one safe path inside the
+  target (:func:`cvmfs_syncd.paths.resolve_key_collisions`) or is refused, logged once and
+  counted in ``cvmfs_syncd_inputs_skipped_total{reason=...}``. Directories are implied by
+  the keys below them and published as directories, so mirror mode also removes a
+  directory whose last key went away.
+- **When an object is taken.** Once it had the same size and ETag in two listings, or at
+  once when ``ready_marker`` is set and the marker key exists in its top-level directory
+  (then the whole directory is published in one revision, like a staging directory).
+- **How.** Objects of ``copy_below`` bytes or more are streamed once from ``GetObject``
+  through the graft engine into the repository's own storage (verified object by object
+  before anything enters the transaction), and only the empty placeholder and its
+  ``.cvmfsgraft-`` file are written into the union directory: their content never touches
+  the publishing host's disk. Smaller objects, and objects whose name is too long to
+  carry the ``.cvmfsgraft-`` prefix, are downloaded into the union directory. Every
+  download is pinned to the listed version with ``If-Match: <ETag>``.
+- **Deletions.** Mirror mode deletes what vanished from the prefix, behind the same
+  mass-deletion guard as staging sources; an empty listing while paths are live is held
+  until ``cvmfs-syncd release`` (an emptied or mistyped prefix must not wipe the target).
+  Inbox mode deletes each object from the bucket once it is live.
+- **Outages.** A listing that fails (endpoint down, wrong credentials) marks the source
+  down (``cvmfs_syncd_source_up`` 0, the reason in ``/status``), keeps the previous
+  listing, backs off up to four poll intervals and recovers by itself; nothing is planned
+  from a source that is down.
+"""
+
+from __future__ import annotations
+
+import calendar
+import errno
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, cast
+
+import structlog
+
+from cvmfs_syncd import fsops
+from cvmfs_syncd.batching import Pending
+from cvmfs_syncd.config import S3Config
+from cvmfs_syncd.cvmfs.graft import graft_stream
+from cvmfs_syncd.cvmfs.repo import RepositoryLayout
+from cvmfs_syncd.cvmfs.storage import RecordingSink
+from cvmfs_syncd.errors import GraftError, SourceError, StorageError
+from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.paths import NAME_MAX, KeyRefused, repo_path, resolve_key_collisions
+from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
+from cvmfs_syncd.state import PublishedEntry, State
+
+if TYPE_CHECKING:
+    from botocore.response import StreamingBody
+    from mypy_boto3_s3 import S3Client
+
+    from cvmfs_syncd.cvmfs.storage import ObjectStore
+    from cvmfs_syncd.grafting import RepositoryGrafter
+
+log = structlog.get_logger(__name__)
+
+#: Mode of every file published from S3 (objects carry no permissions).
+FILE_MODE = 0o644
+#: Mode of the directories implied by keys.
+DIR_MODE = 0o755
+#: ``.cvmfsgraft-`` plus the name must fit in one file name: longer names are copied.
+GRAFT_NAME_MAX = NAME_MAX - len(".cvmfsgraft-")
+#: Keys per ListObjectsV2 page (the S3 maximum).
+LIST_PAGE_SIZE = 1000
+#: Bytes per read of a downloaded object.
+READ_PIECE = 1 << 20
+#: Above this many pending entries, plan() reads the source's whole index at once.
+_BULK_LOOKUP = 256
+
+_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
+_CHANGED = frozenset({"PreconditionFailed", "412"})
+_REFUSED = frozenset({"AccessDenied", "403", "InvalidObjectState"})
+_DIRECTORY = Fingerprint(EntryType.DIRECTORY, DIR_MODE)
+
+ClientFactory = Callable[[S3Config], "S3Client"]
+
+
+# --------------------------------------------------------------------------- clients
+
+
+def make_client(config: S3Config) -> S3Client:
+    """Return an S3 client for a source; raise SourceError if it cannot be configured.
+
+    With ``credentials_file`` the keys come from that AWS shared-credentials file (profile
+    ``profile``), set on this client's own botocore session rather than through
+    ``os.environ``, and an explicit profile keeps ``AWS_ACCESS_KEY_ID`` & co. from
+    overriding it; without it boto3's standard chain applies. Custom endpoints (MinIO)
+    get path-style addressing.
+    """
+    import boto3
+    import botocore.session
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError
+
+    core = botocore.session.get_session()
+    explicit = config.credentials_file is not None or config.profile != "default"
+    if config.credentials_file is not None:
+        core.set_config_variable("credentials_file", os.fspath(config.credentials_file))
+    try:
+        session = boto3.session.Session(
+            botocore_session=core, profile_name=config.profile if explicit else None
+        )
+        client: S3Client = session.client(
+            "s3",
+            endpoint_url=config.endpoint_url or None,
+            region_name=config.region or None,
+            config=BotoConfig(
+                connect_timeout=5,
+                read_timeout=60,
+                retries={"mode": "standard", "max_attempts": 3},
+                s3={"addressing_style": "path"} if config.endpoint_url else {},
+            ),
+        )
+    except BotoCoreError as exc:
+        raise SourceError(f"cannot configure the S3 client: {exc}") from exc
+    return client
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        if code:
+            return str(code)
+    return type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    """Say what went wrong without anything a request carried (no credentials, no URLs
+    with signatures): the error code and HTTP status, or botocore's own sentence."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return f"{_error_code(exc)}" + (f" (HTTP {status})" if status else "")
+    return str(exc)[:300] or type(exc).__name__
+
+
+def _s3_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """The exceptions a boto3 call raises when S3 cannot be used (plus ``extra``)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (BotoCoreError, ClientError, OSError, *extra)
+
+
+# --------------------------------------------------------------------------- listings
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """One object as a listing showed it.
+
+    ``last_modified`` is the listing's timestamp in ISO 8601 (kept as text in the state
+    database); ``stable`` is True once the same size and ETag were seen in two listings.
+    """
+
+    key: str
+    size: int
+    etag: str
+    last_modified: str
+    first_seen: float
+    stable: bool
+
+    @property
+    def mtime_ns(self) -> int:
+        """``last_modified`` in nanoseconds since the epoch (the published mtime)."""
+        moment = datetime.fromisoformat(self.last_modified)
+        return calendar.timegm(moment.utctimetuple()) * 10**9 + moment.microsecond * 1000
+
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint the index records for this version of the object."""
+        return Fingerprint(
+            EntryType.FILE, FILE_MODE, self.size, self.mtime_ns, etag=self.etag, target=""
+        )
+
+    def row(self) -> tuple[int, str, str, float, int]:
+        """The state database row (size, etag, last_modified, first_seen, stable)."""
+        return (self.size, self.etag, self.last_modified, self.first_seen, int(self.stable))
+
+    def same_version(self, other: ListedObject | None) -> bool:
+        """True if ``other`` is the same version in the same readiness state."""
+        return other is not None and (
+            self.size,
+            self.etag,
+            self.last_modified,
+            self.stable,
+        ) == (other.size, other.etag, other.last_modified, other.stable)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What one successful listing of the prefix says should be published.
+
+    ``winners`` maps each source-relative path to the key that provides it (ready markers
+    left out), ``dirs`` are the directories those paths imply, ``ready_dirs`` the ones
+    with at least one object ready to publish below them, ``markers`` the top-level
+    directories holding the ready marker, ``refused`` every key that maps to no path.
+    """
+
+    objects: dict[str, ListedObject]
+    winners: dict[str, str]
+    dirs: frozenset[str]
+    ready_dirs: frozenset[str]
+    markers: frozenset[str]
+    refused: list[tuple[str, KeyRefused]]
+    listed_at: float
+
+
+def _parents(rel: str) -> Iterator[str]:
+    parts = rel.split("/")
+    for depth in range(1, len(parts)):
+        yield "/".join(parts[:depth])
+
+
+def _full_prefix(prefix: str) -> str:
+    # A prefix names a directory: "builds" lists "builds/…", never "builds2/…".
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+# --------------------------------------------------------------------------- the source
+
+
+@dataclass
+class _Status:
+    up: bool = False
+    detail: str = "not listed yet"
+    failures: int = 0
+    retry_at: float = 0.0
+    reported: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+class S3Input:
+    """One ``[[repository.s3]]`` source of a repository.
+
+    ``client_factory`` builds the S3 client (tests pass fakes); ``grafter`` writes data
+    objects into the repository's storage (shared with the staging sources when they
+    graft; built from ``layout`` on first use otherwise).
+    """
+
+    def __init__(
+        self,
+        repo: str,
+        config: S3Config,
+        state: State,
+        metrics: Metrics,
+        *,
+        layout: RepositoryLayout | None = None,
+        grafter: RepositoryGrafter | None = None,
+        clock: Callable[[], float] = time.time,
+        client_factory: ClientFactory = make_client,
+        page_size: int = LIST_PAGE_SIZE,
+    ) -> None:
+        self.repo = repo
+        self.config = config
+        self.name = config.name
+        self.state = state
+        self.metrics = metrics
+        self.layout = layout
+        self.clock = clock
+        self.page_size = page_size
+        self.full_prefix = _full_prefix(config.prefix)
+        self.target_path = repo_path(config.target, "")
+        self._client_factory = client_factory
+        self._grafter = grafter
+        self._own_grafter = False
+        self._graft_problem = ""
+        self._client: S3Client | None = None
+        self._client_signature: object = None
+        self._retired: list[S3Client] = []
+        self._lock = threading.Lock()  # guards the fields below and the client
+        self._list_lock = threading.Lock()  # one listing at a time
+        self._stored = {
+            key: ListedObject(key, size, etag, modified, first, bool(stable))
+            for key, (size, etag, modified, first, stable) in state.s3_listing(self.name).items()
+        }
+        self._listing: Listing | None = None
+        self._status = _Status()
+        self._submit: Callable[[Dirty], None] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self, submit: Callable[[Dirty], None]) -> None:
+        """Start the poller thread; hints go to ``submit``."""
+        self._submit = submit
+        self._stop.clear()
+        thread = threading.Thread(
+            target=self._poll_loop, name=f"s3-poll-{self.repo}-{self.config.bucket}", daemon=True
+        )
+        self._thread = thread
+        thread.start()
+
+    def stop(self) -> None:
+        """Stop the poller and close connections (waits for a listing in progress)."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=120)
+        with self._lock:
+            clients = [*self._retired, *([self._client] if self._client else [])]
+            self._client, self._retired = None, []
+            grafter = self._grafter if self._own_grafter else None
+        for client in clients:
+            client.close()
+        # A grafter built here is ours to close; one shared with staging sources is not.
+        store = grafter._store if grafter is not None else None
+        if store is not None:
+            store.close()
+
+    def health(self) -> tuple[bool, str]:
+        """Return (up, detail): down while listings fail or the poller died."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stop.is_set():
+            return False, f"the poller of {self.name} died"
+        with self._lock:
+            return self._status.up, self._status.detail
+
+    def _polling(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def _set_up(self, up: bool, detail: str) -> None:
+        with self._lock:
+            changed = self._status.up != up or self._status.detail != detail
+            self._status.up = up
+            self._status.detail = detail
+            if up:
+                self._status.failures = 0
+        self.metrics.source_up.labels(self.repo, self.name).set(1 if up else 0)
+        if changed and not up:
+            log.error("S3 source down", source=self.name, reason=detail)
+        elif changed:
+            log.info("S3 source up", source=self.name)
+
+    # -- the client ------------------------------------------------------------------------
+
+    def client(self) -> S3Client:
+        """Return the S3 client, rebuilt when the credentials file changed on disk."""
+        signature = self._credentials_signature()
+        with self._lock:
+            if self._client is not None and signature == self._client_signature:
+                return self._client
+            old = self._client
+        fresh = self._client_factory(self.config)
+        with self._lock:
+            if old is not None:
+                # The lane may be downloading with the old client right now: close it later.
+                self._retired.append(old)
+            self._client, self._client_signature = fresh, signature
+        return fresh
+
+    def _credentials_signature(self) -> object:
+        path = self.config.credentials_file
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+        except OSError as exc:
+            return ("missing", exc.errno)
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def _list(self) -> dict[str, tuple[int, str, str]]:
+        """List the prefix: key -> (size, ETag, LastModified ISO); raise SourceError.
+
+        A listing is all or nothing: a page that fails fails the listing, so a partial
+        result is never mistaken for deleted keys.
+        """
+        found: dict[str, tuple[int, str, str]] = {}
+        try:
+            paginator = self.client().get_paginator("list_objects_v2")
+            pages = paginator.paginate(
+                Bucket=self.config.bucket,
+                Prefix=self.full_prefix,
+                PaginationConfig={"PageSize": self.page_size},
+            )
+            for page in pages:
+                for item in page.get("Contents", []):
+                    modified = item["LastModified"]
+                    found[item["Key"]] = (int(item["Size"]), item["ETag"], modified.isoformat())
+        except SourceError:
+            raise
+        except _s3_errors() as exc:
+            raise SourceError(
+                f"listing s3://{self.config.bucket}/{self.full_prefix} at "
+                f"{self.config.endpoint_url or 'AWS'} failed: {_describe(exc)}"
+            ) from exc
+        return found
+
+    def refresh(self, now: float) -> tuple[Listing | None, Listing]:
+        """List the prefix once and record it; return (previous listing, new listing).
+
+        Raise SourceError (and mark the source down) if the listing fails; the previous
+        listing stays in force then.
+        """
+        with self._list_lock:
+            try:
+                found = self._list()
+            except SourceError as exc:
+                with self._lock:
+                    self._status.failures += 1
+                self._set_up(False, str(exc))
+                raise
+            listing, changed, removed = self._build(found, now)
+            self.state.update_s3_listing(
+                self.name, {k: o.row() for k, o in changed.items()}, removed
+            )
+            with self._lock:
+                previous, self._listing = self._listing, listing
+                self._stored = listing.objects
+        self._set_up(True, "")
+        self.metrics.s3_listed_objects.labels(self.repo, self.name).set(len(listing.objects))
+        self.metrics.s3_last_listing.labels(self.repo, self.name).set(now)
+        self._report_refusals(listing)
+        return previous, listing
+
+    def _build(
+        self, found: dict[str, tuple[int, str, str]], now: float
+    ) -> tuple[Listing, dict[str, ListedObject], list[str]]:
+        """Turn a raw listing into a :class:`Listing`, with the rows that changed."""
+        before = self._stored
+        objects: dict[str, ListedObject] = {}
+        changed: dict[str, ListedObject] = {}
+        for key, (size, etag, modified) in found.items():
+            old = before.get(key)
+            if old is not None and old.size == size and old.etag == etag:
+                obj = ListedObject(key, size, etag, modified, old.first_seen, True)
+            else:
+                obj = ListedObject(key, size, etag, modified, now, False)
+            objects[key] = obj
+            if obj != old:
+                changed[key] = obj
+        removed = [key for key in before if key not in found]
+        previous = self._listing
+        if previous is not None and previous.objects.keys() == found.keys():
+            # Same keys: the mapping depends on the keys only, so keep it (with 100 000
+            # keys this is most of a poll's work).
+            winners, refused, markers = previous.winners, previous.refused, previous.markers
+            dirs = previous.dirs
+        else:
+            winners, refused, markers = self._map(found)
+            dirs = frozenset(parent for rel in winners for parent in _parents(rel))
+        ready_dirs: set[str] = set()
+        for rel, key in winners.items():
+            if self._ready(rel, objects[key], markers):
+                ready_dirs.update(_parents(rel))
+        listing = Listing(
+            objects=objects,
+            winners=winners,
+            dirs=dirs,
+            ready_dirs=frozenset(ready_dirs),
+            markers=markers,
+            refused=refused,
+            listed_at=now,
+        )
+        return listing, changed, removed
+
+    def _map(
+        self, found: dict[str, tuple[int, str, str]]
+    ) -> tuple[dict[str, str], list[tuple[str, KeyRefused]], frozenset[str]]:
+        """Map keys to paths: (winners without ready markers, refused keys, marker dirs)."""
+        winners, refused = resolve_key_collisions(
+            found, self.config.prefix, allow_reserved_names=self.config.allow_reserved_names
+        )
+        marker = self.config.ready_marker
+        if not marker:
+            return winners, refused, frozenset()
+        markers: set[str] = set()
+        for key in found:
+            top, sep, rest = key[len(self.full_prefix) :].partition("/")
+            if sep and rest == marker:
+                markers.add(top)
+        winners = {
+            rel: key
+            for rel, key in winners.items()
+            if not (rel.count("/") == 1 and rel.endswith("/" + marker))
+        }
+        return winners, refused, frozenset(markers)
+
+    def _ready(self, rel: str, obj: ListedObject, markers: frozenset[str]) -> bool:
+        top, sep, _ = rel.partition("/")
+        if self.config.ready_marker and sep:
+            return top in markers
+        return obj.stable
+
+    def _report_refusals(self, listing: Listing) -> None:
+        """Log and count each refused key once per version (not at every poll)."""
+        reported: dict[str, tuple[str, str]] = {}
+        with self._lock:
+            before = self._status.reported
+        for key, refusal in listing.refused:
+            if refusal.ignorable:
+                continue
+            obj = listing.objects.get(key)
+            signature = (obj.etag if obj else "", refusal.reason.value)
+            reported[key] = signature
+            if before.get(key) == signature:
+                continue
+            self.metrics.skipped.labels(self.repo, self.name, refusal.reason.value).inc()
+            log.warning(
+                "S3 key refused",
+                source=self.name,
+                key=repr(key)[:300],
+                reason=refusal.reason.value,
+                detail=refusal.detail[:300],
+            )
+        with self._lock:
+            self._status.reported = reported
+
+    # -- polling ---------------------------------------------------------------------------
+
+    def poll(self, now: float) -> list[Dirty]:
+        """List once and return hints for what changed since the previous listing.
+
+        The first listing of a process is compared with the index as a whole. Raise
+        SourceError if the listing fails.
+        """
+        previous, listing = self.refresh(now)
+        if previous is None:
+            return self._differences(listing, now)
+        return [
+            Dirty(self.name, rel, now, closed=True)
+            for rel in sorted(self._changed(previous, listing))
+        ]
+
+    def _changed(self, old: Listing, new: Listing) -> set[str]:
+        rels: set[str] = set()
+        for rel, key in new.winners.items():
+            if old.winners.get(rel) != key or not new.objects[key].same_version(
+                old.objects.get(key)
+            ):
+                rels.add(rel)
+        rels.update(rel for rel in old.winners if rel not in new.winners)
+        rels.update(old.dirs ^ new.dirs)
+        rels.update(new.ready_dirs - old.ready_dirs)
+        for top in new.markers - old.markers:
+            below = top + "/"
+            rels.update(r for r in new.winners if r.startswith(below))
+            rels.update(d for d in new.dirs if d == top or d.startswith(below))
+        return rels
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                hints = self.poll(self.clock())
+            except SourceError:
+                delay = self._backoff()
+            except Exception as exc:
+                log.exception("polling failed", source=self.name)
+                with self._lock:
+                    self._status.failures += 1
+                self._set_up(False, f"polling failed: {exc}")
+                delay = self._backoff()
+            else:
+                submit = self._submit
+                if submit is not None:
+                    for hint in hints:
+                        submit(hint)
+                delay = self.config.poll_seconds
+            self._stop.wait(delay)
+
+    def _backoff(self) -> float:
+        """Seconds until the next attempt after a failure: doubling, at most 4 polls."""
+        with self._lock:
+            failures = max(1, self._status.failures)
+        poll = self.config.poll_seconds
+        return float(min(poll * 4, poll * 2 ** (failures - 1)))
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    def reconcile(self, now: float) -> list[Dirty]:
+        """Compare the latest listing with the index; return a hint for each difference.
+
+        Without a poller thread (``cvmfs-syncd sync``) this lists the prefix when the last
+        listing is a poll interval old, and raises SourceError if that fails, so a one-shot
+        sync never reports "in sync" for a prefix it could not read. With a poller and no
+        listing yet it returns nothing: the poller's first listing sends the hints.
+        """
+        listing = self._current(now)
+        if listing is None:
+            return []
+        return self._differences(listing, now)
+
+    def _current(self, now: float) -> Listing | None:
+        with self._lock:
+            listing = self._listing
+        if self._polling():
+            return listing
+        if listing is None or now - listing.listed_at >= self.config.poll_seconds:
+            _, listing = self.refresh(now)
+        return listing
+
+    def _rel(self, path: str) -> str:
+        return path[len(self.target_path) + 1 :] if self.target_path else path
+
+    def _path(self, rel: str) -> str:
+        return f"{self.target_path}/{rel}" if self.target_path else rel
+
+    def _differences(self, listing: Listing, now: float) -> list[Dirty]:
+        live = {
+            e.path: e for e in self.state.published_under(self.repo, self.target_path, self.name)
+        }
+        rels: list[str] = []
+        expected: set[str] = set()
+        published_here: list[tuple[str, Fingerprint]] = []
+        for rel, key in listing.winners.items():
+            path = self._path(rel)
+            expected.add(path)
+            fp = listing.objects[key].fingerprint()
+            entry = live.get(path)
+            if entry is not None and entry.fingerprint.same_content(fp):
+                published_here.append((key, fp))
+                continue
+            aside = self.state.set_aside_entry(self.repo, self.name, key)
+            if aside is not None and aside[1] is not None and aside[1].same_content(fp):
+                continue
+            rels.append(rel)
+        for rel in listing.dirs:
+            path = self._path(rel)
+            expected.add(path)
+            entry = live.get(path)
+            if entry is None or entry.fingerprint.type is not EntryType.DIRECTORY:
+                rels.append(rel)
+        if self.config.mode == "mirror":
+            rels += [self._rel(p) for p in live if p not in expected and p != self.target_path]
+        elif published_here:
+            # Inbox: objects that are live but still in the bucket (a deletion after an
+            # earlier publish failed) are removed now.
+            for key, fp in published_here:
+                self._delete_object(key, fp.etag)
+        return [Dirty(self.name, rel, now, from_scan=True) for rel in sorted(set(rels))]
+
+    # -- planning --------------------------------------------------------------------------
+
+    def plan(self, entries: Sequence[Pending], now: float) -> Plan:
+        """Turn pending paths into ops from the latest listing.
+
+        Defers everything while the source is down or backing off after a failed
+        download; defers objects not yet stable (until the next listing) and holds those
+        whose ready marker is missing.
+        """
+        plan = Plan()
+        try:
+            listing = self._current(now)
+        except SourceError:
+            listing = None
+        with self._lock:
+            down = not self._status.up
+            retry_at = self._status.retry_at
+        if listing is None or down or now < retry_at:
+            later = max(retry_at, now + min(self.config.poll_seconds, 30.0))
+            plan.deferred = [_later(e, later) for e in entries]
+            return plan
+        live_of = self._live_lookup(len(entries))
+        marker = self.config.ready_marker
+        groups: dict[str, list[str]] = {}
+        deletes = 0
+        next_listing = max(listing.listed_at + self.config.poll_seconds, now + 1.0)
+        for entry in entries:
+            rel = entry.rel_path
+            if not rel:
+                continue
+            try:
+                path = repo_path(self.config.target, rel)
+            except ValueError:
+                continue  # hints carry mapped paths only; nothing else can be published
+            live = live_of(path)
+            mine = live is not None and live.source == self.name
+            top, sep, _ = rel.partition("/")
+            key = listing.winners.get(rel)
+            if key is not None:
+                obj = listing.objects[key]
+                fp = obj.fingerprint()
+                if mine and live is not None and live.fingerprint.same_content(fp):
+                    continue
+                aside = self.state.set_aside_entry(self.repo, self.name, key)
+                if aside is not None:
+                    if aside[1] is not None and aside[1].same_content(fp):
+                        continue
+                    self.state.clear_set_aside(self.repo, self.name, key)
+                if marker and sep and top not in listing.markers:
+                    plan.waiting_for_marker.append(entry)
+                    continue
+                if not self._ready(rel, obj, listing.markers):
+                    plan.deferred.append(_later(entry, next_listing))
+                    continue
+                kind = OpKind.GRAFT if self._grafts(rel, obj.size) else OpKind.COPY_FILE
+                self._add(plan, entry, Op(kind, path, self.name, key, fp))
+            elif rel in listing.dirs:
+                if live is not None and live.fingerprint.type is EntryType.DIRECTORY:
+                    continue
+                if rel not in listing.ready_dirs:
+                    if marker and top not in listing.markers:
+                        plan.waiting_for_marker.append(entry)
+                    else:
+                        plan.deferred.append(_later(entry, next_listing))
+                    continue
+                source_path = self.full_prefix + rel + "/"
+                self._add(
+                    plan, entry, Op(OpKind.MAKE_DIR, path, self.name, source_path, _DIRECTORY)
+                )
+            elif mine and live is not None and self.config.mode == "mirror":
+                deletes += len(self.state.published_under(self.repo, path, self.name))
+                self._add(plan, entry, Op(OpKind.DELETE, path, self.name, live.source_path))
+                continue
+            else:
+                continue
+            if marker and (sep or rel in listing.dirs):  # the top directory too
+                groups.setdefault(top, []).append(path)
+        plan.atomic_groups = [paths for paths in groups.values() if paths]
+        if deletes:
+            self._guard(plan, listing, deletes)
+        return plan
+
+    def _live_lookup(self, count: int) -> Callable[[str], PublishedEntry | None]:
+        if count <= _BULK_LOOKUP:
+            return lambda path: self.state.published_entry(self.repo, path)
+        everything = {
+            e.path: e for e in self.state.published_under(self.repo, self.target_path, self.name)
+        }
+        return everything.get
+
+    def _guard(self, plan: Plan, listing: Listing, deletes: int) -> None:
+        live = self.state.count_published(self.repo, self.name)
+        if not listing.objects and live:
+            why = (
+                f"the listing of s3://{self.config.bucket}/{self.full_prefix} is empty while "
+                f"{live} paths from it are live (emptied or wrong prefix?); "
+                "run 'cvmfs-syncd release' to confirm"
+            )
+        else:
+            why = deletion_guard(deletes, live, self.config.max_delete_share)
+        if why:
+            plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE]
+            plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
+            plan.guard_reason = why
+
+    def _add(self, plan: Plan, entry: Pending, op: Op) -> None:
+        plan.ops.append(op)
+        plan.origin[op.repo_path] = entry
+
+    def _grafts(self, rel: str, size: int) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return (
+            size >= self.config.copy_below
+            and len(name.encode("utf-8")) <= GRAFT_NAME_MAX
+            and self.grafter() is not None
+        )
+
+    # -- applying --------------------------------------------------------------------------
+
+    def grafter(self) -> RepositoryGrafter | None:
+        """The repository's grafter, or None when the repository's settings cannot be
+        grafted (then every object is copied)."""
+        with self._lock:
+            if self._grafter is not None or self._graft_problem or self.layout is None:
+                return self._grafter
+        from cvmfs_syncd.grafting import RepositoryGrafter
+
+        try:
+            grafter = RepositoryGrafter(self.layout)
+        except GraftError as exc:
+            log.warning("objects will be copied, not grafted", source=self.name, why=str(exc))
+            with self._lock:
+                self._graft_problem = str(exc)
+            return None
+        with self._lock:
+            if self._grafter is None:
+                self._grafter, self._own_grafter = grafter, True
+            return self._grafter
+
+    def apply(self, op: Op, union_dir: Path, batch_id: int) -> Applied:
+        """Carry out one op in the open transaction.
+
+        Raises OSError when S3 or the repository's storage fails (the lane re-queues the
+        op; this source then backs off before planning again).
+        """
+        if op.kind is OpKind.DELETE:
+            fsops.delete(union_dir, op.repo_path)
+            return Applied(ApplyOutcome.APPLIED)
+        if op.kind is OpKind.MAKE_DIR:
+            fsops.make_dir(union_dir, op.repo_path, DIR_MODE, replace=True)
+            return Applied(ApplyOutcome.APPLIED)
+        fp = op.fingerprint
+        if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT):
+            return Applied(ApplyOutcome.REFUSED, f"an S3 source cannot {op.kind.value}")
+        try:
+            opened = self._open(op.source_path, fp)
+            if isinstance(opened, Applied):
+                return opened
+            try:
+                if op.kind is OpKind.GRAFT:
+                    result = self._graft(op, fp, opened, union_dir, batch_id)
+                else:
+                    result = self._copy(op, fp, opened, union_dir)
+            finally:
+                opened.close()
+        except OSError as exc:
+            self._trouble(str(exc))
+            raise
+        with self._lock:
+            self._status.retry_at = 0.0
+        return result
+
+    def _trouble(self, why: str) -> None:
+        with self._lock:
+            self._status.failures += 1
+            failures = self._status.failures
+            poll = self.config.poll_seconds
+            self._status.retry_at = self.clock() + min(poll * 4, poll * 2 ** (failures - 1))
+        log.warning("S3 download failed; backing off", source=self.name, error=why)
+
+    def _open(self, key: str, fp: Fingerprint) -> StreamingBody | Applied:
+        """GET exactly the planned version of ``key``; an Applied says why not."""
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client().get_object(Bucket=self.config.bucket, Key=key, IfMatch=fp.etag)
+        except SourceError as exc:
+            raise OSError(errno.EIO, str(exc)) from exc
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _MISSING:
+                return Applied(ApplyOutcome.VANISHED)
+            if code in _CHANGED:
+                return Applied(ApplyOutcome.CHANGED)
+            if code in _REFUSED:
+                return Applied(ApplyOutcome.REFUSED, f"S3 GET refused: {_describe(exc)}")
+            raise OSError(errno.EIO, f"S3 GET of {key!r} failed: {_describe(exc)}") from exc
+        except _s3_errors() as exc:
+            raise OSError(errno.EIO, f"S3 GET of {key!r} failed: {_describe(exc)}") from exc
+        body = response["Body"]
+        if response.get("ContentLength") != fp.size:
+            body.close()
+            return Applied(ApplyOutcome.CHANGED)
+        return body
+
+    def _copy(self, op: Op, fp: Fingerprint, body: StreamingBody, union_dir: Path) -> Applied:
+        complete = fsops.write_stream(
+            union_dir,
+            op.repo_path,
+            _pieces(body, op.source_path),
+            size=fp.size,
+            mode=FILE_MODE,
+            mtime_ns=fp.mtime_ns,
+            replace=True,
+        )
+        return Applied(ApplyOutcome.APPLIED if complete else ApplyOutcome.CHANGED)
+
+    def _graft(
+        self, op: Op, fp: Fingerprint, body: StreamingBody, union_dir: Path, batch_id: int
+    ) -> Applied:
+        from cvmfs_syncd.grafting import marker_path
+
+        grafter = self.grafter()
+        if grafter is None:  # the settings changed since planning: copy instead
+            return self._copy(op, fp, body, union_dir)
+        try:
+            store = grafter.store
+        except StorageError as exc:
+            raise OSError(errno.EIO, f"repository storage unusable: {exc}") from exc
+        sink = JournalingSink(store, self.state, batch_id)
+        try:
+            result = graft_stream(
+                cast("BinaryIO", _Reader(body, op.source_path)),
+                grafter.options,
+                sink,
+                workers=grafter.workers,
+            )
+        except (GraftError, StorageError) as exc:
+            grafter.delete_objects(sink.created)
+            raise OSError(errno.EIO, f"grafting {op.source_path!r} failed: {exc}") from exc
+        if result.size != fp.size:
+            grafter.delete_objects(sink.created)
+            return Applied(ApplyOutcome.CHANGED)
+        try:
+            fsops.write_file(
+                union_dir, marker_path(op.repo_path), result.text().encode(), mode=FILE_MODE
+            )
+            fsops.write_file(union_dir, op.repo_path, b"", mode=FILE_MODE, mtime_ns=fp.mtime_ns)
+        except BaseException:
+            grafter.delete_objects(sink.created)
+            raise
+        log.debug(
+            "grafted",
+            path=op.repo_path,
+            size=result.size,
+            chunks=len(result.chunks),
+            created=len(sink.created),
+            reused=len(sink.reused),
+        )
+        return Applied(ApplyOutcome.APPLIED, created_objects=sink.created)
+
+    def published(self, ops: Sequence[Op]) -> None:
+        """Inbox mode: delete each published object (if still that version) and the
+        ready markers of the directories published."""
+        if self.config.mode != "inbox":
+            return
+        tops: set[str] = set()
+        for op in ops:
+            if op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT) or op.fingerprint is None:
+                continue
+            if self._delete_object(op.source_path, op.fingerprint.etag):
+                rel = op.source_path[len(self.full_prefix) :]
+                top, sep, _ = rel.partition("/")
+                if sep:
+                    tops.add(top)
+        marker = self.config.ready_marker
+        if marker:
+            for top in sorted(tops):
+                self._delete_object(f"{self.full_prefix}{top}/{marker}", None)
+
+    def _delete_object(self, key: str, etag: str | None) -> bool:
+        """Delete ``key`` if it still has ``etag`` (any version when None); True if gone.
+
+        S3 has no conditional delete everywhere, so the ETag is checked just before: a
+        newer upload in between is the remaining (small) window.
+        """
+        from botocore.exceptions import ClientError
+
+        try:
+            client = self.client()
+            if etag is not None:
+                client.head_object(Bucket=self.config.bucket, Key=key, IfMatch=etag)
+            client.delete_object(Bucket=self.config.bucket, Key=key)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _MISSING:
+                return True
+            if code not in _CHANGED:
+                log.warning("could not delete an S3 object", key=repr(key), error=_describe(exc))
+            return False
+        except _s3_errors(SourceError) as exc:
+            log.warning("could not delete an S3 object", key=repr(key), error=_describe(exc))
+            return False
+        return True
+
+    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:  # noqa: ARG002 (protocol)
+        """Delete the data objects an abandoned batch created (never ones found there)."""
+        if not created:
+            return
+        grafter = self.grafter()
+        if grafter is not None:
+            grafter.delete_objects(created)
+
+
+class JournalingSink(RecordingSink):
+    """A recording sink that also journals each object it creates, at once.
+
+    The lane journals a batch's objects when an op returns; journalling them as they are
+    written means a crash in the middle of a large graft still leaves the record the
+    recovery needs to delete them.
+    """
+
+    def __init__(self, store: ObjectStore, state: State, batch_id: int) -> None:
+        super().__init__(store)
+        self._state = state
+        self._batch_id = batch_id
+
+    def record(self, name: str, created: bool) -> None:
+        """Journal ``name`` if it was created, then verify and record it."""
+        if created:
+            self._state.record_created_objects(self._batch_id, [name])
+        super().record(name, created)
+
+
+class _Reader:
+    """A file-like view of a GetObject body for the graft engine: errors become OSError
+    (which the engine reports as an unreadable input)."""
+
+    def __init__(self, body: StreamingBody, key: str) -> None:
+        self._body = body
+        self._key = key
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return bytes(self._body.read(size if size >= 0 else None))
+        except _s3_errors() as exc:
+            raise OSError(errno.EIO, f"reading {self._key!r} from S3: {_describe(exc)}") from exc
+
+
+def _pieces(body: StreamingBody, key: str) -> Iterator[bytes]:
+    reader = _Reader(body, key)
+    while piece := reader.read(READ_PIECE):
+        yield piece
+
+
+def _later(entry: Pending, at: float) -> Pending:
+    return Pending(
+        source=entry.source,
+        rel_path=entry.rel_path,
+        first_at=entry.first_at,
+        last_at=entry.last_at,
+        from_scan=entry.from_scan,
+        not_before=at,
+    )
