@@ -185,9 +185,16 @@ class Whitelist:
         created = _utc_stamp(lines[0]) if lines else None
         expires: float | None = None
         name = ""
+        seen: set[str] = set()
         for line in lines[1:]:
-            if line.startswith("E"):
+            # Only the first E and N lines count: the certificate fingerprints that follow
+            # are hex pairs and may start with E too ("E3:EF:57:…").
+            key = line[:1]
+            if key in seen or key not in ("E", "N"):
+                continue
+            seen.add(key)
+            if key == "E":
                 expires = _utc_stamp(line[1:])
-            elif line.startswith("N"):
+            else:
                 name = line[1:]
         return cls(created, expires, name)
