@@ -1,4 +1,7 @@
-"""Command-line entry point: ``cvmfs-syncd run|sync|check-config|status|wait|release|graft``."""
+"""Command-line entry point.
+
+``cvmfs-syncd run|sync|check-config|status|wait|release|resign|gc|check|graft``.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     p = with_config("release", "confirm a held batch (mass deletion, missing staging path)")
     p.add_argument("repository")
+    for name, text in (
+        ("resign", "re-sign the whitelist of REPOSITORY now (the daemon's resign, once)"),
+        ("gc", "collect garbage in REPOSITORY now, between publishes (the daemon's gc, once)"),
+        ("check", "run cvmfs_server check on REPOSITORY now (the daemon's check, once)"),
+    ):
+        p = with_config(name, text)
+        p.add_argument("repository")
     try:
         from cvmfs_syncd import graft_cli
     except ImportError:  # pragma: no cover - graft support is part of the package
@@ -79,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _status,
         "wait": _wait,
         "release": _release,
+        "resign": _maintenance,
+        "gc": _maintenance,
+        "check": _maintenance,
     }
     try:
         return handlers[args.command](args)
@@ -152,6 +165,7 @@ def _check_config(args: argparse.Namespace) -> int:
                 " (not created on this host?)"
             )
     problems += _s3_credential_problems(config)
+    problems += _schedule_problems(config)
     if problems:
         raise ConfigError(problems, args.config)
     for i, repo in enumerate(config.repositories):
@@ -165,6 +179,22 @@ def _check_config(args: argparse.Namespace) -> int:
     names = ", ".join(r.name for r in config.repositories)
     print(f"{args.config}: OK ({len(config.repositories)} repositories: {names})")
     return EXIT_OK
+
+
+def _schedule_problems(config: config_mod.Config) -> list[str]:
+    from cvmfs_syncd.scheduler import crontab_trigger
+
+    problems = []
+    for i, repo in enumerate(config.repositories):
+        for key in ("gc_schedule", "check_schedule"):
+            expression = getattr(repo.maintenance, key)
+            if not expression:
+                continue
+            try:
+                crontab_trigger(expression)
+            except ValueError as exc:
+                problems.append(f"repository[{i}].maintenance.{key}: {exc}")
+    return problems
 
 
 def _s3_credential_problems(config: config_mod.Config) -> list[str]:
@@ -226,6 +256,12 @@ def _status(args: argparse.Namespace) -> int:
                 print(f"  source {source} DOWN: {info.get('detail')}")
     for name, why in body.get("broken", {}).items():
         print(f"{name}: NOT SERVED: {why}")
+    for name, maint in sorted(body.get("maintenance", {}).items()):
+        expires = (maint.get("whitelist") or {}).get("expires_at")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(expires)) if expires else "unknown"
+        print(f"{name}: whitelist valid until {when}")
+        for problem in maint.get("problems", []):
+            print(f"  MAINTENANCE: {problem}")
     return EXIT_OK
 
 
@@ -261,6 +297,35 @@ def _wait(args: argparse.Namespace) -> int:
             time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
     finally:
         state.close()
+
+
+def _maintenance(args: argparse.Namespace) -> int:
+    """``resign``/``gc``/``check REPO``: run the daemon's task once, through its locks."""
+    from cvmfs_syncd import log
+    from cvmfs_syncd.maintenance import run_once
+    from cvmfs_syncd.service import make_server
+
+    config = config_mod.load(args.config)
+    log.configure(config.daemon.log_level, config.daemon.log_format)
+    try:
+        repo = config.repository(args.repository)
+    except KeyError:
+        print(f"cvmfs-syncd: unknown repository {args.repository}", file=sys.stderr)
+        return EXIT_USAGE
+    # The commands run from the state directory, which also holds the locks and records.
+    config.daemon.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    result = run_once(
+        config,
+        repo,
+        args.command,
+        server=make_server(config),
+        on_wait=lambda why: print(f"{repo.name}: {why}", file=sys.stderr),
+    )
+    if result.ok:
+        print(f"{repo.name}: {args.command}: {result.message}")
+        return EXIT_OK
+    print(f"cvmfs-syncd: {repo.name}: {args.command} failed: {result.message}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _release(args: argparse.Namespace) -> int:
