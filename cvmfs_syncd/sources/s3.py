@@ -12,9 +12,10 @@ index of what is live and returns ops.
   counted in ``cvmfs_syncd_inputs_skipped_total{reason=...}``. Directories are implied by
   the keys below them and published as directories, so mirror mode also removes a
   directory whose last key went away.
-- **When an object is taken.** Once it had the same size and ETag in two listings, or at
-  once when ``ready_marker`` is set and the marker key exists in its top-level directory
-  (then the whole directory is published in one revision, like a staging directory).
+- **When an object is taken.** Once it had the same size and ETag in two listings at
+  least ``poll_seconds`` apart, or at once when ``ready_marker`` is set and the marker key
+  exists in its top-level directory (then the whole directory is published in one
+  revision, like a staging directory).
 - **How.** Objects of ``copy_below`` bytes or more are streamed once from ``GetObject``
   through the graft engine into the repository's own storage (verified object by object
   before anything enters the transaction), and only the empty placeholder and its
@@ -440,7 +441,10 @@ class S3Input:
         for key, (size, etag, modified) in found.items():
             old = before.get(key)
             if old is not None and old.size == size and old.etag == etag:
-                obj = ListedObject(key, size, etag, modified, old.first_seen, True)
+                # Stable once unchanged for a poll interval: listings spaced that far apart
+                # (the poller's) or a later one-shot listing, never two back to back.
+                stable = old.stable or now - old.first_seen >= self.config.poll_seconds
+                obj = ListedObject(key, size, etag, modified, old.first_seen, stable)
             else:
                 obj = ListedObject(key, size, etag, modified, now, False)
             objects[key] = obj
@@ -587,22 +591,24 @@ class S3Input:
     def reconcile(self, now: float) -> list[Dirty]:
         """Compare the latest listing with the index; return a hint for each difference.
 
-        Without a poller thread (``cvmfs-syncd sync``) this lists the prefix when the last
-        listing is a poll interval old, and raises SourceError if that fails, so a one-shot
+        Without a poller thread (``cvmfs-syncd sync``) this lists the prefix first, and
+        raises SourceError if that fails, so a one-shot
         sync never reports "in sync" for a prefix it could not read. With a poller and no
         listing yet it returns nothing: the poller's first listing sends the hints.
         """
-        listing = self._current(now)
+        listing = self._current(now, fresh=True)
         if listing is None:
             return []
         return self._differences(listing, now)
 
-    def _current(self, now: float) -> Listing | None:
+    def _current(self, now: float, *, fresh: bool = False) -> Listing | None:
+        """The listing to work from. With a poller: its latest (None before the first).
+        Without one: a new listing when ``fresh`` or when the last is a poll interval old."""
         with self._lock:
             listing = self._listing
         if self._polling():
             return listing
-        if listing is None or now - listing.listed_at >= self.config.poll_seconds:
+        if fresh or listing is None or now - listing.listed_at >= self.config.poll_seconds:
             _, listing = self.refresh(now)
         return listing
 

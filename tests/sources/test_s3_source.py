@@ -225,8 +225,8 @@ def test_a_ready_marker_holds_a_directory_then_publishes_it_at_once_together(
         "ci/run1/a": OpKind.COPY_FILE,
         "ci/run1/sub": OpKind.MAKE_DIR,
         "ci/run1/sub/b": OpKind.COPY_FILE,
-        "ci/top-level": OpKind.COPY_FILE,  # stable by now: seen in two listings
     }
+    # top-level, seen for 0.5 s only, is not stable yet: the poll sent no hint for it.
     assert [sorted(group) for group in plan.atomic_groups] == [
         ["ci/run1", "ci/run1/a", "ci/run1/sub", "ci/run1/sub/b"]
     ]
