@@ -214,7 +214,7 @@ def repair_plan(
         if health.union == "rw":
             findings.append(
                 "the union directory is mounted read/write but no transaction is open "
-                "(an interrupted transaction?); run cvmfs_server transaction + abort -f"
+                "(a transaction interrupted half-way?); left for an operator"
             )
         if missing:
             findings.append(f"{' and '.join(missing)} mount missing: running cvmfs_server mount")
