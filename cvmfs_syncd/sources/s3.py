@@ -722,7 +722,10 @@ class S3Input:
                     plan, entry, Op(OpKind.MAKE_DIR, path, self.name, source_path, _DIRECTORY)
                 )
             elif mine and live is not None and self.config.mode == "mirror":
-                deletes += len(self.state.published_under(self.repo, path, self.name))
+                # Counted once per path: every live path below a vanished directory is
+                # hinted too (no index scan per deletion, which is quadratic for a
+                # prefix of 100 000 keys that was emptied).
+                deletes += 1
                 self._add(plan, entry, Op(OpKind.DELETE, path, self.name, live.source_path))
                 continue
             else:
