@@ -290,6 +290,9 @@ class S3Input:
         }
         self._listing: Listing | None = None
         self._status = _Status()
+        #: Keys found changed or gone at download time: not planned again before the next
+        #: listing (cleared by every listing).
+        self._stale: set[str] = set()
         self._submit: Callable[[Dirty], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -425,6 +428,7 @@ class S3Input:
             with self._lock:
                 previous, self._listing = self._listing, listing
                 self._stored = listing.objects
+                self._stale.clear()
         self._set_up(True, "")
         self.metrics.s3_listed_objects.labels(self.repo, self.name).set(len(listing.objects))
         self.metrics.s3_last_listing.labels(self.repo, self.name).set(now)
@@ -703,7 +707,7 @@ class S3Input:
                 if marker and sep and top not in listing.markers:
                     plan.waiting_for_marker.append(entry)
                     continue
-                if not self._ready(rel, obj, listing.markers):
+                if not self._ready(rel, obj, listing.markers) or self._is_stale(key):
                     plan.deferred.append(_later(entry, next_listing))
                     continue
                 kind = OpKind.GRAFT if self._grafts(rel, obj.size) else OpKind.COPY_FILE
@@ -736,6 +740,10 @@ class S3Input:
         if deletes:
             self._guard(plan, listing, deletes)
         return plan
+
+    def _is_stale(self, key: str) -> bool:
+        with self._lock:
+            return key in self._stale
 
     def _live_lookup(self, count: int) -> Callable[[str], PublishedEntry | None]:
         if count <= _BULK_LOOKUP:
@@ -812,19 +820,24 @@ class S3Input:
         try:
             opened = self._open(op.source_path, fp)
             if isinstance(opened, Applied):
-                return opened
-            try:
-                if op.kind is OpKind.GRAFT:
-                    result = self._graft(op, fp, opened, union_dir, batch_id)
-                else:
-                    result = self._copy(op, fp, opened, union_dir)
-            finally:
-                opened.close()
+                result = opened
+            else:
+                try:
+                    if op.kind is OpKind.GRAFT:
+                        result = self._graft(op, fp, opened, union_dir, batch_id)
+                    else:
+                        result = self._copy(op, fp, opened, union_dir)
+                finally:
+                    opened.close()
         except OSError as exc:
             self._trouble(str(exc))
             raise
         with self._lock:
             self._status.retry_at = 0.0
+            if result.outcome in (ApplyOutcome.CHANGED, ApplyOutcome.VANISHED):
+                # The listing is behind the bucket: re-planning from it would only fail
+                # again (and cost a transaction); wait for the next listing.
+                self._stale.add(op.source_path)
         return result
 
     def _trouble(self, why: str) -> None:

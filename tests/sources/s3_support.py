@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
+from botocore.response import StreamingBody
 from moto.server import ThreadedMotoServer
 
 if TYPE_CHECKING:
@@ -249,6 +251,16 @@ class FakeS3:
         """Only ``list_objects_v2`` is supported."""
         assert name == "list_objects_v2"
         return _Paginator(self)
+
+    def get_object(self, *, Bucket: str, Key: str, IfMatch: str = "") -> dict[str, Any]:
+        """Return the object like GetObject; 404 and 412 as ClientError."""
+        del Bucket
+        if Key not in self.objects:
+            raise ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject")
+        data, etag, _ = self.objects[Key]
+        if IfMatch and IfMatch != etag:
+            raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "GetObject")
+        return {"Body": StreamingBody(io.BytesIO(data), len(data)), "ContentLength": len(data)}
 
     def close(self) -> None:
         """Record that the source closed its client."""

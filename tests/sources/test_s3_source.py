@@ -22,7 +22,7 @@ from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Op, OpKind
 from cvmfs_syncd.paths import reserved_name, split_repo_path
-from cvmfs_syncd.planner import Plan
+from cvmfs_syncd.planner import ApplyOutcome, Plan
 from cvmfs_syncd.sources.s3 import GRAFT_NAME_MAX, S3Input, make_client
 from cvmfs_syncd.state import State
 from tests.sources.s3_support import FakeS3, write_credentials
@@ -307,6 +307,31 @@ def test_a_restart_publishes_nothing_twice_and_keeps_readiness(state: State, fak
     hints = restarted.poll(T0 + 3)
     assert [h.rel_path for h in hints] == ["new"]
     assert ops_by_path(plan_hints(restarted, hints, T0 + 3)) == {"ci/new": OpKind.COPY_FILE}
+
+
+def test_an_object_replaced_after_the_listing_waits_for_the_next_listing(
+    state: State, fake: FakeS3, tmp_path: Path
+) -> None:
+    """A download that finds a newer version (If-Match fails) is not re-planned from the
+    same listing (that would only fail again); the next listings publish the new one."""
+    fake.put("builds/a", b"first")
+    source = make_source(state, fake)
+    source.poll(T0)
+    [op] = plan_hints(source, source.poll(T0 + 1), T0 + 1).ops
+    fake.put("builds/a", b"second version")
+    union = tmp_path / "union"
+    union.mkdir()
+    assert source.apply(op, union, 1).outcome is ApplyOutcome.CHANGED
+    assert not (union / "ci" / "a").exists()
+    again = source.plan(pending([Dirty(source.name, "a", T0 + 1)]), T0 + 1)
+    assert again.ops == []
+    assert [p.rel_path for p in again.deferred] == ["a"]
+    source.poll(T0 + 2)
+    [fresh] = plan_hints(source, source.poll(T0 + 3), T0 + 3).ops
+    assert source.apply(fresh, union, 2).outcome is ApplyOutcome.APPLIED
+    assert (union / "ci" / "a").read_bytes() == b"second version"
+    del fake.objects["builds/a"]
+    assert source.apply(fresh, union, 3).outcome is ApplyOutcome.VANISHED
 
 
 def test_a_large_prefix_is_listed_in_pages_and_stored_incrementally(
