@@ -557,13 +557,12 @@ class RepositoryMaintenance:
         A gc still queued or running absorbs this one. Without a running lane the run
         fails and is retried.
         """
-        with self._lock:
-            future = self._gc_future
-            if future is not None and not future.done():
-                log.info("gc already queued; this run is coalesced", repository=self.name)
-                return
         lane = self.lane
         if lane is None or not lane.is_alive():
+            with self._lock:
+                # A job queued in a lane that has stopped will never run.
+                self._gc_future = None
+                self._tasks["gc"].queued = False
             self._run(
                 "gc",
                 lambda: TaskResult(
@@ -577,6 +576,10 @@ class RepositoryMaintenance:
             )
             return
         with self._lock:
+            pending = self._gc_future
+            if pending is not None and not pending.done():
+                log.info("gc already queued; this run is coalesced", repository=self.name)
+                return
             self._tasks["gc"].queued = True
             future = self._gc_future = lane.run_job("gc", self.gc_locked)
         future.add_done_callback(self._gc_finished)

@@ -559,6 +559,19 @@ def test_foreign_transaction_blocks_gc_without_being_aborted(
     assert sample(maint.metrics, "cvmfs_syncd_maintenance_failing", task="gc") == 0
 
 
+def test_gc_without_a_running_lane_fails_and_is_retried(maintenance: Factory) -> None:
+    """The scheduled gc finds no running lane: nothing runs, the run is counted and retried."""
+    maint = maintenance(gc_schedule='"0 3 * * 0"')
+    retries = Deferred()
+    maint.run_soon = retries
+    calls = CallLog(maint.server, ["gc"])
+    maint.submit_gc()
+    assert calls.calls == []
+    assert retries.tasks() == ["gc"]
+    assert maint.status()["gc"]["last_outcome"] == "lane_not_running"
+    assert sample(maint.metrics, "cvmfs_syncd_maintenance_failures_total", task="gc") == 1
+
+
 def test_gc_waits_while_a_check_runs(maintenance: Factory) -> None:
     """gc does not delete objects while a check (which may read them all) holds the check lock."""
     maint = maintenance(gc_schedule='"0 3 * * 0"')
