@@ -231,7 +231,8 @@ class _Paginator:
 class FakeS3:
     """An in-memory stand-in for the few client calls the source makes when listing.
 
-    ``failure``, when set, is raised by every listing; ``listings`` counts them.
+    ``failure``, when set, is raised by every listing and download; ``listings`` counts
+    the listings.
     """
 
     def __init__(self) -> None:
@@ -255,6 +256,8 @@ class FakeS3:
     def get_object(self, *, Bucket: str, Key: str, IfMatch: str = "") -> dict[str, Any]:
         """Return the object like GetObject; 404 and 412 as ClientError."""
         del Bucket
+        if self.failure is not None:
+            raise self.failure
         if Key not in self.objects:
             raise ClientError({"Error": {"Code": "NoSuchKey"}}, "GetObject")
         data, etag, _ = self.objects[Key]

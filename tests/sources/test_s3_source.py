@@ -334,6 +334,28 @@ def test_an_object_replaced_after_the_listing_waits_for_the_next_listing(
     assert source.apply(fresh, union, 3).outcome is ApplyOutcome.VANISHED
 
 
+def test_a_failed_download_backs_off_before_planning_again(
+    state: State, fake: FakeS3, tmp_path: Path
+) -> None:
+    """An endpoint failing during a download raises OSError (the lane re-queues the op)
+    and the source defers its entries for a back-off instead of retrying at once."""
+    fake.put("builds/a", b"a")
+    source = make_source(state, fake, poll_seconds=5.0)
+    source.poll(T0)
+    [op] = plan_hints(source, source.poll(T0 + 5), T0 + 5).ops
+    fake.failure = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/ci")
+    source.clock = lambda: T0 + 5
+    with pytest.raises(OSError, match="S3 GET of 'builds/a' failed"):
+        source.apply(op, tmp_path, 1)
+    plan = source.plan(pending([Dirty(source.name, "a", T0 + 5)]), T0 + 6)
+    assert plan.ops == []
+    assert plan.deferred[0].not_before >= T0 + 10
+    fake.failure = None
+    assert [
+        o.repo_path for o in source.plan(pending([Dirty(source.name, "a", T0)]), T0 + 10).ops
+    ] == ["ci/a"]
+
+
 def test_a_large_prefix_is_listed_in_pages_and_stored_incrementally(
     state: State, fake: FakeS3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
