@@ -284,9 +284,13 @@ class S3Input:
         self._retired: list[S3Client] = []
         self._lock = threading.Lock()  # guards the fields below and the client
         self._list_lock = threading.Lock()  # one listing at a time
+        # Listings are stored per repository: two repositories may publish one prefix.
+        self.listing_key = f"{repo}/{self.name}"
         self._stored = {
             key: ListedObject(key, size, etag, modified, first, bool(stable))
-            for key, (size, etag, modified, first, stable) in state.s3_listing(self.name).items()
+            for key, (size, etag, modified, first, stable) in state.s3_listing(
+                self.listing_key
+            ).items()
         }
         self._listing: Listing | None = None
         self._status = _Status()
@@ -423,7 +427,7 @@ class S3Input:
                 raise
             listing, changed, removed = self._build(found, now)
             self.state.update_s3_listing(
-                self.name, {k: o.row() for k, o in changed.items()}, removed
+                self.listing_key, {k: o.row() for k, o in changed.items()}, removed
             )
             with self._lock:
                 previous, self._listing = self._listing, listing

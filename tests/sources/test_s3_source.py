@@ -368,7 +368,7 @@ def test_a_large_prefix_is_listed_in_pages_and_stored_incrementally(
     hints = source.poll(T0)
     first = time.monotonic() - started
     assert len(hints) == 100_100  # every file and its directory differs from the empty index
-    assert len(state.s3_listing(source.name)) == 100_000
+    assert len(state.s3_listing(source.listing_key)) == 100_000
     written: list[int] = []
     original = state.update_s3_listing
 
