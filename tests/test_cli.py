@@ -120,7 +120,6 @@ def test_sync_waits_for_the_repository_lock(
     """A one-shot sync waits (publishing nothing) while another process holds the lock."""
     import fcntl
 
-
     stratum0 = FakeStratum0(tmp_path / "root")
     stratum0.mkfs(REPO)
     path = _config(tmp_path, stratum0)

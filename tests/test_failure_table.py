@@ -166,6 +166,7 @@ def test_vanished_transaction_requeues_the_batch(
 ) -> None:
     """NOT_IN_TRANSACTION after our publish: the batch is re-queued and published later."""
     stratum0, _, lane = setup
+
     def abort_behind_our_back() -> None:
         stratum0.check_run("abort", "-f", REPO)
 
