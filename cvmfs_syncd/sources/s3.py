@@ -166,7 +166,8 @@ class ListedObject:
     """One object as a listing showed it.
 
     ``last_modified`` is the listing's timestamp in ISO 8601 (kept as text in the state
-    database); ``stable`` is True once the same size and ETag were seen in two listings.
+    database); ``stable`` is True once the same size and ETag were seen in two listings at
+    least ``poll_seconds`` apart.
     """
 
     key: str
@@ -184,9 +185,7 @@ class ListedObject:
 
     def fingerprint(self) -> Fingerprint:
         """The fingerprint the index records for this version of the object."""
-        return Fingerprint(
-            EntryType.FILE, FILE_MODE, self.size, self.mtime_ns, etag=self.etag, target=""
-        )
+        return Fingerprint(EntryType.FILE, FILE_MODE, self.size, self.mtime_ns, etag=self.etag)
 
     def row(self) -> tuple[int, str, str, float, int]:
         """The state database row (size, etag, last_modified, first_seen, stable)."""
@@ -599,10 +598,10 @@ class S3Input:
     def reconcile(self, now: float) -> list[Dirty]:
         """Compare the latest listing with the index; return a hint for each difference.
 
-        Without a poller thread (``cvmfs-syncd sync``) this lists the prefix first, and
-        raises SourceError if that fails, so a one-shot
-        sync never reports "in sync" for a prefix it could not read. With a poller and no
-        listing yet it returns nothing: the poller's first listing sends the hints.
+        Without a poller thread (``cvmfs-syncd sync``) this lists the prefix first and
+        raises SourceError if that fails, so a one-shot sync never reports "in sync" for a
+        prefix it could not read. With a poller it uses the poller's latest listing, and
+        returns nothing before the first one (whose hints the poller sends itself).
         """
         listing = self._current(now, fresh=True)
         if listing is None:
