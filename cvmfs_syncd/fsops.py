@@ -923,37 +923,17 @@ def write_file(
     destination (a directory there is removed first, a symlink replaced, never followed).
     Raise ValueError for an unsafe path, OSError for I/O failures.
     """
-    parts = split_repo_path(repo_path)
-    if not parts:
+    if not split_repo_path(repo_path):
         raise ValueError("write_file needs a non-empty repository path")
-    union_fd = _open_root(union_root)
-    try:
-        parent_fd = _union_parent(
-            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
-        )
-    finally:
-        os.close(union_fd)
-    try:
-        temp, fd = _create_temp(
-            parent_fd, lambda name: os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent_fd)
-        )
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fchmod(fd, mode & 0o777)
-                if mtime_ns is not None:
-                    os.utime(fd, ns=(mtime_ns, mtime_ns))
-            finally:
-                os.close(fd)
-            _place(parent_fd, temp, parts[-1])
-        except BaseException:
-            _unlink_quietly(parent_fd, temp)
-            raise
-    finally:
-        os.close(parent_fd)
+    write_stream(
+        union_root,
+        repo_path,
+        [data],
+        mode=mode,
+        mtime_ns=mtime_ns,
+        replace=replace,
+        dir_mode=dir_mode,
+    )
 
 
 def write_stream(

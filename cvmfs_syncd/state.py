@@ -341,8 +341,8 @@ class State:
                 if op.kind is OpKind.DELETE:
                     db.execute("DELETE FROM published WHERE repo = ? AND path = ?", (repo, key))
                     db.execute(
-                        "DELETE FROM published WHERE repo = ? AND substr(path, 1, ?) = ?",
-                        (repo, len(key) + 1, key + b"/"),
+                        "DELETE FROM published WHERE repo = ? AND path >= ? AND path < ?",
+                        (repo, *_subtree_range(key)),
                     )
                 elif op.fingerprint is not None:
                     db.execute(
@@ -379,8 +379,8 @@ class State:
         )
         args: list[object] = [repo]
         if key:
-            sql += " AND (path = ? OR substr(path, 1, ?) = ?)"
-            args += [key, len(key) + 1, key + b"/"]
+            sql += " AND (path = ? OR (path >= ? AND path < ?))"
+            args += [key, *_subtree_range(key)]
         if source is not None:
             sql += " AND source = ?"
             args.append(source)
@@ -504,6 +504,13 @@ class State:
                 " first_seen, stable) VALUES(?, ?, ?, ?, ?, ?, ?)",
                 [(source, k, *v) for k, v in changed.items()],
             )
+
+
+def _subtree_range(key: bytes) -> tuple[bytes, bytes]:
+    """Return [low, high) bounds of every path below ``key``: the index answers a range
+    (paths are BLOBs compared bytewise, and "0" follows "/"), where a prefix test would
+    scan the whole repository."""
+    return key + b"/", key + b"0"
 
 
 def _batch(row: tuple[object, ...]) -> JournalBatch:
