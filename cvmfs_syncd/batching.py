@@ -26,6 +26,10 @@ class Pending:
     not_before: float = 0.0
     held: bool = False
 
+    def deferred_until(self, at: float) -> Pending:
+        """Return this entry, to be looked at again no earlier than ``at``."""
+        return replace(self, rescan=False, held=False, not_before=at)
+
     @property
     def key(self) -> tuple[str, str]:
         """The identity of a pending path: (source, path relative to the source)."""

@@ -422,6 +422,15 @@ def _union_parent(
     return fd
 
 
+def _open_union_parent(union_root: Path, parts: list[str], replace: bool, dir_mode: int) -> int:
+    """Return a descriptor of the directory ``parts`` below the union dir, creating it."""
+    union_fd = _open_root(union_root)
+    try:
+        return _union_parent(union_fd, parts, create=True, replace=replace, dir_mode=dir_mode)
+    finally:
+        os.close(union_fd)
+
+
 def _place(dir_fd: int, temp: str, name: str) -> None:
     """Atomically move ``temp`` onto ``name`` in ``dir_fd``.
 
@@ -594,13 +603,7 @@ def copy_file(
         return opened
     src = opened
     try:
-        union_fd = _open_root(union_root)
-        try:
-            parent_fd = _union_parent(
-                union_fd, dest_parts[:-1], create=True, replace=replace, dir_mode=dir_mode
-            )
-        finally:
-            os.close(union_fd)
+        parent_fd = _open_union_parent(union_root, dest_parts[:-1], replace, dir_mode)
         try:
             return _copy_into(
                 parent_fd,
@@ -692,13 +695,7 @@ def make_dir(
     parts = split_repo_path(repo_path)
     if not parts:
         return
-    union_fd = _open_root(union_root)
-    try:
-        parent_fd = _union_parent(
-            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
-        )
-    finally:
-        os.close(union_fd)
+    parent_fd = _open_union_parent(union_root, parts[:-1], replace, dir_mode)
     try:
         name = parts[-1]
         try:
@@ -737,13 +734,7 @@ def make_symlink(
     parts = split_repo_path(repo_path)
     if not parts:
         raise ValueError("the repository root cannot be a symlink")
-    union_fd = _open_root(union_root)
-    try:
-        parent_fd = _union_parent(
-            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
-        )
-    finally:
-        os.close(union_fd)
+    parent_fd = _open_union_parent(union_root, parts[:-1], replace, dir_mode)
     try:
         temp, _ = _create_temp(parent_fd, lambda temp: os.symlink(target, temp, dir_fd=parent_fd))
         try:
@@ -961,13 +952,7 @@ def write_stream(
     parts = split_repo_path(repo_path)
     if not parts:
         raise ValueError("write_stream needs a non-empty repository path")
-    union_fd = _open_root(union_root)
-    try:
-        parent_fd = _union_parent(
-            union_fd, parts[:-1], create=True, replace=replace, dir_mode=dir_mode
-        )
-    finally:
-        os.close(union_fd)
+    parent_fd = _open_union_parent(union_root, parts[:-1], replace, dir_mode)
     try:
         temp, fd = _create_temp(
             parent_fd, lambda name: os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent_fd)

@@ -678,7 +678,7 @@ class S3Input:
             retry_at = self._status.retry_at
         if listing is None or down or now < retry_at:
             later = max(retry_at, now + min(self.config.poll_seconds, 30.0))
-            plan.deferred = [_later(e, later) for e in entries]
+            plan.deferred = [e.deferred_until(later) for e in entries]
             return plan
         live_of = self._live_lookup(len(entries))
         marker = self.config.ready_marker
@@ -711,7 +711,7 @@ class S3Input:
                     plan.waiting_for_marker.append(entry)
                     continue
                 if not self._ready(rel, obj, listing.markers) or self._is_stale(key):
-                    plan.deferred.append(_later(entry, next_listing))
+                    plan.deferred.append(entry.deferred_until(next_listing))
                     continue
                 kind = OpKind.GRAFT if self._grafts(rel, obj.size) else OpKind.COPY_FILE
                 self._add(plan, entry, Op(kind, path, self.name, key, fp))
@@ -722,7 +722,7 @@ class S3Input:
                     if marker and top not in listing.markers:
                         plan.waiting_for_marker.append(entry)
                     else:
-                        plan.deferred.append(_later(entry, next_listing))
+                        plan.deferred.append(entry.deferred_until(next_listing))
                     continue
                 source_path = self.full_prefix + rel + "/"
                 self._add(
@@ -1024,14 +1024,3 @@ def _pieces(body: StreamingBody, key: str) -> Iterator[bytes]:
     reader = _Reader(body, key)
     while piece := reader.read(READ_PIECE):
         yield piece
-
-
-def _later(entry: Pending, at: float) -> Pending:
-    return Pending(
-        source=entry.source,
-        rel_path=entry.rel_path,
-        first_at=entry.first_at,
-        last_at=entry.last_at,
-        from_scan=entry.from_scan,
-        not_before=at,
-    )

@@ -324,11 +324,11 @@ class StagingInput:
                 continue
             if found.type is EntryType.FILE:
                 if entry.writing and not self._writer_gone(entry, found, now):
-                    plan.deferred.append(_later(entry, now + self.config.settle_seconds))
+                    plan.deferred.append(entry.deferred_until(now + self.config.settle_seconds))
                     continue
                 ready_at = self.settler.observe(entry.key, found, now, self.config.settle_seconds)
                 if ready_at:
-                    plan.deferred.append(_later(entry, ready_at))
+                    plan.deferred.append(entry.deferred_until(ready_at))
                     continue
                 threshold = self.config.graft_threshold
                 grafted = (
@@ -506,19 +506,6 @@ def _child(entry: Pending, rel: str) -> Pending:
         last_at=entry.last_at,
         writing=False,
         from_scan=entry.from_scan,
-    )
-
-
-def _later(entry: Pending, at: float) -> Pending:
-    return Pending(
-        source=entry.source,
-        rel_path=entry.rel_path,
-        first_at=entry.first_at,
-        last_at=entry.last_at,
-        writing=entry.writing,
-        rescan=False,
-        from_scan=entry.from_scan,
-        not_before=at,
     )
 
 
