@@ -115,6 +115,7 @@ class Lane(threading.Thread):
         self._guarded: list[Pending] = []
         self._open_batch: int | None = None
         self._txn_seen_since: float | None = None
+        self._foreign_seen = False
         self.exit_error = ""
         self.on_whitelist_expired: Callable[[], None] | None = None
         # Maintenance start-up (re-sign an expired whitelist, repair mounts): runs before
@@ -309,12 +310,17 @@ class Lane(threading.Thread):
         self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since or 0)
         foreign = open_now and self._open_batch is None
         self.metrics.foreign_transaction.labels(self.repo.name).set(1 if foreign else 0)
-        if foreign:
-            log.info(
+        if foreign and not self._foreign_seen:
+            log.warning(
                 "a transaction the daemon did not open is in progress; waiting",
                 repository=self.repo.name,
                 collecting=self.layout.is_collecting(),
             )
+        elif self._foreign_seen and not foreign:
+            log.info(
+                "the foreign transaction is closed; publishing resumes", repository=self.repo.name
+            )
+        self._foreign_seen = foreign
         return foreign
 
     # -- planning ------------------------------------------------------------------------
