@@ -29,7 +29,7 @@ from cvmfs_syncd.cvmfs.server import (
 from cvmfs_syncd.errors import CvmfsCommandError
 
 STUB_HEADER = """\
-import json, os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, threading, time
 args = sys.argv[1:]
 """
 
@@ -296,20 +296,20 @@ def test_subprocess_sees_the_filtered_environment(tmp_path: Path, safe_cwd: Path
 HANGING_PARENT = """\
 pid_file, marker, ignore_term = args[-3], args[-2], args[-1] == "ignore"
 child_code = (
-    "import os, signal, sys, time\\n"
+    "import os, signal, sys, threading\\n"
     "if sys.argv[3] == 'ignore': signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n"
     "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\\n"
     "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\\n"
-    "time.sleep(30)\\n"
+    "threading.Event().wait(30)\\n"
     "open(sys.argv[2], 'w').write('written late')\\n"
 )
 if ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 subprocess.Popen([sys.executable, "-c", child_code, pid_file, marker, args[-1]])
 while not os.path.exists(pid_file):
-    time.sleep(0.01)
+    threading.Event().wait(0.01)
 print("child started", flush=True)
-time.sleep(60)
+threading.Event().wait(60)
 """
 
 
@@ -337,7 +337,7 @@ def test_timeout_kills_the_whole_process_group(
 
 def test_timeout_is_measured(tmp_path: Path, safe_cwd: Path) -> None:
     """A killed command reports a duration of at least its timeout."""
-    prefix = write_stub(tmp_path, "time.sleep(60)\n")
+    prefix = write_stub(tmp_path, "threading.Event().wait(60)\n")
     result = CvmfsServer(prefix, cwd=str(safe_cwd), kill_grace=0.5).mount("ref.local", timeout=0.5)
     assert result.outcome is Outcome.TIMEOUT
     assert result.duration_s >= 0.5
@@ -345,7 +345,7 @@ def test_timeout_is_measured(tmp_path: Path, safe_cwd: Path) -> None:
 
 def test_default_timeout_applies(tmp_path: Path, safe_cwd: Path) -> None:
     """A call without its own timeout is bounded by the adapter's default timeout."""
-    prefix = write_stub(tmp_path, "time.sleep(60)\n")
+    prefix = write_stub(tmp_path, "threading.Event().wait(60)\n")
     server = CvmfsServer(prefix, cwd=str(safe_cwd), default_timeout=0.5, kill_grace=0.5)
     started = time.monotonic()
     assert server.check("ref.local").outcome is Outcome.TIMEOUT

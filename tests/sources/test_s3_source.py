@@ -26,6 +26,7 @@ from cvmfs_syncd.planner import ApplyOutcome, Plan
 from cvmfs_syncd.sources.s3 import GRAFT_NAME_MAX, S3Input, make_client
 from cvmfs_syncd.state import State
 from tests.sources.s3_support import FakeS3, write_credentials
+from tests.support import wait_for
 
 REPO = "s3.example.org"
 T0 = 1_800_000_000.0
@@ -421,9 +422,7 @@ def test_the_poller_thread_submits_hints_and_stops(state: State, fake: FakeS3) -
     seen: list[Dirty] = []
     source.start(seen.append)
     try:
-        deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: seen, 10, "a hint from the poller")
         assert [h.rel_path for h in seen] == ["a"]
         assert source.health() == (True, "")
     finally:
