@@ -544,6 +544,18 @@ class Lane(threading.Thread):
                 log.warning("applying a change failed", path=op.repo_path, error=str(exc))
                 self._requeue([op], origin)
                 continue
+            except ValueError as exc:
+                # An unsafe name that slipped past planning: refuse it, keep the batch.
+                self.state.set_aside(
+                    self.repo.name, op.source, op.source_path, f"unsafe: {exc}", op.fingerprint
+                )
+                log.error("input refused while applying", path=op.source_path, error=str(exc))
+                continue
+            except Exception:
+                # One input must not take the lane (and its open transaction) down.
+                log.exception("applying a change failed unexpectedly", path=op.repo_path)
+                self._requeue([op], origin)
+                continue
             if result.created_objects:
                 self.state.record_created_objects(batch_id, result.created_objects)
             if result.outcome is ApplyOutcome.APPLIED:

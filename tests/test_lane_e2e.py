@@ -286,3 +286,55 @@ def test_foreign_transaction_is_never_aborted(
     stratum0.run("abort", "-f", REPO)
     _sync(lane)
     assert set(published(stratum0)) == {"a"}
+
+
+def test_unreadable_file_is_set_aside_and_the_batch_goes_on(
+    lane_factory: LaneFactory,
+    stratum0: FakeStratum0,
+    staging: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An input that cannot be read is reported and set aside; the rest is published."""
+    from cvmfs_syncd import fsops
+
+    real_copy = fsops.copy_file
+
+    def copy(union: Path, repo_path: str, root: Path, rel: str, *a: object, **kw: object) -> object:
+        if rel == "secret":
+            return fsops.CopyOutcome.UNREADABLE
+        return real_copy(union, repo_path, root, rel, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fsops, "copy_file", copy)
+    (staging / "secret").write_text("no")
+    (staging / "fine").write_text("yes")
+    lane = lane_factory()
+    _sync(lane)
+    assert set(published(stratum0)) == {"fine"}
+    assert lane.state.set_aside_list(REPO) == [(lane.inputs[0].name, "secret", "unreadable")]
+
+
+def test_an_input_that_breaks_apply_does_not_stop_the_lane(
+    lane_factory: LaneFactory,
+    stratum0: FakeStratum0,
+    staging: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unexpected error applying one input re-queues it; the others are published."""
+    from cvmfs_syncd import fsops
+
+    real_copy = fsops.copy_file
+    failures: list[str] = []
+
+    def copy(union: Path, repo_path: str, root: Path, rel: str, *a: object, **kw: object) -> object:
+        if rel == "flaky" and not failures:
+            failures.append(rel)
+            raise RuntimeError("injected")
+        return real_copy(union, repo_path, root, rel, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fsops, "copy_file", copy)
+    (staging / "flaky").write_text("f")
+    (staging / "steady").write_text("s")
+    lane = lane_factory()
+    _sync(lane)
+    assert failures == ["flaky"]
+    assert set(published(stratum0)) == {"flaky", "steady"}
