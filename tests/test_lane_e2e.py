@@ -213,9 +213,18 @@ def test_inbox_removes_published_files(
     """In inbox mode a file leaves staging only after it is live; deletions do not propagate."""
     (staging / "drop.txt").write_text("one")
     lane = lane_factory(staging_extra='  mode = "inbox"')
+    assert lane.inputs[0].path_status(staging / "drop.txt") == {  # type: ignore[attr-defined]
+        "repository": REPO,
+        "path": "/drop.txt",
+        "source": lane.inputs[0].name,
+        "live": False,
+        "reason": "pending",
+    }
     _sync(lane)
     assert not (staging / "drop.txt").exists()
     assert published(stratum0)["drop.txt"][2] == b"one"
+    answer = lane.inputs[0].path_status(staging / "drop.txt")  # type: ignore[attr-defined]
+    assert answer["live"] is True
     (staging / "second.txt").write_text("two")
     _sync(lane)
     assert set(published(stratum0)) == {"drop.txt", "second.txt"}
