@@ -521,13 +521,7 @@ class Lane(threading.Thread):
             self._sleep(delay)
             if self.layout.in_transaction():
                 return False
-            batch_id = self._retry_batch(batch_id)
-
-    def _retry_batch(self, batch_id: int) -> int:
-        """Start a fresh journal row for another attempt of an aborted batch."""
-        ops = [op for op, _ in self.state.batch_ops(batch_id)]
-        old = self.state.batch(batch_id)
-        return self.state.create_batch(self.repo.name, ops, reason=old.reason, summary=old.summary)
+            # The next attempt goes on in the same journal row (back to "opening").
 
     def _apply(self, batch_id: int, ops: Sequence[Op], origin: dict[str, Pending]) -> list[Op]:
         self._set_status(state="applying changes")
@@ -594,6 +588,22 @@ class Lane(threading.Thread):
                 self.state.set_stage(batch_id, "published", revision=revision)
                 self._set_hold("")
                 return revision if revision is not None else -1
+            revision = self._revision()
+            base = self.state.batch(batch_id).base_revision
+            if revision is not None and base is not None and revision > base:
+                # It went live, then failed late (killed at its timeout, a late step died):
+                # the batch is published; a leftover transaction holds nothing new.
+                log.warning(
+                    "publish reported failure after the new revision was live",
+                    repository=self.repo.name,
+                    batch=batch_id,
+                    revision=revision,
+                    message=_describe(result),
+                )
+                self.state.set_stage(batch_id, "published", revision=revision)
+                if self.layout.in_transaction():
+                    self._abort_transaction_only(batch_id)
+                return revision
             self.metrics.publish_failures.labels(self.repo.name, result.outcome.name.lower()).inc()
             self._set_status(last_error=_describe(result))
             log.warning(

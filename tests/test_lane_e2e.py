@@ -347,3 +347,66 @@ def test_an_input_that_breaks_apply_does_not_stop_the_lane(
     _sync(lane)
     assert failures == ["flaky"]
     assert set(published(stratum0)) == {"flaky", "steady"}
+
+
+def test_file_still_open_for_writing_is_not_published_by_a_scan(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A paused writer's file (old mtime, found by a scan, no watch event) waits for the close."""
+    path = staging / "download.iso"
+    with path.open("wb") as handle:
+        handle.write(b"first half ")
+        handle.flush()
+        os.utime(path, (1, 1))  # looks long settled
+        lane = lane_factory()
+        ok, _ = lane.sync_once(2)
+        assert not ok
+        assert "download.iso" not in published(stratum0)
+        handle.write(b"second half")
+    _sync(lane)
+    assert published(stratum0)["download.iso"][2] == b"first half second half"
+
+
+def test_replaced_file_with_same_size_and_mtime_is_republished(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A new file renamed over the old one with equal size, mode and mtime is published."""
+    (staging / "lib.so").write_bytes(b"version-1")
+    os.utime(staging / "lib.so", (1000, 1000))
+    lane = lane_factory()
+    _sync(lane)
+    (staging / "new.tmp").write_bytes(b"version-2")
+    os.utime(staging / "new.tmp", (1000, 1000))
+    os.rename(staging / "new.tmp", staging / "lib.so")
+    _sync(lane)
+    assert published(stratum0)["lib.so"][2] == b"version-2"
+
+
+def test_publish_that_fails_after_going_live_counts_as_published(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """publish dying after the new revision is live: the batch is done, not re-queued as lost."""
+    (staging / "a").write_text("a")
+    stratum0.inject_fault("publish", "die", at="end", times=1)
+    lane = lane_factory()
+    _sync(lane)
+    stages = [b.stage for b in lane.state.recent_batches(REPO)]
+    assert stages == ["done"]
+    entry = lane.state.published_entry(REPO, "a")
+    assert entry is not None
+    assert entry.revision == stratum0.revision(REPO)
+    assert not stratum0.in_transaction(REPO)
+
+
+def test_retried_transaction_stays_in_one_journal_row(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A transaction that failed once and then opened leaves no other journal row behind."""
+    (staging / "a").write_text("a")
+    stratum0.inject_fault("transaction", "fail", times=1)
+    lane = lane_factory()
+    _sync(lane)
+    batches = lane.state.recent_batches(REPO)
+    assert [b.stage for b in batches] == ["done"]
+    assert batches[0].attempts >= 3  # opening twice, publishing once
+    assert lane.state.unfinished_batch(REPO) is None

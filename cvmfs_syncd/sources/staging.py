@@ -323,12 +323,12 @@ class StagingInput:
                 self.settler.forget(entry.key)
                 continue
             if found.type is EntryType.FILE:
-                if entry.writing and not self._writer_gone(entry, found, now):
-                    plan.deferred.append(entry.deferred_until(now + self.config.settle_seconds))
-                    continue
                 ready_at = self.settler.observe(entry.key, found, now, self.config.settle_seconds)
                 if ready_at:
                     plan.deferred.append(entry.deferred_until(ready_at))
+                    continue
+                if not self._writer_gone(entry, found, now):
+                    plan.deferred.append(entry.deferred_until(now + self.config.settle_seconds))
                     continue
                 threshold = self.config.graft_threshold
                 grafted = (
@@ -359,13 +359,18 @@ class StagingInput:
         return plan
 
     def _writer_gone(self, entry: Pending, found: Fingerprint, now: float) -> bool:
-        """A file was seen modified but no close-after-write followed (e.g. moved in from
-        another file system, which inotify reports as a creation). Ask the kernel whether
-        anyone still has it open for writing; if that cannot be known, accept it only after
-        a long quiet time without events."""
+        """Return True if no process has the settled file open for writing.
+
+        Asked of the kernel for every file, whatever the hint said: a writer that pauses
+        longer than settle_seconds must not get a half-written file published, and a scan
+        (after a restart, or when a watch event was lost) cannot tell. Where the kernel
+        cannot say (no lease support), a file seen modified without a close waits for a
+        long quiet time; one with no such sign is taken once settled."""
         writers = fsops.has_writers(self.root, entry.rel_path, found)
         if writers is not None:
             return not writers
+        if not entry.writing:
+            return True
         return now - entry.last_at >= max(60.0, 10 * self.config.settle_seconds)
 
     def _add(self, plan: Plan, entry: Pending, op: Op) -> None:
@@ -487,6 +492,10 @@ def _same(found: Fingerprint, live: Fingerprint) -> bool:
     """
     if found.type is EntryType.DIRECTORY:
         return live.type is EntryType.DIRECTORY and found.mode == live.mode
+    if found.type is EntryType.FILE and found.inode != live.inode:
+        # A file renamed over the old one (tar, rsync -t, a build with a fixed mtime) may
+        # keep size, mode and mtime: a new inode means new content until proven otherwise.
+        return False
     return found.same_content(live)
 
 
