@@ -25,6 +25,7 @@ from cvmfs_syncd.model import Op
 from cvmfs_syncd.paths import split_repo_path
 from cvmfs_syncd.planner import Applied, ApplyOutcome
 from cvmfs_syncd.sources.staging import Grafter
+from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
 
@@ -57,11 +58,34 @@ def marker_path(repo_path: str) -> str:
     return "/".join([*parts[:-1], GRAFT_PREFIX + parts[-1]])
 
 
+class JournalingSink(RecordingSink):
+    """A recording sink that also journals each object it creates, at once.
+
+    The lane journals a batch's objects when an op returns; journalling them as they are
+    written means a crash in the middle of a large graft still leaves the record the
+    recovery needs to delete them.
+    """
+
+    def __init__(self, store: ObjectStore, state: State, batch_id: int) -> None:
+        super().__init__(store)
+        self._state = state
+        self._batch_id = batch_id
+
+    def record(self, name: str, created: bool) -> None:
+        """Journal ``name`` if it was created, then verify and record it."""
+        if created:
+            self._state.record_created_objects(self._batch_id, [name])
+        super().record(name, created)
+
+
 class RepositoryGrafter(Grafter):
     """Grafts staged files into one repository's storage (local directory or S3 bucket)."""
 
-    def __init__(self, layout: RepositoryLayout, *, workers: int = 2) -> None:
+    def __init__(
+        self, layout: RepositoryLayout, *, state: State | None = None, workers: int = 2
+    ) -> None:
         self.layout = layout
+        self.state = state
         self.options = graft_options(layout)
         self.workers = workers
         self._store: ObjectStore | None = None
@@ -80,7 +104,7 @@ class RepositoryGrafter(Grafter):
         root: Path,
         op: Op,
         union_dir: Path,
-        batch_id: int,  # noqa: ARG002 (objects are journalled by the lane from the result)
+        batch_id: int,
     ) -> Applied:
         """Stream one staged file into the storage, then place its graft in the transaction."""
         fp = op.fingerprint
@@ -89,7 +113,11 @@ class RepositoryGrafter(Grafter):
         opened = fsops.open_staged(root, op.source_path, fp)
         if isinstance(opened, fsops.CopyOutcome):
             return _outcome(opened)
-        sink = RecordingSink(self.store)
+        sink = (
+            RecordingSink(self.store)
+            if self.state is None
+            else JournalingSink(self.store, self.state, batch_id)
+        )
         try:
             with os.fdopen(opened, "rb", closefd=True) as stream:
                 result = graft_stream(stream, self.options, sink, workers=self.workers)

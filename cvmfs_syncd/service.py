@@ -56,7 +56,7 @@ def build_inputs(
     if any(s.graft_threshold > 0 for s in repo.staging):
         from cvmfs_syncd.grafting import RepositoryGrafter
 
-        grafter = RepositoryGrafter(layout)
+        grafter = RepositoryGrafter(layout, state=state)
     for staging in repo.staging:
         inputs.append(StagingInput(repo.name, staging, state, metrics, grafter=grafter))
     if repo.s3:

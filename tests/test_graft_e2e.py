@@ -233,3 +233,38 @@ def test_graft_ops_are_planned_for_large_files(lane_factory: LaneFactory, stagin
     ops, _, _ = lane.plan(lane.clock())
     kinds = {op.repo_path: op.kind for op in ops}
     assert kinds == {"big": OpKind.GRAFT, "small": OpKind.COPY_FILE}
+
+
+def test_crash_in_the_middle_of_a_graft_leaves_no_orphans(
+    lane_factory: LaneFactory,
+    stratum0: FakeStratum0,
+    staging: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Objects are journalled as they are written: after a crash mid-graft, recovery deletes them."""
+    from cvmfs_syncd import fsops
+
+    before = _objects(stratum0)
+    (staging / "big.bin").write_bytes(FILES["chunked-random.bin"])
+
+    class Crash(BaseException):
+        """Stands in for kill -9: no handler in the daemon catches it."""
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise Crash
+
+    monkeypatch.setattr(fsops, "write_file", crash)
+    lane = lane_factory()
+    with pytest.raises(Crash):
+        lane.sync_once(20)
+    lane.lock.release()
+    assert len(_objects(stratum0) - before) == 4  # the chunks were written
+    assert stratum0.in_transaction(REPO)
+    monkeypatch.undo()
+    (staging / "big.bin").write_bytes(_random(3 * CHUNK + 12345, 99))  # other objects now
+    restarted = lane_factory()
+    _sync(restarted)
+    entry = stratum0.published_tree(REPO)["big.bin"]
+    referenced = {f"{c.hash[:2]}/{c.hash[2:]}P" for c in entry.chunks}
+    content = {o for o in _objects(stratum0) - before if not o.endswith(("C", "H", "X", "M"))}
+    assert content == referenced

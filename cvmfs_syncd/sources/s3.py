@@ -53,7 +53,6 @@ from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.cvmfs.graft import graft_stream
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.storage import RecordingSink
 from cvmfs_syncd.errors import GraftError, SourceError, StorageError
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
@@ -65,7 +64,6 @@ if TYPE_CHECKING:
     from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
 
-    from cvmfs_syncd.cvmfs.storage import ObjectStore
     from cvmfs_syncd.grafting import RepositoryGrafter
 
 log = structlog.get_logger(__name__)
@@ -891,7 +889,7 @@ class S3Input:
     def _graft(
         self, op: Op, fp: Fingerprint, body: StreamingBody, union_dir: Path, batch_id: int
     ) -> Applied:
-        from cvmfs_syncd.grafting import marker_path
+        from cvmfs_syncd.grafting import JournalingSink, marker_path
 
         grafter = self.grafter()
         if grafter is None:  # the settings changed since planning: copy instead
@@ -983,26 +981,6 @@ class S3Input:
         grafter = self.grafter()
         if grafter is not None:
             grafter.delete_objects(created)
-
-
-class JournalingSink(RecordingSink):
-    """A recording sink that also journals each object it creates, at once.
-
-    The lane journals a batch's objects when an op returns; journalling them as they are
-    written means a crash in the middle of a large graft still leaves the record the
-    recovery needs to delete them.
-    """
-
-    def __init__(self, store: ObjectStore, state: State, batch_id: int) -> None:
-        super().__init__(store)
-        self._state = state
-        self._batch_id = batch_id
-
-    def record(self, name: str, created: bool) -> None:
-        """Journal ``name`` if it was created, then verify and record it."""
-        if created:
-            self._state.record_created_objects(self._batch_id, [name])
-        super().record(name, created)
 
 
 class _Reader:
