@@ -241,7 +241,7 @@ def test_crash_in_the_middle_of_a_graft_leaves_no_orphans(
     staging: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Objects are journalled as they are written: after a crash mid-graft, recovery deletes them."""
+    """Objects are journalled as written: after a crash mid-graft, recovery deletes them."""
     from cvmfs_syncd import fsops
 
     before = _objects(stratum0)
