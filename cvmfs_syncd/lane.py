@@ -111,6 +111,8 @@ class Lane(threading.Thread):
         self._status = LaneStatus(repo=repo.name, progress_at=clock())
         self._next_rescan = 0.0
         self._timings: dict[str, float] = {}
+        self._apply_errors = 0
+        self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
         self._held_reason = ""
         self._guarded: list[Pending] = []
         self._open_batch: int | None = None
@@ -453,7 +455,13 @@ class Lane(threading.Thread):
             self._timings["apply"] = time.monotonic() - phase
             if not applied:
                 self._abort_own(batch_id, "nothing could be applied")
+                if self._apply_errors:
+                    # A persistent error (EIO on the source, ENOSPC in the union directory)
+                    # must not spin transaction/abort cycles: back off before the next try.
+                    self.metrics.retries.labels(self.repo.name, "apply").inc()
+                    self._sleep(self._apply_backoff.next_delay())
                 return False
+            self._apply_backoff.reset()
             # One commit for the whole batch: a crash before it leaves the stage at "open",
             # and recovery aborts the half-applied transaction anyway.
             done = {op.repo_path for op in applied}
@@ -525,6 +533,7 @@ class Lane(threading.Thread):
 
     def _apply(self, batch_id: int, ops: Sequence[Op], origin: dict[str, Pending]) -> list[Op]:
         self._set_status(state="applying changes")
+        self._apply_errors = 0
         applied: list[Op] = []
         union = self.layout.union_dir
         for op in ops:
@@ -536,6 +545,7 @@ class Lane(threading.Thread):
                 result = source.apply(op, union, batch_id)
             except OSError as exc:
                 log.warning("applying a change failed", path=op.repo_path, error=str(exc))
+                self._apply_errors += 1
                 self._requeue([op], origin)
                 continue
             except ValueError as exc:
@@ -548,6 +558,7 @@ class Lane(threading.Thread):
             except Exception:
                 # One input must not take the lane (and its open transaction) down.
                 log.exception("applying a change failed unexpectedly", path=op.repo_path)
+                self._apply_errors += 1
                 self._requeue([op], origin)
                 continue
             if result.created_objects:

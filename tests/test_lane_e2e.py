@@ -410,3 +410,35 @@ def test_retried_transaction_stays_in_one_journal_row(
     assert [b.stage for b in batches] == ["done"]
     assert batches[0].attempts >= 3  # opening twice, publishing once
     assert lane.state.unfinished_batch(REPO) is None
+
+
+def test_persistent_apply_errors_back_off(
+    lane_factory: LaneFactory,
+    stratum0: FakeStratum0,
+    staging: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An input that keeps failing to copy (EIO) does not spin transaction/abort cycles."""
+    import errno
+
+    from cvmfs_syncd import fsops
+
+    def broken(*_args: object, **_kwargs: object) -> object:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fsops, "copy_file", broken)
+    (staging / "f").write_text("x")
+    os.utime(staging / "f", (1, 1))
+    lane = lane_factory()
+    ok, _ = lane.sync_once(3)
+    assert not ok
+    attempts = len(lane.state.recent_batches(REPO, limit=1000))
+    # back-off 0.1, 0.2, 0.4, 0.8, 1, 1 s (retry_initial/max of the test config): at most
+    # a handful of transactions in three seconds, where a tight loop made dozens.
+    assert 2 <= attempts <= 8
+    retries = lane.metrics.registry.get_sample_value(
+        "cvmfs_syncd_retries_total", {"repository": REPO, "operation": "apply"}
+    )
+    assert retries is not None
+    assert retries >= 1
+    assert not stratum0.in_transaction(REPO)
