@@ -814,6 +814,12 @@ class Lane(threading.Thread):
 
     def recover(self) -> None:
         """Finish or roll back what a previous run left, using the journal and the spool."""
+        with self._locked():
+            self._recover_locked()
+
+    def _recover_locked(self) -> None:
+        # Journal and spool are read under the repository lock: a CLI command or another
+        # daemon may have finished (or opened) a transaction a moment ago.
         batch = self.state.unfinished_batch(self.repo.name)
         if batch is None:
             return
@@ -825,53 +831,52 @@ class Lane(threading.Thread):
             stage=batch.stage,
             transaction_open=in_txn,
         )
-        with self._locked():
-            if batch.stage == "planned":
-                self.state.set_stage(batch.id, "aborted", error="not started before restart")
-                self._abandon(batch.id)
-                return
-            revision = self._revision()
-            published = (
-                batch.stage in ("publishing", "published")
-                and batch.base_revision is not None
-                and revision is not None
-                and revision > batch.base_revision
-            ) or batch.stage == "published"
-            ops = [op for op, _ in self.state.batch_ops(batch.id, applied_only=True)]
-            first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
-            if published:
-                self.state.set_stage(batch.id, "published", revision=revision)
-                if in_txn:
-                    # The publish went through but died before closing the transaction: what
-                    # is open is ours and holds nothing new; abort it, then finish.
-                    self._open_batch = batch.id
-                    self._abort_transaction_only(batch.id)
-                self._finish(
-                    batch.id,
-                    ops,
-                    revision if revision is not None else -1,
-                    first_seen,
-                    batch.created_at,
-                )
-                return
-            if batch.stage in ("opening", "open"):
-                if in_txn:
-                    self._open_batch = batch.id
-                    self._abort_own(batch.id, "half-applied batch found after restart")
-                else:
-                    self.state.set_stage(batch.id, "aborted", error="no transaction after restart")
-                    self._abandon(batch.id)
-                return
-            # applied / publishing: every op is in the transaction; finish with a plain publish.
+        if batch.stage == "planned":
+            self.state.set_stage(batch.id, "aborted", error="not started before restart")
+            self._abandon(batch.id)
+            return
+        revision = self._revision()
+        published = (
+            batch.stage in ("publishing", "published")
+            and batch.base_revision is not None
+            and revision is not None
+            and revision > batch.base_revision
+        ) or batch.stage == "published"
+        ops = [op for op, _ in self.state.batch_ops(batch.id, applied_only=True)]
+        first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
+        if published:
+            self.state.set_stage(batch.id, "published", revision=revision)
+            if in_txn:
+                # The publish went through but died before closing the transaction: what
+                # is open is ours and holds nothing new; abort it, then finish.
+                self._open_batch = batch.id
+                self._abort_transaction_only(batch.id)
+            self._finish(
+                batch.id,
+                ops,
+                revision if revision is not None else -1,
+                first_seen,
+                batch.created_at,
+            )
+            return
+        if batch.stage in ("opening", "open"):
             if in_txn:
                 self._open_batch = batch.id
-                self.metrics.transaction_open.labels(self.repo.name).set(1)
-                new_revision = self._publish_until_done(batch.id, batch.summary, {}, ops)
-                if new_revision is not None:
-                    self._finish(batch.id, ops, new_revision, first_seen, batch.created_at)
+                self._abort_own(batch.id, "half-applied batch found after restart")
             else:
-                self.state.set_stage(batch.id, "failed", error="transaction gone after restart")
+                self.state.set_stage(batch.id, "aborted", error="no transaction after restart")
                 self._abandon(batch.id)
+            return
+        # applied / publishing: every op is in the transaction; finish with a plain publish.
+        if in_txn:
+            self._open_batch = batch.id
+            self.metrics.transaction_open.labels(self.repo.name).set(1)
+            new_revision = self._publish_until_done(batch.id, batch.summary, {}, ops)
+            if new_revision is not None:
+                self._finish(batch.id, ops, new_revision, first_seen, batch.created_at)
+        else:
+            self.state.set_stage(batch.id, "failed", error="transaction gone after restart")
+            self._abandon(batch.id)
 
     # -- one-shot mode -----------------------------------------------------------------
 

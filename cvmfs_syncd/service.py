@@ -111,6 +111,7 @@ class Service:
         self._wake = threading.Event()
         self._stopping = False
         self._unhealthy_reason = ""
+        self._retiring: dict[str, Lane] = {}
         self.exit_code = 0
 
     # -- signals -------------------------------------------------------------------------
@@ -189,8 +190,21 @@ class Service:
             if self.http is not None:
                 self.http.stop()
 
+    def _replace_retired_lanes(self) -> None:
+        """Start the lanes whose predecessors (stopped by a reload) have exited."""
+        for name, lane in list(self._retiring.items()):
+            if lane.is_alive():
+                continue
+            del self._retiring[name]
+            log.info("repository lane stopped by reload", repository=name)
+            wanted = {r.name: r for r in self.config.repositories}.get(name)
+            if wanted is not None and name not in self.lanes:
+                self._start_lane(wanted)
+                log.info("repository lane started by reload", repository=name)
+
     def tick(self) -> None:
         """Health check; ping the watchdog only when healthy; refresh STATUS."""
+        self._replace_retired_lanes()
         healthy, why = self.health()
         if healthy:
             self.notifier.watchdog()
@@ -207,10 +221,11 @@ class Service:
         self._stopping = True
         self.notifier.stopping()
         self.scheduler.pause()
-        for lane in self.lanes.values():
+        lanes = list(self.lanes.values()) + list(self._retiring.values())
+        for lane in lanes:
             lane.request_stop()
         deadline = time.monotonic() + self.config.daemon.stop_timeout_seconds
-        for lane in self.lanes.values():
+        for lane in lanes:
             lane.join(timeout=max(0.1, deadline - time.monotonic()))
         idle = self.scheduler.wait_idle(max(0.1, deadline - time.monotonic()))
         if not idle:
@@ -218,7 +233,7 @@ class Service:
             log.error("a maintenance task is still running after the stop timeout")
         self.scheduler.shutdown(wait=idle)
         code = 0
-        for name, lane in self.lanes.items():
+        for name, lane in [*self.lanes.items(), *self._retiring.items()]:
             if lane.is_alive():
                 log.error("lane did not stop in time", repository=name)
                 code = 1
@@ -253,16 +268,20 @@ class Service:
             if fresh.get(name) != repo:
                 lane = self.lanes.pop(name, None)
                 if lane is not None:
+                    # Never join here: the main loop must keep pinging the watchdog while
+                    # the lane finishes an in-flight publish. tick() starts the replacement
+                    # once the old lane has exited, so two lanes never share a repository.
                     lane.request_stop()
-                    lane.join(timeout=self.config.daemon.stop_timeout_seconds)
+                    self._retiring[name] = lane
                 self.scheduler.remove(name)
                 self.maintenance.pop(name, None)
                 self.broken.pop(name, None)
-                log.info("repository lane stopped by reload", repository=name)
+                log.info("repository lane stopping for reload", repository=name)
         for name, repo in fresh.items():
-            if old.get(name) != repo:
+            if old.get(name) != repo and name not in self._retiring:
                 self._start_lane(repo)
                 log.info("repository lane started by reload", repository=name)
+        self._replace_retired_lanes()
         self.notifier.ready(self._status_line())
         log.info("configuration reloaded", repositories=sorted(fresh))
 

@@ -202,14 +202,12 @@ def test_foreign_transaction_is_left_alone(daemon: DaemonUnderTest) -> None:
 def test_sigterm_lets_the_inflight_publish_finish(daemon: DaemonUnderTest) -> None:
     """SIGTERM during a slow publish: the publish completes, the journal is done, exit 0."""
     daemon.start()
-    daemon.stratum0.inject_fault("publish", "delay", at="after_lock", delay=2.0, times=1)
+    daemon.stratum0.inject_fault("publish", "delay", at="before_sync", delay=2.0, times=1)
     (daemon.staging / "a").write_text("a")
     wait_for(
-        lambda: (
-            daemon.stratum0.in_transaction(REPO) and _journal_stages(daemon)[-1] == "publishing"
-        ),
+        lambda: daemon.stratum0.state(REPO)["is_publishing_lock"],
         30,
-        "the publish",
+        "the slow publish to be under way",
     )
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0

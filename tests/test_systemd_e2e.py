@@ -137,3 +137,28 @@ def test_sigterm_sends_stopping(tmp_path: Path, notify: NotifyListener) -> None:
     assert daemon.wait_exit() == 0
     assert notify.with_key("STOPPING")
     assert REPO in daemon.log()
+
+
+def test_reload_during_a_slow_publish_keeps_pinging(tmp_path: Path, notify: NotifyListener) -> None:
+    """A reload that replaces a busy lane does not block the main loop (pings go on)."""
+    daemon = _start(tmp_path, notify)
+    try:
+        wait_for(lambda: notify.with_key("READY"), 30, "READY=1")
+        daemon.stratum0.inject_fault("publish", "delay", at="before_sync", delay=4.0, times=1)
+        (daemon.staging / "a").write_text("a")
+        wait_for(lambda: daemon.stratum0.state(REPO)["is_publishing_lock"], 30, "the slow publish")
+        text = daemon.config_path.read_text()
+        daemon.config_path.write_text(text.replace("quiet_seconds = 0.2", "quiet_seconds = 0.3"))
+        sent = time.monotonic()
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: notify.with_key("READY", sent), 30, "READY after the reload")
+        wait_for(
+            lambda: "repository lane stopped by reload" in daemon.log(), 30, "the old lane to exit"
+        )
+        stopped = time.monotonic()
+        assert stopped - sent > 2  # the old lane finished its publish first
+        assert notify.pings(sent, stopped) >= 2
+        (daemon.staging / "b").write_text("b")
+        daemon.wait_converged()
+    finally:
+        daemon.stop()
