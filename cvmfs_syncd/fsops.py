@@ -1006,3 +1006,48 @@ def has_writers(source_root: Path, rel_path: str, expected: Fingerprint) -> bool
         return False
     finally:
         os.close(opened)
+
+
+def remove_marker_if_alone(source_root: Path, top: str, marker: str) -> bool:
+    """Remove the ready marker ``top/marker`` if nothing but directories is left beside it.
+
+    Inbox mode calls this after a publish: a file of the directory that could not be
+    published yet keeps the marker, so it is published later instead of waiting for a
+    marker that will never come again. Never follows a symlink: ``top`` is opened with
+    O_NOFOLLOW and the marker removed relative to it, only if it is a regular file.
+    Return True if the marker was removed.
+    """
+    parts = split_repo_path(top)
+    if len(parts) != 1 or not marker or "/" in marker:
+        raise ValueError("remove_marker_if_alone needs a top-level directory and a file name")
+    try:
+        entries = list(walk_staging(source_root, subdir=top))
+    except OSError:
+        return False
+    others = [
+        rel
+        for rel, found in entries
+        if rel != f"{top}/{marker}"
+        and not (isinstance(found, Fingerprint) and found.type is EntryType.DIRECTORY)
+    ]
+    if others:
+        return False
+    root_fd = _open_root(source_root)
+    try:
+        try:
+            top_fd = _descend(root_fd, parts)
+        except OSError:
+            return False
+    finally:
+        os.close(root_fd)
+    try:
+        try:
+            st = _lstat_at(top_fd, marker)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        os.unlink(marker, dir_fd=top_fd)
+        return True
+    finally:
+        os.close(top_fd)

@@ -442,3 +442,46 @@ def test_persistent_apply_errors_back_off(
     assert retries is not None
     assert retries >= 1
     assert not stratum0.in_transaction(REPO)
+
+
+def test_ready_marker_directory_waits_whole_for_its_slowest_file(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """One unsettled file holds its whole marked directory; inbox then empties it completely."""
+    job = staging / "job1"
+    job.mkdir()
+    (job / "a.txt").write_text("a")
+    os.utime(job / "a.txt", (1, 1))
+    (job / ".ready").write_text("")
+    (job / "b.txt").write_text("b")  # written just now: not settled yet
+    lane = lane_factory(staging_extra='  mode = "inbox"\n  ready_marker = ".ready"')
+    lane.recover()
+    lane._reconcile(lane.clock())
+    lane.publish_pending("test", lane.clock())
+    assert "job1/a.txt" not in published(stratum0)  # not without b.txt
+    _sync(lane)
+    assert {"job1/a.txt", "job1/b.txt"} <= set(published(stratum0))
+    assert sorted(os.listdir(job)) == []
+
+
+def test_inbox_keeps_the_marker_while_files_are_left(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """The marker is removed only when nothing but directories is left beside it."""
+    from cvmfs_syncd import fsops
+
+    job = staging / "job"
+    (job / "sub").mkdir(parents=True)
+    (job / ".ready").write_text("")
+    (job / "left.txt").write_text("x")
+    assert not fsops.remove_marker_if_alone(staging, "job", ".ready")
+    assert (job / ".ready").exists()
+    (job / "left.txt").unlink()
+    assert fsops.remove_marker_if_alone(staging, "job", ".ready")
+    assert not (job / ".ready").exists()
+    outside = staging.parent / "outside"
+    outside.mkdir()
+    (outside / ".ready").write_text("")
+    (staging / "link").symlink_to(outside)
+    assert not fsops.remove_marker_if_alone(staging, "link", ".ready")
+    assert (outside / ".ready").exists()

@@ -345,6 +345,18 @@ class StagingInput:
             self._add(plan, entry, Op(kind, rp, self.name, rel, found))
             if marker and inner:
                 groups.setdefault(top, []).append(rp)
+        if marker:
+            # A ready-marker directory goes live whole: if any of its files must wait
+            # (settling, still written), the whole directory waits with it.
+            waiting = {e.rel_path.partition("/")[0] for e in plan.deferred if "/" in e.rel_path}
+            for top in waiting & set(groups):
+                held = set(groups.pop(top))
+                plan.deferred += [
+                    plan.origin.pop(o.repo_path).deferred_until(now + self.config.settle_seconds)
+                    for o in plan.ops
+                    if o.repo_path in held
+                ]
+                plan.ops = [o for o in plan.ops if o.repo_path not in held]
         plan.atomic_groups = [paths for paths in groups.values() if paths]
         if self.config.mode == "mirror" and deletes:
             why = self._root_problem() or deletion_guard(
@@ -427,9 +439,7 @@ class StagingInput:
                 tops.add(op.source_path.partition("/")[0])
         if self.config.mode == "inbox" and self.config.ready_marker:
             for top in tops:
-                marker = self.root / top / self.config.ready_marker
-                if marker.is_file() and not marker.is_symlink():
-                    marker.unlink(missing_ok=True)
+                fsops.remove_marker_if_alone(self.root, top, self.config.ready_marker)
 
     def abandoned(self, batch_id: int, created: Sequence[str]) -> None:  # noqa: ARG002 (protocol)
         """Delete data objects an abandoned batch created."""
