@@ -464,9 +464,7 @@ def test_ready_marker_directory_waits_whole_for_its_slowest_file(
     assert sorted(os.listdir(job)) == []
 
 
-def test_inbox_keeps_the_marker_while_files_are_left(
-    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
-) -> None:
+def test_inbox_keeps_the_marker_while_files_are_left(staging: Path) -> None:
     """The marker is removed only when nothing but directories is left beside it."""
     from cvmfs_syncd import fsops
 
