@@ -23,7 +23,13 @@ import structlog
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer, Outcome
+from cvmfs_syncd.cvmfs.server import (
+    CommandResult,
+    CvmfsServer,
+    Outcome,
+    boot_id,
+    kill_leftover_group,
+)
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
@@ -491,7 +497,9 @@ class Lane(threading.Thread):
             self._open_batch = batch_id
             self._set_status(state="opening transaction")
             result = self.server.transaction(
-                self.repo.name, timeout=self.config.cvmfs.transaction_timeout_seconds
+                self.repo.name,
+                timeout=self.config.cvmfs.transaction_timeout_seconds,
+                on_spawn=self._journal_command(batch_id),
             )
             if result.outcome is Outcome.OK:
                 self.state.set_stage(batch_id, "open")
@@ -593,6 +601,7 @@ class Lane(threading.Thread):
                 message=summary,
                 force=force,
                 timeout=self.config.cvmfs.publish_timeout_seconds,
+                on_spawn=self._journal_command(batch_id),
             )
             if result.outcome is Outcome.OK:
                 revision = self._revision()
@@ -658,6 +667,15 @@ class Lane(threading.Thread):
             self.metrics.retries.labels(self.repo.name, "publish").inc()
             delay = backoff.next_delay()
             self._sleep(delay, abort_batch=batch_id)
+
+    def _journal_command(self, batch_id: int) -> Callable[[int], None]:
+        """Return a hook that journals the process group of a batch's running command."""
+        boot = boot_id()
+
+        def record(pgid: int) -> None:
+            self.state.record_command(batch_id, pgid, boot)
+
+        return record
 
     def _repair_mounts(self) -> None:
         result = self.server.mount(
@@ -823,6 +841,13 @@ class Lane(threading.Thread):
         batch = self.state.unfinished_batch(self.repo.name)
         if batch is None:
             return
+        if batch.pgid is not None and not kill_leftover_group(batch.pgid, batch.boot_id):
+            log.error(
+                "a command of the previous run is still running and could not be stopped",
+                repository=self.repo.name,
+                pgid=batch.pgid,
+            )
+        # Only now, with no command of ours left to change it, is the spool's word final.
         in_txn = self.layout.in_transaction()
         log.warning(
             "recovering an unfinished batch",

@@ -118,6 +118,8 @@ class JournalBatch:
     revision: int | None
     attempts: int
     error: str
+    pgid: int | None = None
+    boot_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,10 @@ class State:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
+            if "pgid" not in columns:  # added in schema 1 databases without it
+                self._db.execute("ALTER TABLE batches ADD COLUMN pgid INTEGER")
+                self._db.execute("ALTER TABLE batches ADD COLUMN boot_id TEXT")
             self._db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
             )
@@ -244,6 +250,13 @@ class State:
         with self._tx() as db:
             db.execute(f"UPDATE batches SET {', '.join(sets)} WHERE id = ?", args)  # noqa: S608 (fixed column names)
 
+    def record_command(self, batch_id: int, pgid: int, boot_id: str) -> None:
+        """Record the process group of the command a batch is running (committed at once)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE batches SET pgid = ?, boot_id = ? WHERE id = ?", (pgid, boot_id, batch_id)
+            )
+
     def mark_applied(self, batch_id: int, seqs: Iterable[int]) -> None:
         """Record which ops (by position) are in the transaction and move to ``applied``."""
         with self._tx() as db:
@@ -260,8 +273,9 @@ class State:
         """Return the repository's batch that has not reached a final stage, if any."""
         rows = self._query(
             "SELECT id, repo, stage, reason, summary, created_at, base_revision, revision,"
-            " attempts, error FROM batches WHERE repo = ? AND stage NOT IN ('done', 'aborted',"
-            " 'failed') ORDER BY id DESC LIMIT 1",
+            " attempts, error, pgid, boot_id FROM batches"
+            " WHERE repo = ? AND stage NOT IN ('done', 'aborted', 'failed')"
+            " ORDER BY id DESC LIMIT 1",
             (repo,),
         )
         return _batch(rows[0]) if rows else None
@@ -270,7 +284,7 @@ class State:
         """Return one batch; raise StateError if unknown."""
         rows = self._query(
             "SELECT id, repo, stage, reason, summary, created_at, base_revision, revision,"
-            " attempts, error FROM batches WHERE id = ?",
+            " attempts, error, pgid, boot_id FROM batches WHERE id = ?",
             (batch_id,),
         )
         if not rows:
@@ -281,7 +295,7 @@ class State:
         """Return the newest batches of a repository, newest first."""
         rows = self._query(
             "SELECT id, repo, stage, reason, summary, created_at, base_revision, revision,"
-            " attempts, error FROM batches WHERE repo = ? ORDER BY id DESC LIMIT ?",
+            " attempts, error, pgid, boot_id FROM batches WHERE repo = ? ORDER BY id DESC LIMIT ?",
             (repo, limit),
         )
         return [_batch(r) for r in rows]
@@ -514,7 +528,7 @@ def _subtree_range(key: bytes) -> tuple[bytes, bytes]:
 
 
 def _batch(row: tuple[object, ...]) -> JournalBatch:
-    bid, repo, stage, reason, summary, created, base, rev, attempts, error = row
+    bid, repo, stage, reason, summary, created, base, rev, attempts, error, pgid, boot = row
     return JournalBatch(
         id=int(str(bid)),
         repo=str(repo),
@@ -526,6 +540,8 @@ def _batch(row: tuple[object, ...]) -> JournalBatch:
         revision=int(str(rev)) if rev is not None else None,
         attempts=int(str(attempts)),
         error=str(error),
+        pgid=int(str(pgid)) if pgid is not None else None,
+        boot_id=str(boot or ""),
     )
 
 

@@ -104,12 +104,13 @@ class DaemonUnderTest:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    def kill(self) -> None:
-        """kill -9 the daemon, and any fake command it left hanging."""
+    def kill(self, *, orphans: bool = True) -> None:
+        """kill -9 the daemon, and (unless told not to) any fake command it left running."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
-        self.stratum0.kill_orphans()
+        if orphans:
+            self.stratum0.kill_orphans()
 
     def wait_exit(self, timeout: float = 60) -> int:
         """Wait for the daemon to exit; return its exit code."""

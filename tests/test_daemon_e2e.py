@@ -292,3 +292,30 @@ def test_reload_adds_and_removes_repositories(daemon: DaemonUnderTest) -> None:
     wait_for(lambda: "repository lane stopped by reload" in daemon.log(), 30, "the lane to stop")
     _, body = daemon.get("/status")
     assert set(body["repositories"]) == {REPO}
+
+
+def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
+    daemon: DaemonUnderTest,
+) -> None:
+    """kill -9 during a slow `transaction`: the restart stops that command before recovering,
+    so it cannot open a transaction later that would look foreign forever."""
+    daemon.start()
+    daemon.stratum0.inject_fault("transaction", "delay", delay=4.0, times=1)
+    (daemon.staging / "a").write_text("a")
+
+    def command_journalled() -> bool:
+        db = sqlite3.connect(daemon.tmp_path / "state" / "state.sqlite")
+        try:
+            rows = db.execute("SELECT stage, pgid FROM batches ORDER BY id").fetchall()
+        finally:
+            db.close()
+        return bool(rows) and rows[-1][0] == "opening" and rows[-1][1] is not None
+
+    wait_for(command_journalled, 30, "the slow transaction to be journalled")
+    daemon.kill(orphans=False)
+    assert daemon.stratum0.orphans()  # the command outlived the daemon
+    daemon.stratum0.clear_faults()
+    daemon.start()
+    daemon.wait_converged()
+    assert not daemon.stratum0.orphans()
+    assert "stopping a command left by the previous run" in daemon.log()

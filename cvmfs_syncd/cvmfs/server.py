@@ -21,13 +21,14 @@ does about it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -563,7 +564,12 @@ class CvmfsServer:
     # -- transactions and publishing
 
     def transaction(
-        self, repo: str, *, path: str | None = None, timeout: float | None = None
+        self,
+        repo: str,
+        *,
+        path: str | None = None,
+        timeout: float | None = None,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> CommandResult:
         """Open a transaction on ``repo`` (``transaction R`` or ``transaction R/path``).
 
@@ -571,10 +577,16 @@ class CvmfsServer:
         comes back at once and the caller retries.  A path scope does not restrict
         what is published; its parent must exist (:attr:`Outcome.PATH_SCOPE_MISSING`).
         """
-        return self._server(("transaction", _scoped(repo, path)), timeout)
+        return self._server(("transaction", _scoped(repo, path)), timeout, on_spawn)
 
     def publish(
-        self, repo: str, *, message: str = "", force: bool = False, timeout: float | None = None
+        self,
+        repo: str,
+        *,
+        message: str = "",
+        force: bool = False,
+        timeout: float | None = None,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> CommandResult:
         """Publish the open transaction of ``repo`` with ``message`` (``publish [-f] [-m M] R``).
 
@@ -592,7 +604,7 @@ class CvmfsServer:
         text = _message(message)
         if text:
             args += ("-m", text)
-        return self._server((*args, _repo(repo)), timeout)
+        return self._server((*args, _repo(repo)), timeout, on_spawn)
 
     def abort(self, repo: str, *, timeout: float | None = None) -> CommandResult:
         """Discard the open transaction of ``repo`` (``abort -f R``); never prompts."""
@@ -707,15 +719,27 @@ class CvmfsServer:
 
     # -- execution
 
-    def _server(self, args: tuple[str, ...], timeout: float | None) -> CommandResult:
-        return self._execute(self.server_command, args, timeout)
+    def _server(
+        self,
+        args: tuple[str, ...],
+        timeout: float | None,
+        on_spawn: Callable[[int], None] | None = None,
+    ) -> CommandResult:
+        return self._execute(self.server_command, args, timeout, on_spawn)
 
     def _execute(
-        self, prefix: tuple[str, ...], args: tuple[str, ...], timeout: float | None
+        self,
+        prefix: tuple[str, ...],
+        args: tuple[str, ...],
+        timeout: float | None,
+        on_spawn: Callable[[int], None] | None = None,
     ) -> CommandResult:
         """Run ``prefix + args`` under the rules of this module and return its result.
 
-        Raise :class:`CvmfsCommandError` when the command cannot be started.
+        ``on_spawn(pgid)`` is called with the command's process group as soon as it runs
+        (the caller journals it: a group that outlives a killed daemon can be stopped at
+        the next start). Raise :class:`CvmfsCommandError` when the command cannot be
+        started.
         """
         limit = _timeout(timeout, self.default_timeout)
         argv = (*prefix, *args)
@@ -735,6 +759,12 @@ class CvmfsServer:
             )
         except OSError as exc:
             raise CvmfsCommandError(f"cannot start {argv[0]!r}: {exc}") from exc
+        if on_spawn is not None:
+            try:
+                on_spawn(proc.pid)
+            except BaseException:
+                self._kill_group(proc, argv)
+                raise
         timed_out = False
         try:
             out, err = proc.communicate(timeout=limit)
@@ -823,3 +853,63 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         pass
     except PermissionError:
         log.exception("cannot signal cvmfs command group", pgid=pgid, signal=signum.name)
+
+
+def boot_id() -> str:
+    """Return this boot's identity (process ids are only meaningful within one boot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
+def kill_leftover_group(pgid: int, recorded_boot: str, timeout: float = 10.0) -> bool:
+    """Stop what is left of a command group a previous daemon started (it was killed).
+
+    A killed daemon leaves its command running (its own session): a ``transaction`` may
+    still open the transaction later (recorded, b_double_transaction 4). The group is
+    SIGKILLed only if this is the same boot and its processes are CernVM-FS commands, so a
+    reused process id is never hit. Return True once no process of the group is left.
+    """
+    if pgid <= 1 or not recorded_boot or recorded_boot != boot_id():
+        return True
+    members = _group_members(pgid)
+    if not members:
+        return True
+    if not all("cvmfs" in _cmdline(pid) for pid in members):
+        log.warning("not stopping a process group that is not a cvmfs command", pgid=pgid)
+        return False
+    log.warning("stopping a command left by the previous run", pgid=pgid, pids=members)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while _group_members(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after the command name: state, ppid, pgrp, ...; zombies are gone for us.
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
