@@ -125,6 +125,8 @@ class Lane(threading.Thread):
         self._txn_seen_since: float | None = None
         self._foreign_seen = False
         self.exit_error = ""
+        #: True while a maintenance job (gc) runs: it may take hours under its own timeout.
+        self.job_running = False
         self.on_whitelist_expired: Callable[[], None] | None = None
         # Maintenance start-up (re-sign an expired whitelist, repair mounts): runs before
         # recovery, whose transaction/publish/abort would all fail on an expired whitelist.
@@ -247,6 +249,7 @@ class Lane(threading.Thread):
         if not job.future.set_running_or_notify_cancel():
             return
         self._set_status(state=f"running {job.name}", busy_since=self.clock())
+        self.job_running = True
         try:
             with self._locked():
                 result = job.fn()
@@ -255,6 +258,7 @@ class Lane(threading.Thread):
         else:
             job.future.set_result(result)
         finally:
+            self.job_running = False
             self._set_status(state="idle", busy_since=None)
 
     def _locked(self) -> _LockContext:
@@ -367,9 +371,12 @@ class Lane(threading.Thread):
                 if self._release_granted:
                     source_ops += plan.guarded
                 else:
-                    self._guarded += [
-                        plan.origin[o.repo_path] for o in plan.guarded if o.repo_path in plan.origin
-                    ]
+                    known = {held.key for held in self._guarded}
+                    for o in plan.guarded:
+                        guarded = plan.origin.get(o.repo_path)
+                        if guarded is not None and guarded.key not in known:
+                            self._guarded.append(guarded)
+                            known.add(guarded.key)
                     self._set_hold(f"{source.name}: {plan.guard_reason}", "mass-delete")
             ops += source_ops
             origin.update(plan.origin)
@@ -504,6 +511,10 @@ class Lane(threading.Thread):
             if result.outcome is Outcome.OK:
                 self.state.set_stage(batch_id, "open")
                 self.metrics.transaction_open.labels(self.repo.name).set(1)
+                # Stuck publishes retry inside the lane, where step() does not run: the
+                # "open too long" alert needs this gauge set by the opener too.
+                self._txn_seen_since = self._txn_seen_since or self.clock()
+                self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since)
                 self._set_status(transaction_open=True)
                 return True
             if result.outcome is Outcome.TIMEOUT and self.layout.in_transaction():
@@ -606,7 +617,8 @@ class Lane(threading.Thread):
             if result.outcome is Outcome.OK:
                 revision = self._revision()
                 self.state.set_stage(batch_id, "published", revision=revision)
-                self._set_hold("")
+                if not self._guarded:  # a mass-delete hold stays until released
+                    self._set_hold("")
                 return revision if revision is not None else -1
             revision = self._revision()
             base = self.state.batch(batch_id).base_revision
@@ -918,15 +930,16 @@ class Lane(threading.Thread):
             self._check_release()
             if self._foreign_transaction_open():
                 return False, "a transaction the daemon did not open is in progress"
-            if self._guarded:
-                return False, self._held_reason
             if not len(self.pending):
                 leftover = []
                 for source in self.inputs:
                     leftover += source.reconcile(self.clock())
-                if not leftover:
-                    return True, ""
-                for hint in leftover:
+                # Everything publishable is live; held deletions keep us out of sync.
+                guarded = {entry.key for entry in self._guarded}
+                fresh = [h for h in leftover if (h.source, h.rel_path) not in guarded]
+                if not fresh:
+                    return (False, self._held_reason) if self._guarded else (True, "")
+                for hint in fresh:
                     self.pending.add(hint)
             now = self.clock()
             items = self.pending.items()

@@ -64,6 +64,7 @@ MAX_RETRIES = 10
 #: ``check -i`` re-hashes every object file: hours on a large storage. The timeout only
 #: guards against a hang.
 CHECK_INTEGRITY_TIMEOUT = 24 * 3600.0
+GC_TIMEOUT = 24 * 3600.0
 #: How long a command-line run waits for a lock the daemon holds.
 CLI_LOCK_WAIT = 3600.0
 
@@ -650,7 +651,9 @@ class RepositoryMaintenance:
                 self.name,
                 keep_revisions=self.settings.gc_keep_revisions,
                 keep_since=keep_since,
-                timeout=self.config.cvmfs.publish_timeout_seconds,
+                # gc of a large repository takes hours; it runs as a lane job, which the
+                # stall check exempts, so only this bound ends a gc that hangs.
+                timeout=GC_TIMEOUT,
             )
         finally:
             check_lock.release()

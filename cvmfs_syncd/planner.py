@@ -68,6 +68,9 @@ class Input(Protocol):
     def health(self) -> tuple[bool, str]:
         """Return (up, detail)."""
 
+    def alive(self) -> bool:
+        """Return False only if the source's own thread (watcher, poller) died."""
+
     def reconcile(self, now: float) -> list[Dirty]:
         """Compare the whole input with what is live; return a hint for every difference."""
 

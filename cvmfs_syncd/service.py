@@ -296,12 +296,12 @@ class Service:
             if not lane.is_alive() and not self._stopping:
                 return False, f"lane {name} is not running"
             status = lane.status()
-            if now - status.progress_at > self.config.daemon.stall_seconds:
+            stalled = now - status.progress_at > self.config.daemon.stall_seconds
+            if stalled and not lane.job_running:
                 return False, f"lane {name} made no progress for {now - status.progress_at:.0f}s"
             for source in lane.inputs:
-                up, why = source.health()
-                if not up and "died" in why:
-                    return False, why
+                if not source.alive():
+                    return False, f"the watcher thread of {source.name} died"
         return True, ""
 
     def degraded(self) -> list[str]:

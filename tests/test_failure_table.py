@@ -203,3 +203,28 @@ def test_expired_whitelist_holds_until_resigned_without_abort(
     assert resigned == [True]
     assert lane.status().held == ""
     assert _published(stratum0)
+
+
+def test_own_stuck_transaction_sets_the_open_since_gauge(
+    setup: tuple[FakeStratum0, Path, Lane],
+) -> None:
+    """While a publish retries (storage down), the transaction-open-since gauge is set."""
+    stratum0, _, lane = setup
+    stratum0.inject_fault("publish", "fail", at="upload", times=1)
+    seen: list[float | None] = []
+    recorder = Recorder(lane, lambda: None)
+    original = recorder._publish
+
+    def publish_and_look(repo: str, **kw: Any) -> CommandResult:
+        seen.append(
+            lane.metrics.registry.get_sample_value(
+                "cvmfs_syncd_transaction_open_since_timestamp_seconds", {"repository": REPO}
+            )
+        )
+        return original(repo, **kw)
+
+    recorder._publish = publish_and_look
+    ok, why = lane.sync_once(30)
+    assert ok, why
+    assert len(seen) == 2
+    assert all(value is not None and value > 0 for value in seen)

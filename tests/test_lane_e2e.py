@@ -483,3 +483,26 @@ def test_inbox_keeps_the_marker_while_files_are_left(staging: Path) -> None:
     (staging / "link").symlink_to(outside)
     assert not fsops.remove_marker_if_alone(staging, "link", ".ready")
     assert (outside / ".ready").exists()
+
+
+def test_mass_deletion_hold_survives_unrelated_publishes(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """Other changes are published while deletions are held; the hold and its alert stay."""
+    for i in range(20):
+        (staging / f"f{i}").write_text(str(i))
+    lane = lane_factory()
+    _sync(lane)
+    for i in range(15):
+        (staging / f"f{i}").unlink()
+    lane.sync_once(2)
+    (staging / "new").write_text("n")
+    lane.sync_once(2)
+    lane.sync_once(2)  # a second reconciliation must not guard the same paths twice
+    assert "new" in published(stratum0)
+    assert "release" in lane.status().held
+    held = lane.metrics.registry.get_sample_value(
+        "cvmfs_syncd_lane_held", {"repository": REPO, "reason": "mass-delete"}
+    )
+    assert held == 1
+    assert len(lane._guarded) == 15

@@ -398,3 +398,34 @@ def test_lane_mounts_again_when_transaction_finds_no_mount(
         ("transaction", Outcome.OK),
     ]
     assert _published(stratum0, "after-repair.txt")
+
+
+def test_a_long_gc_does_not_count_as_a_stalled_lane(
+    tmp_path: Path, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """gc runs in the lane for as long as it takes: the watchdog's stall check exempts it."""
+    import dataclasses
+
+    config = load_config(tmp_path, stratum0, staging, SCHEDULED)
+    config = dataclasses.replace(
+        config, daemon=dataclasses.replace(config.daemon, stall_seconds=1.0)
+    )
+    daemon = Daemon(Service(config))
+    daemon.start()
+    try:
+        wait_for(lambda: _idle(daemon), 30, "an idle lane")
+        stratum0.inject_fault("gc", "delay", delay=3.0, times=1)
+        daemon.service.maintenance[REPO].submit_gc()
+        lane = daemon.service.lanes[REPO]
+        wait_for(lambda: lane.job_running, 30, "gc to run in the lane")
+        states: set[tuple[bool, str]] = set()
+
+        def sampled_until_done() -> bool:
+            states.add(daemon.service.health())
+            return not lane.job_running
+
+        wait_for(sampled_until_done, 30, "gc to finish")
+        assert states == {(True, "")}
+        assert _finished(daemon.calls.of("gc"))
+    finally:
+        daemon.stop()

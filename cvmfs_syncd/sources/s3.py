@@ -327,6 +327,11 @@ class S3Input:
         if store is not None:
             store.close()
 
+    def alive(self) -> bool:
+        """Return False if the poller thread died (listing failures are "down", not dead)."""
+        thread = self._thread
+        return thread is None or thread.is_alive()
+
     def health(self) -> tuple[bool, str]:
         """Return (up, detail): down while listings fail or the poller died."""
         thread = self._thread

@@ -147,6 +147,12 @@ class StagingInput:
             observer.stop()
             observer.join(timeout=10)
 
+    def alive(self) -> bool:
+        """Return False if the inotify observer thread died (a watched path that is missing
+        is down, not dead: rescans go on)."""
+        observer = self._observer
+        return observer is None or observer.is_alive()
+
     def health(self) -> tuple[bool, str]:
         """Return (up, detail): down when the path is missing or the watcher died."""
         observer = self._observer
