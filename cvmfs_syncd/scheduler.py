@@ -51,8 +51,9 @@ _DOW_ITEM = re.compile(
 
 
 def _cron_day(token: str, field: str) -> int:
+    """Return crontab's day number 0-7 (7 kept: it is folded onto Sunday after expansion)."""
     if token.isdigit():
-        return int(token) % 7  # 7 is Sunday too
+        return int(token)
     if token in _CRON_DAYS:
         return _CRON_DAYS.index(token)
     raise ValueError(f"day of week {field!r}: {token!r} is not a day (0-7 or sun..sat)")
@@ -80,12 +81,13 @@ def crontab_weekdays(field: str) -> str:
             first, last = 0, 6
         else:
             first = _cron_day(match["first"], field)
-            # A range may end on 7 (Sunday) as crontab allows: 5-7 = fri,sat,sun.
+            # A range may end on 7 (Sunday) as crontab allows: 5-7 = fri,sat,sun; and a
+            # start with a step runs to the end of the week, 7 included (5/1 = fri,sat,sun).
             end = match["last"]
             if end is None:
-                last = first if match["step"] is None else 6
+                last = first if match["step"] is None else 7
             else:
-                last = 7 if end == "7" else _cron_day(end, field)
+                last = _cron_day(end, field)
             if last < first:
                 raise ValueError(f"day of week {field!r}: range {item!r} runs backwards")
         days.update(day % 7 for day in range(first, last + 1, step))

@@ -65,7 +65,10 @@ def test_every_spelling_of_sunday_is_sunday(sunday: str) -> None:
         ("1-5/2", "mon,wed,fri"),
         ("6,0", "sat,sun"),
         ("sat,sun", "sat,sun"),
-        ("3/2", "wed,fri"),
+        ("3/2", "wed,fri,sun"),  # a start with a step runs to 7, which is Sunday
+        ("7-7", "sun"),
+        ("5/1", "fri,sat,sun"),
+        ("7/2", "sun"),
     ],
 )
 def test_day_of_week_fields_are_translated_day_by_day(field: str, days: str) -> None:

@@ -761,7 +761,9 @@ class S3Input:
 
     def _guard(self, plan: Plan, listing: Listing, deletes: int) -> None:
         live = self.state.count_published(self.repo, self.name)
-        if not listing.objects and live:
+        # "Empty" means no publishable key: folder markers ("dir/"), refused keys and ready
+        # markers left behind in an emptied prefix must not disarm the guard.
+        if not listing.winners and live:
             why = (
                 f"the listing of s3://{self.config.bucket}/{self.full_prefix} is empty while "
                 f"{live} paths from it are live (emptied or wrong prefix?); "
