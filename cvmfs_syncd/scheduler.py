@@ -84,10 +84,8 @@ def crontab_weekdays(field: str) -> str:
             # A range may end on 7 (Sunday) as crontab allows: 5-7 = fri,sat,sun; and a
             # start with a step runs to the end of the week, 7 included (5/1 = fri,sat,sun).
             end = match["last"]
-            if end is None:
-                last = first if match["step"] is None else 7
-            else:
-                last = _cron_day(end, field)
+            open_end = first if match["step"] is None else 7
+            last = open_end if end is None else _cron_day(end, field)
             if last < first:
                 raise ValueError(f"day of week {field!r}: range {item!r} runs backwards")
         days.update(day % 7 for day in range(first, last + 1, step))
