@@ -689,8 +689,24 @@ class RecordingSink:
             return tuple(name for name in self._reused if name not in self._created)
 
     def put(self, name: str, data: bytes) -> None:
-        """Store ``data`` as ``name``, verify it and record it; raises :class:`StorageError`."""
-        self.record(name, self.store.put(name, data))
+        """Store ``data`` as ``name``, verify it and record it; raises :class:`StorageError`.
+
+        An object that was already there but fails verification (corrupted, same size) is
+        rewritten from ``data``: objects are content-addressed, so these bytes are the ones
+        it must hold. It still counts as reused, never as created.
+        """
+        created = self.store.put(name, data)
+        try:
+            self.record(name, created)
+        except StorageError:
+            if created:
+                raise
+            log.warning("rewriting a corrupt object that was already stored", name=name)
+            self.store.delete(name)
+            self.store.put(name, data)
+            if not self.store.verify(name):
+                raise
+            log.info("corrupt object repaired", name=name)
 
     def open_writer(self) -> RecordingWriter:
         """Start a large object in the store."""

@@ -461,3 +461,22 @@ def test_s3_errors_do_not_reveal_secrets(tmp_path: Path) -> None:
     assert "HEAD" in message
     assert SECRET_KEY not in message
     assert ACCESS_KEY not in message
+
+
+def test_a_corrupt_existing_object_is_rewritten_and_still_counts_as_reused(
+    local_store: LocalObjectStore, storage_root: Path
+) -> None:
+    """Bit rot in a stored object (same size) is repaired from the bytes in hand; the object
+    is not recorded as created, so abandoning the batch can never delete it."""
+    data = b"hello world" * 100
+    name = name_for(data)
+    RecordingSink(local_store).put(name, data)
+    path = storage_root / name
+    rotten = bytearray(path.read_bytes())
+    rotten[0] ^= 1
+    path.write_bytes(bytes(rotten))
+    sink = RecordingSink(local_store)
+    sink.put(name, data)
+    assert path.read_bytes() == data
+    assert sink.created == ()
+    assert sink.reused == (name,)
