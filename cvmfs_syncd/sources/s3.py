@@ -825,6 +825,12 @@ class S3Input:
         fp = op.fingerprint
         if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT):
             return Applied(ApplyOutcome.REFUSED, f"an S3 source cannot {op.kind.value}")
+        with self._lock:
+            backing_off = self.clock() < self._status.retry_at
+        if backing_off:
+            # An earlier download of this batch failed: do not hold the transaction open
+            # for a timeout per remaining object against a dead or hanging endpoint.
+            raise OSError(errno.EAGAIN, f"{self.name} is backing off after a failed download")
         try:
             opened = self._open(op.source_path, fp)
             if isinstance(opened, Applied):

@@ -20,7 +20,7 @@ from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Dirty, EntryType, Op, OpKind
+from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import reserved_name, split_repo_path
 from cvmfs_syncd.planner import ApplyOutcome, Plan
 from cvmfs_syncd.sources.s3 import GRAFT_NAME_MAX, S3Input, make_client
@@ -548,3 +548,53 @@ def test_directories_carry_a_directory_fingerprint(state: State, fake: FakeS3) -
         and op.fingerprint.mode == 0o755
         for op in dirs
     )
+
+
+def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
+    """After one failed download the rest of the batch fails at once, without a request each."""
+    from tests.sources.s3_support import Bucket, Moto
+
+    moto = Moto()
+    bucket = Bucket(moto)
+    for i in range(5):
+        bucket.put(f"builds/f{i}", b"x" * 100)
+    creds = write_credentials(tmp_path / "creds")
+    config = S3Config(
+        bucket=bucket.name,
+        prefix="builds/",
+        target="/ci",
+        endpoint_url=moto.url,
+        region="us-east-1",
+        credentials_file=creds,
+        poll_seconds=1.0,
+    )
+    state = State(tmp_path / "state")
+    source = S3Input("r.example", config, state, Metrics())
+    try:
+        source.poll(T0)
+        source.poll(T0 + 2)
+        plan = source.plan(pending(source.reconcile(T0 + 2)), T0 + 2)
+        files = [op for op in plan.ops if op.kind is OpKind.COPY_FILE]
+        assert len(files) == 5
+        moto.stop()
+        union = tmp_path / "union"
+        union.mkdir()
+        requests: list[str] = []
+        real_open = source._open
+
+        def counted(key: str, fp: Fingerprint) -> object:
+            requests.append(key)
+            return real_open(key, fp)
+
+        source._open = counted  # type: ignore[method-assign,assignment]
+        failures = 0
+        for op in files:
+            try:
+                source.apply(op, union, 1)
+            except OSError:
+                failures += 1
+        assert failures == 5
+        assert len(requests) == 1
+    finally:
+        source.stop()
+        state.close()
