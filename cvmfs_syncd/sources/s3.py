@@ -960,7 +960,36 @@ class S3Input:
         marker = self.config.ready_marker
         if marker:
             for top in sorted(tops):
-                self._delete_object(f"{self.full_prefix}{top}/{marker}", None)
+                self._delete_marker_if_alone(top, marker)
+
+    def _delete_marker_if_alone(self, top: str, marker: str) -> None:
+        """Delete ``top``'s ready marker once nothing but it (and folder markers) is left.
+
+        An object of the directory that could not be published yet keeps the marker, so
+        it goes live later instead of waiting for a marker that will never come back; the
+        marker is deleted only in the version that was listed (a new drop's marker stays).
+        """
+        prefix = f"{self.full_prefix}{top}/"
+        key = prefix + marker
+        try:
+            pages = (
+                self.client()
+                .get_paginator("list_objects_v2")
+                .paginate(Bucket=self.config.bucket, Prefix=prefix)
+            )
+            others = any(
+                item["Key"] != key and not item["Key"].endswith("/")
+                for page in pages
+                for item in page.get("Contents", [])
+            )
+        except _s3_errors(SourceError) as exc:
+            log.warning("could not list before deleting a marker", key=repr(key), error=str(exc))
+            return
+        if others:
+            return
+        with self._lock:
+            known = self._stored.get(key)
+        self._delete_object(key, known.etag if known is not None else None)
 
     def _delete_object(self, key: str, etag: str | None) -> bool:
         """Delete ``key`` if it still has ``etag`` (any version when None); True if gone.

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
@@ -598,3 +599,68 @@ def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
     finally:
         source.stop()
         state.close()
+
+
+class _DeletingS3(FakeS3):
+    """FakeS3 with HEAD/DELETE, and GETs that can be made to fail."""
+
+    fail_get: frozenset[str] = frozenset()
+
+    def get_object(self, *, Bucket: str, Key: str, IfMatch: str = "") -> dict[str, Any]:
+        if Key in self.fail_get:
+            raise EndpointConnectionError(endpoint_url="http://minio:9000")
+        return super().get_object(Bucket=Bucket, Key=Key, IfMatch=IfMatch)
+
+    def head_object(
+        self,
+        *,
+        Bucket: str,  # noqa: ARG002 (boto3's signature)
+        Key: str,
+        IfMatch: str | None = None,
+    ) -> dict[str, Any]:
+        from botocore.exceptions import ClientError
+
+        if Key not in self.objects:
+            raise ClientError({"Error": {"Code": "404"}}, "HeadObject")
+        if IfMatch and IfMatch != self.objects[Key][1]:
+            raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "HeadObject")
+        return {}
+
+    def delete_object(
+        self,
+        *,
+        Bucket: str,  # noqa: ARG002 (boto3's signature)
+        Key: str,
+    ) -> dict[str, Any]:
+        self.objects.pop(Key, None)
+        return {}
+
+
+def test_inbox_keeps_the_marker_until_its_directory_is_empty(state: State, tmp_path: Path) -> None:
+    """An object that failed to publish keeps its directory's marker, and goes live later."""
+    fake = _DeletingS3()
+    for key in ("builds/b1/a", "builds/b1/b", "builds/b1/.done"):
+        fake.put(key, b"data-" + key.encode())
+    source = make_source(state, fake, mode="inbox", ready_marker=".done")
+    plan = plan_hints(source, source.poll(T0), T0)
+    fake.fail_get = frozenset({"builds/b1/b"})
+    union = tmp_path / "union"
+    union.mkdir()
+    applied = []
+    for op in plan.ops:
+        try:
+            source.apply(op, union, 1)
+        except OSError:
+            continue
+        applied.append(op)
+    state.apply_published("r", applied, 2)
+    source.published(applied)
+    assert sorted(fake.objects) == ["builds/b1/.done", "builds/b1/b"]
+    fake.fail_get = frozenset()
+    source._status.retry_at = 0.0  # the back-off after the failed GET has passed
+    retry = source.plan([Pending(source.name, "b1/b", T0, T0)], T0 + 500)
+    assert [op.source_path for op in retry.ops] == ["builds/b1/b"]
+    for op in retry.ops:
+        source.apply(op, union, 2)
+    source.published(retry.ops)
+    assert fake.objects == {}
