@@ -61,6 +61,8 @@ TASKS = ("resign", "gc", "check")
 #: scheduled run (the failure stays visible in ``cvmfs_syncd_maintenance_failing``).
 #: resign is retried without limit: an expired whitelist takes the repository down.
 MAX_RETRIES = 10
+#: Outcomes that mean "not now", not "broken": retried without the MAX_RETRIES cap.
+_WAITING_OUTCOMES = frozenset({"check_running", "foreign_transaction"})
 #: ``check -i`` re-hashes every object file: hours on a large storage. The timeout only
 #: guards against a hang.
 CHECK_INTEGRITY_TIMEOUT = 24 * 3600.0
@@ -867,12 +869,15 @@ class RepositoryMaintenance:
             )
         self._records.update(task, **fields)
         if not result.ok and result.retry:
-            self._schedule_retry(task, failures)
+            self._schedule_retry(task, failures, waiting=result.outcome in _WAITING_OUTCOMES)
 
-    def _schedule_retry(self, task: str, failures: int) -> None:
+    def _schedule_retry(self, task: str, failures: int, *, waiting: bool = False) -> None:
         if self.run_soon is None:
             return
-        if task != "resign" and failures > MAX_RETRIES:
+        # Waiting behind a long `check -i` or an operator's transaction is not a failure
+        # of the task: it keeps retrying (at the capped back-off) instead of giving up
+        # for the week after MAX_RETRIES.
+        if task != "resign" and failures > MAX_RETRIES and not waiting:
             log.error(
                 "maintenance task keeps failing; waiting for its next scheduled run",
                 repository=self.name,

@@ -678,3 +678,19 @@ def test_last_success_survives_a_restart(maintenance: Factory) -> None:
         assert after == pytest.approx(before, abs=1)
     enabled = sample(second.metrics, ENABLED_SINCE, task="gc")
     assert enabled == first.status()["gc"]["enabled_since"]
+
+
+def test_gc_waiting_behind_a_check_is_retried_beyond_the_cap(maintenance: Factory) -> None:
+    """Waiting behind a long check (or a foreign transaction) never exhausts gc's retries;
+    real failures stop after MAX_RETRIES until the next scheduled run."""
+    from cvmfs_syncd.maintenance import MAX_RETRIES
+
+    maint = maintenance(gc_schedule='"0 3 * * 0"')
+    retries = Deferred()
+    maint.run_soon = retries
+    maint._schedule_retry("gc", MAX_RETRIES + 5, waiting=True)
+    assert retries.tasks() == ["gc"]
+    later = Deferred()
+    maint.run_soon = later
+    maint._schedule_retry("gc", MAX_RETRIES + 5)
+    assert later.tasks() == []
