@@ -46,22 +46,19 @@ def staging_tree(root: Path, *, ignore: Callable[[str], bool] = lambda _: False)
     return tree
 
 
-def write_config(
-    path: Path,
+def config_head(
     *,
     state_dir: Path,
     server_command: Path | str,
     config_dir: Path,
     repo: str,
-    staging: Path,
     metrics_address: str = "127.0.0.1:0",
-    repo_extra: str = "",
-    staging_extra: str = "",
     daemon_extra: str = "",
-) -> Path:
-    """Write a daemon configuration for tests (short quiet periods, fast retries)."""
-    path.write_text(
-        f"""
+    repo_extra: str = "",
+) -> str:
+    """Return the [daemon], [cvmfs] and [[repository]] tables of a test configuration
+    (short quiet periods, fast retries); a source table is appended by the caller."""
+    return f"""
 [daemon]
 state_dir = "{state_dir}"
 metrics_address = "{metrics_address}"
@@ -84,7 +81,35 @@ max_batch_seconds = 2
 retry_initial_seconds = 0.1
 retry_max_seconds = 1
 {repo_extra}
+"""
 
+
+def write_config(
+    path: Path,
+    *,
+    state_dir: Path,
+    server_command: Path | str,
+    config_dir: Path,
+    repo: str,
+    staging: Path,
+    metrics_address: str = "127.0.0.1:0",
+    repo_extra: str = "",
+    staging_extra: str = "",
+    daemon_extra: str = "",
+) -> Path:
+    """Write a daemon configuration with one staging source for tests."""
+    head = config_head(
+        state_dir=state_dir,
+        server_command=server_command,
+        config_dir=config_dir,
+        repo=repo,
+        metrics_address=metrics_address,
+        daemon_extra=daemon_extra,
+        repo_extra=repo_extra,
+    )
+    path.write_text(
+        head
+        + f"""
   [[repository.staging]]
   path = "{staging}"
   target = "/"

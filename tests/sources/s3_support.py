@@ -19,6 +19,8 @@ from botocore.exceptions import ClientError
 from botocore.response import StreamingBody
 from moto.server import ThreadedMotoServer
 
+from tests.support import config_head
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
@@ -158,30 +160,17 @@ def write_s3_config(
     repo_extra: str = "",
 ) -> Path:
     """Write a daemon configuration whose repository has one S3 source (no staging)."""
+    head = config_head(
+        state_dir=state_dir,
+        server_command=server_command,
+        config_dir=config_dir,
+        repo=repo,
+        metrics_address=metrics_address,
+        repo_extra=repo_extra,
+    )
     path.write_text(
-        f"""
-[daemon]
-state_dir = "{state_dir}"
-metrics_address = "{metrics_address}"
-log_format = "json"
-rescan_seconds = 30
-stop_timeout_seconds = 60
-
-[cvmfs]
-server_command = "{server_command}"
-config_dir = "{config_dir}"
-transaction_timeout_seconds = 20
-publish_timeout_seconds = 60
-command_timeout_seconds = 20
-
-[[repository]]
-name = "{repo}"
-quiet_seconds = 0.2
-max_batch_seconds = 2
-retry_initial_seconds = 0.1
-retry_max_seconds = 1
-{repo_extra}
-
+        head
+        + f"""
   [[repository.s3]]
   endpoint_url = "{endpoint}"
   region = "us-east-1"
