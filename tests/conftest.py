@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from moto.server import ThreadedMotoServer
 
 
 @pytest.fixture(autouse=True)
@@ -22,3 +23,14 @@ def no_leaked_threads() -> Iterator[None]:
             return
         leaked[0].join(timeout=0.1)
     pytest.fail(f"threads leaked by the test: {[t.name for t in leaked]}")
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[tuple[str, int]]:
+    """A moto S3 server over real HTTP on a free port of 127.0.0.1 (host, port)."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield server.get_host_and_port()
+    finally:
+        server.stop()

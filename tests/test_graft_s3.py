@@ -6,14 +6,12 @@ import contextlib
 import hashlib
 import os
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
 from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
-from moto.server import ThreadedMotoServer
 
 from cvmfs_syncd import fsops
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
@@ -27,21 +25,10 @@ KEY_ID = "graft-test-key"
 SECRET = "graft-test-secret"  # noqa: S105 (a credential for the local moto server)
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[tuple[str, int]]:
-    """A moto S3 server on a free port of 127.0.0.1."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield server.get_host_and_port()
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def layout(moto: tuple[str, int], tmp_path: Path) -> RepositoryLayout:
+def layout(moto_endpoint: tuple[str, int], tmp_path: Path) -> RepositoryLayout:
     """An S3 repository layout whose server.conf names an S3 config pointing at moto."""
-    host, port = moto
+    host, port = moto_endpoint
     conf = tmp_path / f"{REPO}.s3.conf"
     conf.write_text(
         f"CVMFS_S3_HOST={host}\nCVMFS_S3_PORT={port}\nCVMFS_S3_BUCKET={BUCKET}\n"
@@ -73,8 +60,8 @@ def layout(moto: tuple[str, int], tmp_path: Path) -> RepositoryLayout:
     )
 
 
-def _anonymous(moto: tuple[str, int]) -> object:
-    host, port = moto
+def _anonymous(moto_endpoint: tuple[str, int]) -> object:
+    host, port = moto_endpoint
     return boto3.client(
         "s3",
         endpoint_url=f"http://{host}:{port}",
@@ -84,7 +71,7 @@ def _anonymous(moto: tuple[str, int]) -> object:
 
 
 def test_grafted_objects_land_in_the_bucket_readable_by_clients(
-    layout: RepositoryLayout, moto: tuple[str, int], tmp_path: Path
+    layout: RepositoryLayout, moto_endpoint: tuple[str, int], tmp_path: Path
 ) -> None:
     """Every chunk is uploaded as <repo>/data/xx/<38 hex>P, anonymously readable, decodable."""
     staging = tmp_path / "staging"
@@ -104,7 +91,7 @@ def test_grafted_objects_land_in_the_bucket_readable_by_clients(
     assert (tmp_path / "union" / "sw" / "big.bin").stat().st_size == 0
     offsets = [int(x) for x in fields["chunk_offsets"].split(",")]
     hashes = fields["chunk_checksums"].split(",")
-    client = _anonymous(moto)
+    client = _anonymous(moto_endpoint)
     rebuilt = b""
     for offset, digest in zip(offsets, hashes, strict=True):
         key = f"{REPO}/data/{digest[:2]}/{digest[2:]}P"

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import boto3
 import pytest
 from botocore.config import Config
-from moto.server import ThreadedMotoServer
 
 from cvmfs_syncd.cvmfs.graft import GraftOptions, graft_stream
 from cvmfs_syncd.cvmfs.storage import (
@@ -232,17 +231,6 @@ def test_recording_sink_fails_on_verification(
 
 
 # --------------------------------------------------------------------------- S3
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[tuple[str, int]]:
-    """A moto S3 server over real HTTP on a free local port."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        yield server.get_host_and_port()
-    finally:
-        server.stop()
 
 
 @pytest.fixture
