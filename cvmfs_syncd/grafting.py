@@ -24,7 +24,6 @@ from cvmfs_syncd.errors import GraftError, StorageError
 from cvmfs_syncd.model import Op
 from cvmfs_syncd.paths import split_repo_path
 from cvmfs_syncd.planner import Applied, ApplyOutcome
-from cvmfs_syncd.sources.staging import Grafter
 from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
@@ -78,7 +77,7 @@ class JournalingSink(RecordingSink):
         super().record(name, created)
 
 
-class RepositoryGrafter(Grafter):
+class RepositoryGrafter:
     """Grafts staged files into one repository's storage (local directory or S3 bucket)."""
 
     def __init__(

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -116,6 +115,7 @@ class Lane(threading.Thread):
         self._status_lock = threading.Lock()
         self._status = LaneStatus(repo=repo.name, progress_at=clock())
         self._next_rescan = 0.0
+        self._release_granted = False
         self._timings: dict[str, float] = {}
         self._apply_errors = 0
         self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
@@ -293,8 +293,6 @@ class Lane(threading.Thread):
             self._guarded = []
             self._release_granted = True
             self._set_hold("")
-
-    _release_granted = False
 
     def _set_hold(self, reason: str, kind: str = "mass-delete") -> None:
         if reason == self._held_reason:
@@ -975,8 +973,3 @@ def _describe(result: CommandResult) -> str:
         text = (result.stderr.strip() or result.stdout.strip()).splitlines()
         reason = next((line for line in text if line.strip()), "")
     return f"{result.outcome.name.lower()} (exit {result.exit_code}): {reason[:300]}"
-
-
-def union_path(layout: RepositoryLayout, repo_path: str) -> Path:
-    """Return the union-dir path of a repository path."""
-    return layout.union_dir / repo_path if repo_path else layout.union_dir

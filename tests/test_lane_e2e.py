@@ -85,6 +85,17 @@ def published(stratum0: FakeStratum0) -> Tree:
     return tree
 
 
+def _publish_then_delete_most(lane_factory: LaneFactory, staging: Path) -> Lane:
+    """Publish 20 files, then delete 15 of them from staging (a mass deletion)."""
+    for i in range(20):
+        (staging / f"f{i}").write_text(str(i))
+    lane = lane_factory()
+    _sync(lane)
+    for i in range(15):
+        (staging / f"f{i}").unlink()
+    return lane
+
+
 def _sync(lane: Lane) -> None:
     ok, why = lane.sync_once(60)
     assert ok, why
@@ -251,12 +262,7 @@ def test_mass_deletion_is_held_until_released(
     lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
 ) -> None:
     """A batch deleting most of the target is held; `release` lets it through."""
-    for i in range(20):
-        (staging / f"f{i}").write_text(str(i))
-    lane = lane_factory()
-    _sync(lane)
-    for i in range(15):
-        (staging / f"f{i}").unlink()
+    lane = _publish_then_delete_most(lane_factory, staging)
     ok, why = lane.sync_once(10)
     assert not ok
     assert "release" in why
@@ -489,12 +495,7 @@ def test_mass_deletion_hold_survives_unrelated_publishes(
     lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
 ) -> None:
     """Other changes are published while deletions are held; the hold and its alert stay."""
-    for i in range(20):
-        (staging / f"f{i}").write_text(str(i))
-    lane = lane_factory()
-    _sync(lane)
-    for i in range(15):
-        (staging / f"f{i}").unlink()
+    lane = _publish_then_delete_most(lane_factory, staging)
     lane.sync_once(2)
     (staging / "new").write_text("n")
     lane.sync_once(2)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 from watchdog.events import (
@@ -489,16 +490,14 @@ class StagingInput:
         return result
 
 
-class Grafter:
-    """Publishes large staged files as grafts (set by the service when configured)."""
+class Grafter(Protocol):
+    """Publishes large staged files as grafts (:class:`cvmfs_syncd.grafting.RepositoryGrafter`)."""
 
     def graft_staged(self, root: Path, op: Op, union_dir: Path, batch_id: int) -> Applied:
-        """Graft one staged file; see :mod:`cvmfs_syncd.grafting`."""
-        raise NotImplementedError
+        """Graft one staged file into the open transaction."""
 
     def delete_objects(self, names: Sequence[str]) -> None:
         """Delete data objects (of an abandoned batch)."""
-        raise NotImplementedError
 
 
 def _same(found: Fingerprint, live: Fingerprint) -> bool:
