@@ -49,7 +49,7 @@ from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Op, OpKind
-from cvmfs_syncd.planner import ApplyOutcome
+from cvmfs_syncd.pipeline.prepare import Preparer
 from cvmfs_syncd.service import build_lane, make_server
 from cvmfs_syncd.sources.s3 import S3Input
 from cvmfs_syncd.state import State
@@ -331,8 +331,8 @@ def graft_into_s3_repository(
         ),
         state,
         Metrics(),
-        layout=layout,
     )
+    preparer = Preparer(layout, state=state)
     _, listing = source.refresh(time.time())
     ops = [
         Op(OpKind.GRAFT, "ci/" + rel, source.name, key, listing.objects[key].fingerprint())
@@ -341,13 +341,14 @@ def graft_into_s3_repository(
     ]
     before = written_bytes()
     start = time.perf_counter()
-    for op in ops:
-        if source.apply(op, union, 1).outcome is not ApplyOutcome.APPLIED:
-            raise RuntimeError(f"{op.repo_path} not grafted")
+    prepared = preparer.prepare(1, ops, source.open_content)
+    if len(prepared.prepared) != len(ops):
+        raise RuntimeError(f"{len(ops) - len(prepared.prepared)} objects not grafted")
     os.sync()
     seconds = time.perf_counter() - start
     disk = written_bytes() - before
     source.stop()
+    preparer.close()
     state.close()
     s3.close()
     spooled = tree_bytes(spool) if spool.exists() else 0

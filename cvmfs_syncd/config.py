@@ -71,6 +71,7 @@ class DaemonConfig:
     stall_seconds: float = 900.0
     rescan_seconds: float = 300.0
     stop_timeout_seconds: float = 600.0
+    prepare_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class StagingConfig:
     allow_reserved_names: bool = False
     graft_threshold: int = 0
     max_delete_share: float = 0.5
+    prepare: bool = True
 
     @property
     def name(self) -> str:
@@ -122,6 +124,7 @@ class S3Config:
     copy_below: int = 1024 * 1024
     max_delete_share: float = 0.5
     allow_reserved_names: bool = False
+    prepare: bool = True
 
     @property
     def name(self) -> str:
@@ -291,6 +294,7 @@ def _validate_staging(r: _Reader, data: dict[str, Any], where: str) -> StagingCo
             "allow_reserved_names",
             "graft_threshold",
             "max_delete_share",
+            "prepare",
         },
     )
     path = r.get(data, "path", where, str, None)
@@ -321,6 +325,7 @@ def _validate_staging(r: _Reader, data: dict[str, Any], where: str) -> StagingCo
         allow_reserved_names=allow,
         graft_threshold=threshold,
         max_delete_share=share,
+        prepare=r.get(data, "prepare", where, bool, True),
     )
 
 
@@ -375,6 +380,7 @@ def _validate_s3(r: _Reader, data: dict[str, Any], where: str) -> S3Config | Non
             "copy_below",
             "max_delete_share",
             "allow_reserved_names",
+            "prepare",
         },
     )
     bucket = r.get(data, "bucket", where, str, "")
@@ -406,6 +412,7 @@ def _validate_s3(r: _Reader, data: dict[str, Any], where: str) -> S3Config | Non
         copy_below=r.size(data, "copy_below", where, 1024 * 1024),
         max_delete_share=_share(r, data, where),
         allow_reserved_names=r.get(data, "allow_reserved_names", where, bool, False),
+        prepare=r.get(data, "prepare", where, bool, True),
     )
     return config if bucket else None
 
@@ -550,6 +557,7 @@ def validate(data: dict[str, Any], source_path: str = "") -> Config:
             "stall_seconds",
             "rescan_seconds",
             "stop_timeout_seconds",
+            "prepare_workers",
         },
     )
     state_dir = r.get(dm, "state_dir", "daemon", str, "/var/lib/cvmfs-syncd")
@@ -564,6 +572,10 @@ def validate(data: dict[str, Any], source_path: str = "") -> Config:
     log_format = r.get(dm, "log_format", "daemon", str, "auto")
     if log_format not in ("auto", "json", "console"):
         problems.append(f"daemon.log_format: one of auto, json, console; got {log_format!r}")
+    workers = r.get(dm, "prepare_workers", "daemon", int, 2)
+    if not 1 <= workers <= 64:
+        problems.append(f"daemon.prepare_workers: must be from 1 to 64, got {workers!r}")
+        workers = 2
     daemon = DaemonConfig(
         state_dir=Path(state_dir),
         metrics_address=address,
@@ -572,6 +584,7 @@ def validate(data: dict[str, Any], source_path: str = "") -> Config:
         stall_seconds=r.duration(dm, "stall_seconds", "daemon", 900.0),
         rescan_seconds=r.duration(dm, "rescan_seconds", "daemon", 300.0),
         stop_timeout_seconds=r.duration(dm, "stop_timeout_seconds", "daemon", 600.0),
+        prepare_workers=workers,
     )
     cv = r.table(data.get("cvmfs", {}), "cvmfs")
     r.unknown(

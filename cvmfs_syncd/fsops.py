@@ -984,6 +984,80 @@ def write_stream(
     return True
 
 
+class UnionWriter:
+    """Writes many small files into the union directory, opening each parent only once.
+
+    For graft placeholders and markers: a file is created in place with
+    O_EXCL|O_NOFOLLOW (no temporary name while nothing is there yet) and otherwise
+    written to a temporary name and renamed over the old entry, as :func:`write_file`
+    does. Parent descriptors are kept until :meth:`close`: nothing may remove or replace
+    a directory below the union dir while the writer is open.
+    """
+
+    def __init__(self, union_root: Path, *, dir_mode: int = DEFAULT_DIR_MODE) -> None:
+        self._root_fd = _open_root(union_root)
+        self._dir_mode = dir_mode
+        self._parents: dict[tuple[str, ...], int] = {}
+
+    def __enter__(self) -> UnionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _parent(self, parts: tuple[str, ...]) -> int:
+        fd = self._parents.get(parts)
+        if fd is None:
+            if len(self._parents) >= 1024:
+                self._close_parents()
+            fd = _union_parent(
+                self._root_fd, list(parts), create=True, replace=True, dir_mode=self._dir_mode
+            )
+            self._parents[parts] = fd
+        return fd
+
+    def write(self, repo_path: str, data: bytes, *, mode: int, mtime_ns: int | None = None) -> None:
+        """Write ``data`` as ``repo_path`` with ``mode & 0o777`` (and ``mtime_ns``)."""
+        parts = split_repo_path(repo_path)
+        if not parts:
+            raise ValueError("UnionWriter.write needs a non-empty repository path")
+        parent = self._parent(tuple(parts[:-1]))
+        name = parts[-1]
+        try:
+            fd = os.open(name, _TEMP_FLAGS, 0o600, dir_fd=parent)
+            temp = ""
+        except FileExistsError:
+            temp, fd = _create_temp(parent, lambda t: os.open(t, _TEMP_FLAGS, 0o600, dir_fd=parent))
+        try:
+            try:
+                if data:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode & 0o777)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
+            finally:
+                os.close(fd)
+            if temp:
+                _place(parent, temp, name)
+        except BaseException:
+            _unlink_quietly(parent, temp or name)
+            raise
+
+    def _close_parents(self) -> None:
+        for fd in self._parents.values():
+            os.close(fd)
+        self._parents.clear()
+
+    def close(self) -> None:
+        """Close every descriptor (idempotent)."""
+        self._close_parents()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
+
+
 def has_writers(source_root: Path, rel_path: str, expected: Fingerprint) -> bool | None:
     """Return whether any process has the staged file open for writing.
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import structlog
 
+from cvmfs_syncd import fsops
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
-from cvmfs_syncd.cvmfs.repo import RepositoryLayout
+from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.cvmfs.server import (
     CommandResult,
     CvmfsServer,
@@ -33,7 +34,8 @@ from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Batch, Dirty, LaneStatus, Op, OpKind
-from cvmfs_syncd.planner import ApplyOutcome, Input, Plan, cut_to_caps
+from cvmfs_syncd.pipeline.prepare import Content, Preparer, PrepareResult, marker_path
+from cvmfs_syncd.planner import Applied, ApplyOutcome, Input, Plan, cut_to_caps
 from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
@@ -87,9 +89,12 @@ class Lane(threading.Thread):
         state: State,
         metrics: Metrics,
         inputs: Sequence[Input],
+        preparer: Preparer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(name=f"lane-{repo.name}", daemon=True)
+        self.log = log.bind(repository=repo.name)
+        self.preparer = preparer
         self.config = config
         self.repo = repo
         self.layout = layout
@@ -198,6 +203,8 @@ class Lane(threading.Thread):
                 except Exception:
                     log.exception("stopping a source failed", source=source.name)
             self.lock.release()
+            if self.preparer is not None:
+                self.preparer.close()
             self._set_status(state="stopped" if not self.exit_error else "crashed")
             log.info("lane stopped", repository=self.repo.name, error=self.exit_error or None)
 
@@ -458,12 +465,24 @@ class Lane(threading.Thread):
                 ops=len(batch.ops),
                 bytes=batch.bytes,
             )
+            ops, prepared = self._prepare(batch_id, list(batch.ops), origin)
+            if not ops:
+                self.state.set_stage(batch_id, "aborted", error="nothing left to publish")
+                self._abandon(batch_id)
+                return False
+            if self.layout.in_transaction():
+                # A transaction appeared while the objects were written: never touch it.
+                self.state.set_stage(batch_id, "aborted", error="a foreign transaction opened")
+                self._abandon(batch_id)
+                self._requeue(ops, origin)
+                return False
             if not self._open_transaction(batch_id, base_revision):
-                self._requeue(batch.ops, origin)
+                self._abandon(batch_id)
+                self._requeue(ops, origin)
                 return False
             phase = time.monotonic()
-            applied = self._apply(batch_id, batch.ops, origin)
-            self._timings["apply"] = time.monotonic() - phase
+            applied = self._place(batch_id, ops, prepared, origin)
+            self._timings["place"] = time.monotonic() - phase
             if not applied:
                 self._abort_own(batch_id, "nothing could be applied")
                 if self._apply_errors:
@@ -548,9 +567,118 @@ class Lane(threading.Thread):
                 return False
             # The next attempt goes on in the same journal row (back to "opening").
 
-    def _apply(self, batch_id: int, ops: Sequence[Op], origin: dict[str, Pending]) -> list[Op]:
-        self._set_status(state="applying changes")
+    def _prepare(
+        self, batch_id: int, ops: list[Op], origin: dict[str, Pending]
+    ) -> tuple[list[Op], PrepareResult]:
+        """Write the objects of the batch's GRAFT ops, before the transaction opens.
+
+        Returns the ops still in the batch (an op whose input changed goes back to
+        pending, a refused one is set aside, one this host cannot store is copied) and
+        what was prepared.
+        """
+        grafts = [op for op in ops if op.kind is OpKind.GRAFT]
+        if not grafts or self.preparer is None:
+            result = PrepareResult()
+            return [self._as_copy(op) for op in ops], result
+        self.state.set_stage(batch_id, "preparing")
+        self._set_status(state="preparing objects")
+        phase = time.monotonic()
+        result = self.preparer.prepare(
+            batch_id, grafts, self._open_content, heartbeat=self.heartbeat
+        )
+        self._timings["prepare"] = time.monotonic() - phase
+        dropped = {op.repo_path for op, _ in result.failed}
+        for op, outcome in result.failed:
+            self._not_applied(op, outcome, origin)
+        fallback = {op.repo_path for op in result.fallback}
+        kept: list[Op] = []
+        for op in ops:
+            if op.repo_path in dropped:
+                continue
+            if op.repo_path in fallback:
+                kept.append(self._as_copy(op))
+                continue
+            if op.kind is OpKind.GRAFT:
+                source = self._source_of(op)
+                if source is None or not source.still_current(op):
+                    # Changed after it was read: the newer version goes in a later batch.
+                    self._requeue([op], origin)
+                    continue
+            kept.append(op)
+        self.log.info(
+            "objects prepared",
+            batch=batch_id,
+            files=len(result.prepared),
+            created=len(result.created),
+            reused=len(result.reused),
+            bytes=result.bytes,
+            seconds=round(result.seconds, 3),
+        )
+        return kept, result
+
+    @staticmethod
+    def _as_copy(op: Op) -> Op:
+        return replace(op, kind=OpKind.COPY_FILE) if op.kind is OpKind.GRAFT else op
+
+    def _open_content(self, op: Op) -> Content | Applied:
+        source = self._source_of(op)
+        if source is None:
+            return Applied(ApplyOutcome.VANISHED)
+        return source.open_content(op)
+
+    def _place(
+        self, batch_id: int, ops: Sequence[Op], prepared: PrepareResult, origin: dict[str, Pending]
+    ) -> list[Op]:
+        """Inside the transaction: deletions, directories, links and copies, then the
+        placeholder and graft marker of every prepared file. No file content is copied
+        here except for inputs that could not be prepared."""
+        self._set_status(state="placing changes")
         self._apply_errors = 0
+        grafts = [op for op in ops if op.kind is OpKind.GRAFT]
+        if grafts and self.preparer is not None:
+            grafts = self._objects_still_there(batch_id, grafts, prepared, origin)
+        applied = self._apply([op for op in ops if op.kind is not OpKind.GRAFT], origin)
+        placed: list[Op] = []
+        try:
+            with fsops.UnionWriter(self.layout.union_dir) as writer:
+                for op in grafts:
+                    item = prepared.prepared[op.repo_path]
+                    writer.write(marker_path(op.repo_path), item.graft.encode(), mode=0o644)
+                    writer.write(op.repo_path, b"", mode=item.mode, mtime_ns=item.mtime_ns)
+                    placed.append(op)
+        except (OSError, ValueError) as exc:
+            self.log.warning("placing grafts failed", error=str(exc))
+            self._apply_errors += 1
+            self._requeue([op for op in grafts if op not in placed], origin)
+        return applied + placed
+
+    def _objects_still_there(
+        self, batch_id: int, grafts: list[Op], prepared: PrepareResult, origin: dict[str, Pending]
+    ) -> list[Op]:
+        """Write again what a gc removed since preparing; drop what cannot be."""
+        assert self.preparer is not None  # noqa: S101 (checked by the caller)
+        if self.preparer.settings_changed(self._current_layout()):
+            self.log.warning("server.conf changed since the objects were prepared; re-queued")
+            self._requeue(grafts, origin)
+            return []
+        gone = set(self.preparer.missing(prepared))
+        if not gone:
+            return grafts
+        again = self.preparer.prepare(
+            batch_id, [op for op in grafts if op.repo_path in gone], self._open_content
+        )
+        prepared.prepared.update(again.prepared)
+        kept = [op for op in grafts if op.repo_path not in gone or op.repo_path in again.prepared]
+        self._requeue([op for op in grafts if op not in kept], origin)
+        return kept
+
+    def _current_layout(self) -> RepositoryLayout:
+        try:
+            return load_layout(self.config.cvmfs.config_dir, self.repo.name)
+        except RepositoryConfigError:
+            return self.layout
+
+    def _apply(self, ops: Sequence[Op], origin: dict[str, Pending]) -> list[Op]:
         applied: list[Op] = []
         union = self.layout.union_dir
         for op in ops:
@@ -559,43 +687,44 @@ class Lane(threading.Thread):
             if source is None:
                 continue
             try:
-                result = source.apply(op, union, batch_id)
+                result = source.apply(op, union)
             except OSError as exc:
-                log.warning("applying a change failed", path=op.repo_path, error=str(exc))
+                self.log.warning("applying a change failed", path=op.repo_path, error=str(exc))
                 self._apply_errors += 1
                 self._requeue([op], origin)
                 continue
             except ValueError as exc:
                 # An unsafe name that slipped past planning: refuse it, keep the batch.
-                self.state.set_aside(
-                    self.repo.name, op.source, op.source_path, f"unsafe: {exc}", op.fingerprint
-                )
-                log.error("input refused while applying", path=op.source_path, error=str(exc))
+                self._not_applied(op, Applied(ApplyOutcome.REFUSED, f"unsafe: {exc}"), origin)
                 continue
             except Exception:
                 # One input must not take the lane (and its open transaction) down.
-                log.exception("applying a change failed unexpectedly", path=op.repo_path)
+                self.log.exception("applying a change failed unexpectedly", path=op.repo_path)
                 self._apply_errors += 1
                 self._requeue([op], origin)
                 continue
-            if result.created_objects:
-                self.state.record_created_objects(batch_id, result.created_objects)
             if result.outcome is ApplyOutcome.APPLIED:
                 applied.append(op)
-            elif result.outcome is ApplyOutcome.REFUSED:
-                self.state.set_aside(
-                    self.repo.name, op.source, op.source_path, result.reason, op.fingerprint
-                )
-                self.metrics.skipped.labels(self.repo.name, op.source, "refused").inc()
-                log.warning("input refused", path=op.source_path, reason=result.reason)
             else:
-                log.info(
-                    "input changed while copying; re-queued",
-                    path=op.source_path,
-                    outcome=result.outcome.value,
-                )
-                self._requeue([op], origin)
+                self._not_applied(op, result, origin)
         return applied
+
+    def _not_applied(self, op: Op, result: Applied, origin: dict[str, Pending]) -> None:
+        """Set aside a refused input; re-queue one that changed or vanished."""
+        if result.outcome is ApplyOutcome.REFUSED:
+            self.state.set_aside(
+                self.repo.name, op.source, op.source_path, result.reason, op.fingerprint
+            )
+            self.metrics.skipped.labels(self.repo.name, op.source, "refused").inc()
+            self.log.warning("input refused", path=op.source_path, reason=result.reason)
+            return
+        self.log.info(
+            "input changed while being read; re-queued",
+            path=op.source_path,
+            outcome=result.outcome.value,
+            reason=result.reason or None,
+        )
+        self._requeue([op], origin)
 
     def _publish_until_done(
         self, batch_id: int, summary: str, origin: dict[str, Pending], applied: list[Op]
@@ -766,11 +895,14 @@ class Lane(threading.Thread):
             self._sleep(backoff.next_delay())
 
     def _abandon(self, batch_id: int) -> None:
+        """Delete the objects an abandoned batch created (never ones it found stored)."""
         created = self.state.created_objects(batch_id)
         if not created:
             return
-        for source in self.inputs:
-            source.abandoned(batch_id, created)
+        if self.preparer is None:
+            self.log.error("objects of an abandoned batch cannot be deleted", count=len(created))
+            return
+        self.preparer.delete_objects(created)
         self.state.forget_created_objects(batch_id)
 
     def _sleep(self, delay: float, abort_batch: int | None = None) -> None:

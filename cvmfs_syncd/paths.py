@@ -17,6 +17,8 @@ import os
 import re
 from collections.abc import Iterable
 
+from cvmfs_syncd.cvmfs.graft import GRAFT_PREFIX
+
 #: Longest file name (one path component) Linux accepts, in bytes.
 NAME_MAX = 255
 #: Longest S3 object key, in UTF-8 bytes.
@@ -38,7 +40,6 @@ _RESERVED_EXACT = {
     ".cvmfsautocatalog": "'.cvmfsautocatalog' marks a nested catalog CVMFS created itself",
     ".cvmfs": "'.cvmfs' is the virtual directory CVMFS clients may show in the root",
 }
-_RESERVED_GRAFT_PREFIX = ".cvmfsgraft-"
 _RESERVED_PREFIX = ".cvmfs"
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
@@ -75,7 +76,7 @@ def reserved_name(name: str) -> str | None:
     """
     if name in _RESERVED_EXACT:
         return _RESERVED_EXACT[name]
-    if name.startswith(_RESERVED_GRAFT_PREFIX):
+    if name.startswith(GRAFT_PREFIX):
         return f"{name!r} is a CVMFS graft file describing another file's content"
     if name.startswith(_RESERVED_PREFIX):
         return f"{name!r} starts with '.cvmfs', a prefix CVMFS reserves for its control files"

@@ -10,10 +10,13 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.model import Dirty, Op, OpKind, SetAside
+
+if TYPE_CHECKING:
+    from cvmfs_syncd.pipeline.prepare import Content
 
 
 class ApplyOutcome(enum.Enum):
@@ -77,14 +80,17 @@ class Input(Protocol):
     def plan(self, entries: Sequence[Pending], now: float) -> Plan:
         """Turn pending paths into ops (or defer, hold, refuse them)."""
 
-    def apply(self, op: Op, union_dir: Path, batch_id: int) -> Applied:
-        """Carry out one op inside the open transaction."""
+    def open_content(self, op: Op) -> Content | Applied:
+        """Open a file op's input for preparing (GRAFT ops), or say why it cannot be."""
+
+    def still_current(self, op: Op) -> bool:
+        """Return True if the input is still the version planned (checked before placing)."""
+
+    def apply(self, op: Op, union_dir: Path) -> Applied:
+        """Carry out one op that needs no prepared objects inside the open transaction."""
 
     def published(self, ops: Sequence[Op]) -> None:
         """Called once the ops are live (inbox mode removes its inputs here)."""
-
-    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:
-        """Called when a batch is abandoned: undo side effects (e.g. created objects)."""
 
 
 def op_weight(op: Op) -> int:

@@ -20,12 +20,14 @@ import structlog
 
 from cvmfs_syncd import config as config_mod
 from cvmfs_syncd.config import Config, RepositoryConfig
-from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
+from cvmfs_syncd.cvmfs.repo import load_layout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.errors import ConfigError, RepositoryConfigError
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.maintenance import RepositoryMaintenance
 from cvmfs_syncd.metrics import Metrics, MetricsServer
+from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
+from cvmfs_syncd.pipeline.prepare import Preparer
 from cvmfs_syncd.planner import Input
 from cvmfs_syncd.scheduler import MaintenanceScheduler
 from cvmfs_syncd.sources.staging import StagingInput
@@ -48,22 +50,21 @@ def make_server(config: Config) -> CvmfsServer:
 
 
 def build_inputs(
-    repo: RepositoryConfig, layout: RepositoryLayout, state: State, metrics: Metrics
+    repo: RepositoryConfig,
+    state: State,
+    metrics: Metrics,
+    content: ContentPolicy = COPY_ONLY,
 ) -> list[Input]:
     """Return the input sources of one repository."""
-    inputs: list[Input] = []
-    grafter = None
-    if any(s.graft_threshold > 0 for s in repo.staging):
-        from cvmfs_syncd.grafting import RepositoryGrafter
-
-        grafter = RepositoryGrafter(layout, state=state)
-    for staging in repo.staging:
-        inputs.append(StagingInput(repo.name, staging, state, metrics, grafter=grafter))
+    inputs: list[Input] = [
+        StagingInput(repo.name, staging, state, metrics, content=content)
+        for staging in repo.staging
+    ]
     if repo.s3:
         from cvmfs_syncd.sources.s3 import S3Input
 
         for s3 in repo.s3:
-            inputs.append(S3Input(repo.name, s3, state, metrics, layout=layout, grafter=grafter))
+            inputs.append(S3Input(repo.name, s3, state, metrics, content=content))
     return inputs
 
 
@@ -77,7 +78,15 @@ def build_lane(
 ) -> Lane:
     """Return a (not started) lane for ``repo``; raise RepositoryConfigError."""
     layout = load_layout(config.cvmfs.config_dir, repo.name)
-    inputs = build_inputs(repo, layout, state, metrics)
+    preparer = Preparer(layout, state=state, workers=config.daemon.prepare_workers)
+    if preparer.problem:
+        log.warning(
+            "file content goes through the transaction as copies",
+            repository=repo.name,
+            why=preparer.problem,
+        )
+    content = ContentPolicy(writable=not preparer.problem, small_limit=preparer.small_limit)
+    inputs = build_inputs(repo, state, metrics, content)
     metrics.init_repository(repo.name, [i.name for i in inputs])
     return Lane(
         config,
@@ -87,6 +96,7 @@ def build_lane(
         state=state,
         metrics=metrics,
         inputs=inputs,
+        preparer=preparer,
         clock=clock,
     )
 

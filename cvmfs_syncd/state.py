@@ -339,6 +339,14 @@ class State:
         )
         return [str(r[0]) for r in rows]
 
+    def forget_objects(self, batch_id: int, names: Iterable[str]) -> None:
+        """Drop some names from a batch's record (journalled first, then found reused)."""
+        with self._tx() as db:
+            db.executemany(
+                "DELETE FROM created_objects WHERE batch_id = ? AND name = ?",
+                [(batch_id, n) for n in names],
+            )
+
     def forget_created_objects(self, batch_id: int) -> None:
         """Drop the record of a batch's objects (published, or deleted)."""
         with self._tx() as db:

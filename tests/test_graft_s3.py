@@ -1,4 +1,4 @@
-"""Grafting a staged file into an S3-backed repository's bucket (moto over real HTTP)."""
+"""Preparing staged files into an S3-backed repository's bucket (moto over real HTTP)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ from botocore import UNSIGNED
 from botocore.config import Config as BotoConfig
 
 from cvmfs_syncd import fsops
+from cvmfs_syncd.config import StagingConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.grafting import RepositoryGrafter
+from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Fingerprint, Op, OpKind
-from cvmfs_syncd.planner import ApplyOutcome
+from cvmfs_syncd.pipeline.prepare import Preparer
+from cvmfs_syncd.sources.staging import StagingInput
+from cvmfs_syncd.state import State
 
 REPO = "s3graft.example.org"
 BUCKET = "cvmfs"
@@ -70,25 +73,34 @@ def _anonymous(moto_endpoint: tuple[str, int]) -> object:
     )
 
 
-def test_grafted_objects_land_in_the_bucket_readable_by_clients(
+def test_prepared_objects_land_in_the_bucket_readable_by_clients(
     layout: RepositoryLayout, moto_endpoint: tuple[str, int], tmp_path: Path
 ) -> None:
-    """Every chunk is uploaded as <repo>/data/xx/<38 hex>P, anonymously readable, decodable."""
+    """Every chunk of a large file is uploaded as <repo>/data/xx/<38 hex>P, a small file as
+    one object, all anonymously readable and decodable; deleting them removes them."""
     staging = tmp_path / "staging"
     staging.mkdir()
     data = os.urandom(2 * 1024 * 1024 + 999)
     (staging / "big.bin").write_bytes(data)
-    (tmp_path / "union").mkdir()
+    state = State(tmp_path / "state")
     fp = fsops.stat_entry(staging, "big.bin")
     assert isinstance(fp, Fingerprint)
-    grafter = RepositoryGrafter(layout)
-    op = Op(OpKind.GRAFT, "sw/big.bin", "s", "big.bin", fp)
-    applied = grafter.graft_staged(staging, op, tmp_path / "union", 1)
-    assert applied.outcome is ApplyOutcome.APPLIED
-    graft_text = (tmp_path / "union" / "sw" / ".cvmfsgraft-big.bin").read_text()
-    fields = dict(line.split("=", 1) for line in graft_text.splitlines())
+    (staging / "small.txt").write_bytes(b"small file\n" * 10)
+    small = fsops.stat_entry(staging, "small.txt")
+    assert isinstance(small, Fingerprint)
+    source = StagingInput(REPO, StagingConfig(path=staging), state, Metrics())
+    preparer = Preparer(layout, state=state)
+    op = Op(OpKind.GRAFT, "sw/big.bin", source.name, "big.bin", fp)
+    small_op = Op(OpKind.GRAFT, "sw/small.txt", source.name, "small.txt", small)
+    prepared = preparer.prepare(1, [op, small_op], source.open_content)
+    assert prepared.failed == [] and prepared.fallback == []
+    assert sorted(state.created_objects(1)) == sorted(prepared.created)
+    fields = dict(line.split("=", 1) for line in prepared.prepared["sw/big.bin"].graft.splitlines())
     assert fields["compression"] == "zlib"
-    assert (tmp_path / "union" / "sw" / "big.bin").stat().st_size == 0
+    small_fields = dict(
+        line.split("=", 1) for line in prepared.prepared["sw/small.txt"].graft.splitlines()
+    )
+    assert "chunk_offsets" not in small_fields
     offsets = [int(x) for x in fields["chunk_offsets"].split(",")]
     hashes = fields["chunk_checksums"].split(",")
     client = _anonymous(moto_endpoint)
@@ -101,8 +113,12 @@ def test_grafted_objects_land_in_the_bucket_readable_by_clients(
         assert offset == len(rebuilt)
         rebuilt += piece
     assert rebuilt == data
-    assert len(applied.created_objects) == len(hashes)
-    grafter.delete_objects(applied.created_objects)
-    for name in applied.created_objects:
+    digest = small_fields["checksum"]
+    body = client.get_object(Bucket=BUCKET, Key=f"{REPO}/data/{digest[:2]}/{digest[2:]}")["Body"]  # type: ignore[attr-defined]
+    assert zlib.decompress(body.read()) == b"small file\n" * 10
+    assert len(prepared.created) == len(hashes) + 1
+    preparer.delete_objects(prepared.created)
+    preparer.close()
+    for name in prepared.created:
         with pytest.raises(Exception, match=r"404|Not Found|NoSuchKey"):
             client.head_object(Bucket=BUCKET, Key=f"{REPO}/{name}")  # type: ignore[attr-defined]

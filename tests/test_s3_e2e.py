@@ -12,13 +12,13 @@ import pytest
 from moto.core.authorization import enable_iam_authentication
 
 from cvmfs_syncd import config as config_mod
-from cvmfs_syncd.cvmfs.graft import object_name
+from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX, object_name
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.planner import ApplyOutcome
 from cvmfs_syncd.service import build_lane, make_server
-from cvmfs_syncd.sources.s3 import GRAFT_NAME_MAX, S3Input
+from cvmfs_syncd.sources.s3 import S3Input
 from cvmfs_syncd.state import State
 from tests.daemon import REPO as REPO_E2E
 from tests.daemon import DaemonUnderTest
@@ -329,8 +329,8 @@ def test_an_abandoned_batch_deletes_exactly_the_objects_it_created(
 def test_graft_objects_are_journalled_as_they_are_written_and_abandon_spares_reused(
     lanes: LaneFactory, stratum0: FakeStratum0, bucket: Bucket, tmp_path: Path
 ) -> None:
-    """apply() records each created object in the batch journal at once (a crash mid-graft
-    can be undone); abandoned() deletes those and never objects that were already there."""
+    """Preparing journals each object it creates (a crash mid-graft can be undone), never
+    an object that was already there; a replaced or deleted object is not prepared."""
     data = random.Random(5).randbytes(2 * MIB + 7)
     etag = bucket.put("builds/g.bin", data)
     lane = lanes(s3_extra='  copy_below = "64KiB"')
@@ -344,26 +344,28 @@ def test_graft_objects_are_journalled_as_they_are_written_and_abandon_spares_reu
         etag=etag,
     )
     op = Op(OpKind.GRAFT, "ci/g.bin", source.name, "builds/g.bin", fp)
-    union = tmp_path / "union-copy"
-    union.mkdir()
-    first = source.apply(op, union, batch_id=901)
-    assert first.outcome is ApplyOutcome.APPLIED
-    assert len(first.created_objects) == 3
-    assert sorted(lane.state.created_objects(901)) == sorted(first.created_objects)
-    assert (union / "ci" / "g.bin").stat().st_size == 0
-    assert (union / "ci" / ".cvmfsgraft-g.bin").read_text().startswith(f"size={len(data)}\n")
-    again = source.apply(op, union, batch_id=902)
-    assert again.created_objects == ()
-    source.abandoned(902, again.created_objects)
+    preparer = lane.preparer
+    assert preparer is not None
+    first = preparer.prepare(901, [op], source.open_content)
+    assert list(first.prepared) == ["ci/g.bin"]
+    assert len(first.created) == 3
+    assert sorted(lane.state.created_objects(901)) == sorted(first.created)
+    assert first.prepared["ci/g.bin"].graft.startswith(f"size={len(data)}\n")
+    again = preparer.prepare(902, [op], source.open_content)
+    assert again.created == []
+    assert lane.state.created_objects(902) == []
     storage = stratum0.storage_dir(REPO)
-    assert all((storage / name).is_file() for name in first.created_objects)
-    source.abandoned(901, first.created_objects)
-    assert not any((storage / name).exists() for name in first.created_objects)
-    stale = Op(OpKind.GRAFT, "ci/g.bin", source.name, "builds/g.bin", fp)
+    assert all((storage / name).is_file() for name in first.created)
+    preparer.delete_objects(first.created)
+    assert not any((storage / name).exists() for name in first.created)
     bucket.put("builds/g.bin", b"replaced")
-    assert source.apply(stale, union, batch_id=903).outcome is ApplyOutcome.CHANGED
+    [(_, changed)] = preparer.prepare(903, [op], source.open_content).failed
+    assert changed.outcome is ApplyOutcome.CHANGED
     bucket.delete("builds/g.bin")
-    assert source.apply(stale, union, batch_id=904).outcome is ApplyOutcome.VANISHED
+    source._stale.clear()  # a new listing would have cleared it
+    [(_, gone)] = preparer.prepare(904, [op], source.open_content).failed
+    assert gone.outcome is ApplyOutcome.VANISHED
+    del tmp_path
 
 
 def test_an_endpoint_outage_is_survived_while_staging_keeps_publishing(

@@ -42,6 +42,12 @@ MIB: Final = 1 << 20
 DEFAULT_CHUNK_SIZE: Final = 24 * MIB
 """Chunk size ``cvmfs_swissknife graft`` uses when ``-c`` is not given."""
 
+GRAFT_PREFIX: Final = ".cvmfsgraft-"
+"""A graft marker of ``dir/name`` is ``dir/.cvmfsgraft-name``."""
+
+GRAFT_NAME_MAX: Final = 255 - len(GRAFT_PREFIX)
+"""The longest file name (in bytes) that leaves room for its graft marker's name."""
+
 ZLIB_LEVEL: Final = 6
 """The only level whose streams match the ones CernVM-FS writes (``Z_DEFAULT_COMPRESSION``)."""
 

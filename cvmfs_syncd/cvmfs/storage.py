@@ -15,6 +15,7 @@ and records which objects it created, so that an abandoned batch can delete exac
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import stat
@@ -108,6 +109,9 @@ class ObjectStore(Protocol):
     def verify(self, name: str) -> bool:
         """Tell whether ``name`` is readable the way clients read it and hashes to its name."""
 
+    def flush(self) -> None:
+        """Make every object written so far durable (a no-op where each write already is)."""
+
     def close(self) -> None:
         """Release connections; the store is not used afterwards."""
 
@@ -119,6 +123,21 @@ def _fsync_directory(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _syncfs(path: Path) -> None:
+    """Flush the file system holding ``path`` to disk (``syncfs``; ``sync`` as a fallback)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, AttributeError):
+        os.sync()
+        return
+    try:
+        if getattr(libc, "syncfs", None) is None or libc.syncfs(fd) != 0:
+            os.sync()
     finally:
         os.close(fd)
 
@@ -206,8 +225,10 @@ class LocalObjectStore:
     object. Raises :class:`StorageError` if ``<root>/data`` does not exist.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = Path(root)
+        #: False: objects are not fsynced one by one; :meth:`flush` makes them durable at once.
+        self.durable = durable
         self.description = f"local storage {self.root}"
         self._data = self.root / "data"
         if not self._data.is_dir():
@@ -240,12 +261,14 @@ class LocalObjectStore:
         if state or staged.path is None:
             return False
         try:
-            os.fsync(staged.fd)
+            if self.durable:
+                os.fsync(staged.fd)
             os.fchmod(staged.fd, OBJECT_MODE)
             target.parent.mkdir(mode=_DIRECTORY_MODE, exist_ok=True)
             staged.path.replace(target)
             staged.moved()
-            _fsync_directory(target.parent)
+            if self.durable:
+                _fsync_directory(target.parent)
         except OSError as error:
             raise StorageError(f"cannot store {name} in {self.root}: {error}") from error
         if state is False:
@@ -300,6 +323,12 @@ class LocalObjectStore:
         except OSError as error:
             raise StorageError(f"cannot read {name} from {self.root}: {error}") from error
         return hasher.checksum() == checksum_of_object(name)
+
+    def flush(self) -> None:
+        """One ``syncfs`` of the storage's file system (``sync`` where it is missing)."""
+        if self.durable:
+            return
+        _syncfs(self._data)
 
     def close(self) -> None:
         """Nothing to release for a local directory."""
@@ -605,6 +634,9 @@ class S3ObjectStore:
             raise self._failure("anonymous GET", key, error) from error
         return hasher.checksum() == checksum_of_object(name)
 
+    def flush(self) -> None:
+        """Nothing to do: a PUT is durable when it returns."""
+
     def close(self) -> None:
         """Close the HTTP connections of both clients."""
         self._client.close()
@@ -614,7 +646,7 @@ class S3ObjectStore:
 # --------------------------------------------------------------------------- opening
 
 
-def open_storage(upstream: str, repo_name: str) -> ObjectStore:
+def open_storage(upstream: str, repo_name: str, *, durable: bool = True) -> ObjectStore:
     """Return the store a ``CVMFS_UPSTREAM_STORAGE`` value describes.
 
     ``local,<txn dir>,<storage root>`` gives a :class:`LocalObjectStore` (temporary files
@@ -628,7 +660,7 @@ def open_storage(upstream: str, repo_name: str) -> ObjectStore:
     if kind == "local":
         if not second:
             raise StorageError(f"{repo_name}: malformed local upstream storage {upstream!r}")
-        return LocalObjectStore(Path(second))
+        return LocalObjectStore(Path(second), durable=durable)
     if kind == "S3":
         prefix, at, config_path = second.partition("@")
         if not first or not at or not config_path:

@@ -44,19 +44,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING
 
 import structlog
 
 from cvmfs_syncd import fsops
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
-from cvmfs_syncd.cvmfs.graft import graft_stream
-from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.errors import GraftError, SourceError, StorageError
+from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
-from cvmfs_syncd.paths import NAME_MAX, KeyRefused, repo_path, resolve_key_collisions
+from cvmfs_syncd.paths import KeyRefused, repo_path, resolve_key_collisions
+from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, file_op_kind
+from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
 from cvmfs_syncd.state import PublishedEntry, State
 
@@ -64,16 +64,12 @@ if TYPE_CHECKING:
     from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
 
-    from cvmfs_syncd.grafting import RepositoryGrafter
-
 log = structlog.get_logger(__name__)
 
 #: Mode of every file published from S3 (objects carry no permissions).
 FILE_MODE = 0o644
 #: Mode of the directories implied by keys.
 DIR_MODE = 0o755
-#: ``.cvmfsgraft-`` plus the name must fit in one file name: longer names are copied.
-GRAFT_NAME_MAX = NAME_MAX - len(".cvmfsgraft-")
 #: Keys per ListObjectsV2 page (the S3 maximum).
 LIST_PAGE_SIZE = 1000
 #: Bytes per read of a downloaded object.
@@ -244,9 +240,9 @@ class _Status:
 class S3Input:
     """One ``[[repository.s3]]`` source of a repository.
 
-    ``client_factory`` builds the S3 client (tests pass fakes); ``grafter`` writes data
-    objects into the repository's storage (shared with the staging sources when they
-    graft; built from ``layout`` on first use otherwise).
+    ``client_factory`` builds the S3 client (tests pass fakes); ``content`` says whether
+    objects are prepared (stored in the repository by the lane before the transaction)
+    or copied through it.
     """
 
     def __init__(
@@ -256,8 +252,7 @@ class S3Input:
         state: State,
         metrics: Metrics,
         *,
-        layout: RepositoryLayout | None = None,
-        grafter: RepositoryGrafter | None = None,
+        content: ContentPolicy = COPY_ONLY,
         clock: Callable[[], float] = time.time,
         client_factory: ClientFactory = make_client,
         page_size: int = LIST_PAGE_SIZE,
@@ -267,15 +262,12 @@ class S3Input:
         self.name = config.name
         self.state = state
         self.metrics = metrics
-        self.layout = layout
+        self.content = content
         self.clock = clock
         self.page_size = page_size
         self.full_prefix = _full_prefix(config.prefix)
         self.target_path = repo_path(config.target, "")
         self._client_factory = client_factory
-        self._grafter = grafter
-        self._own_grafter = False
-        self._graft_problem = ""
         self._client: S3Client | None = None
         self._client_signature: object = None
         self._retired: list[S3Client] = []
@@ -319,13 +311,8 @@ class S3Input:
         with self._lock:
             clients = [*self._retired, *([self._client] if self._client else [])]
             self._client, self._retired = None, []
-            grafter = self._grafter if self._own_grafter else None
         for client in clients:
             client.close()
-        # A grafter built here is ours to close; one shared with staging sources is not.
-        store = grafter._store if grafter is not None else None
-        if store is not None:
-            store.close()
 
     def alive(self) -> bool:
         """Return False if the poller thread died (listing failures are "down", not dead)."""
@@ -716,7 +703,7 @@ class S3Input:
                 if not self._ready(rel, obj, listing.markers) or self._is_stale(key):
                     plan.deferred.append(entry.deferred_until(next_listing))
                     continue
-                kind = OpKind.GRAFT if self._grafts(rel, obj.size) else OpKind.COPY_FILE
+                kind = self._kind(rel, obj.size)
                 self._add(plan, entry, Op(kind, path, self.name, key, fp))
             elif rel in listing.dirs:
                 if live is not None and live.fingerprint.type is EntryType.DIRECTORY:
@@ -780,37 +767,18 @@ class S3Input:
         plan.ops.append(op)
         plan.origin[op.repo_path] = entry
 
-    def _grafts(self, rel: str, size: int) -> bool:
-        name = rel.rsplit("/", 1)[-1]
-        return (
-            size >= self.config.copy_below
-            and len(name.encode("utf-8")) <= GRAFT_NAME_MAX
-            and self.grafter() is not None
+    def _kind(self, rel: str, size: int) -> OpKind:
+        return file_op_kind(
+            rel.rsplit("/", 1)[-1],
+            size,
+            self.content,
+            prepare=self.config.prepare,
+            graft_at=self.config.copy_below,
         )
 
     # -- applying --------------------------------------------------------------------------
 
-    def grafter(self) -> RepositoryGrafter | None:
-        """The repository's grafter, or None when the repository's settings cannot be
-        grafted (then every object is copied)."""
-        with self._lock:
-            if self._grafter is not None or self._graft_problem or self.layout is None:
-                return self._grafter
-        from cvmfs_syncd.grafting import RepositoryGrafter
-
-        try:
-            grafter = RepositoryGrafter(self.layout)
-        except GraftError as exc:
-            log.warning("objects will be copied, not grafted", source=self.name, why=str(exc))
-            with self._lock:
-                self._graft_problem = str(exc)
-            return None
-        with self._lock:
-            if self._grafter is None:
-                self._grafter, self._own_grafter = grafter, True
-            return self._grafter
-
-    def apply(self, op: Op, union_dir: Path, batch_id: int) -> Applied:
+    def apply(self, op: Op, union_dir: Path) -> Applied:
         """Carry out one op in the open transaction.
 
         Raises OSError when S3 or the repository's storage fails (the lane re-queues the
@@ -836,23 +804,50 @@ class S3Input:
             if isinstance(opened, Applied):
                 result = opened
             else:
+                # A GRAFT op reaches here only when its objects could not be prepared.
                 try:
-                    if op.kind is OpKind.GRAFT:
-                        result = self._graft(op, fp, opened, union_dir, batch_id)
-                    else:
-                        result = self._copy(op, fp, opened, union_dir)
+                    result = self._copy(op, fp, opened, union_dir)
                 finally:
                     opened.close()
         except OSError as exc:
             self._trouble(str(exc))
             raise
+        self._downloaded(op, result)
+        return result
+
+    def _downloaded(self, op: Op, result: Applied) -> None:
         with self._lock:
             self._status.retry_at = 0.0
             if result.outcome in (ApplyOutcome.CHANGED, ApplyOutcome.VANISHED):
                 # The listing is behind the bucket: re-planning from it would only fail
                 # again (and cost a transaction); wait for the next listing.
                 self._stale.add(op.source_path)
-        return result
+
+    def open_content(self, op: Op) -> Content | Applied:
+        """GET the planned version of ``op``'s object for preparing.
+
+        Raises OSError when S3 fails (the op goes back to pending; this source backs off).
+        """
+        fp = op.fingerprint
+        if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT):
+            return Applied(ApplyOutcome.REFUSED, f"an S3 source cannot {op.kind.value}")
+        with self._lock:
+            backing_off = self.clock() < self._status.retry_at
+        if backing_off:
+            raise OSError(errno.EAGAIN, f"{self.name} is backing off after a failed download")
+        try:
+            opened = self._open(op.source_path, fp)
+        except OSError as exc:
+            self._trouble(str(exc))
+            raise
+        if isinstance(opened, Applied):
+            self._downloaded(op, opened)
+            return opened
+        return _S3Content(self, opened, op, fp)
+
+    def still_current(self, op: Op) -> bool:  # noqa: ARG002 (protocol)
+        """Always True: the bytes were pinned to the planned ETag when they were read."""
+        return True
 
     def _trouble(self, why: str) -> None:
         with self._lock:
@@ -898,50 +893,6 @@ class S3Input:
             replace=True,
         )
         return Applied(ApplyOutcome.APPLIED if complete else ApplyOutcome.CHANGED)
-
-    def _graft(
-        self, op: Op, fp: Fingerprint, body: StreamingBody, union_dir: Path, batch_id: int
-    ) -> Applied:
-        from cvmfs_syncd.grafting import JournalingSink, marker_path
-
-        grafter = self.grafter()
-        if grafter is None:  # the settings changed since planning: copy instead
-            return self._copy(op, fp, body, union_dir)
-        try:
-            store = grafter.store
-        except StorageError as exc:
-            raise OSError(errno.EIO, f"repository storage unusable: {exc}") from exc
-        sink = JournalingSink(store, self.state, batch_id)
-        try:
-            result = graft_stream(
-                cast("BinaryIO", _Reader(body, op.source_path)),
-                grafter.options,
-                sink,
-                workers=grafter.workers,
-            )
-        except (GraftError, StorageError) as exc:
-            grafter.delete_objects(sink.created)
-            raise OSError(errno.EIO, f"grafting {op.source_path!r} failed: {exc}") from exc
-        if result.size != fp.size:
-            grafter.delete_objects(sink.created)
-            return Applied(ApplyOutcome.CHANGED)
-        try:
-            fsops.write_file(
-                union_dir, marker_path(op.repo_path), result.text().encode(), mode=FILE_MODE
-            )
-            fsops.write_file(union_dir, op.repo_path, b"", mode=FILE_MODE, mtime_ns=fp.mtime_ns)
-        except BaseException:
-            grafter.delete_objects(sink.created)
-            raise
-        log.debug(
-            "grafted",
-            path=op.repo_path,
-            size=result.size,
-            chunks=len(result.chunks),
-            created=len(sink.created),
-            reused=len(sink.reused),
-        )
-        return Applied(ApplyOutcome.APPLIED, created_objects=sink.created)
 
     def published(self, ops: Sequence[Op]) -> None:
         """Inbox mode: delete each published object (if still that version) and the
@@ -1016,13 +967,34 @@ class S3Input:
             return False
         return True
 
-    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:  # noqa: ARG002 (protocol)
-        """Delete the data objects an abandoned batch created (never ones found there)."""
-        if not created:
-            return
-        grafter = self.grafter()
-        if grafter is not None:
-            grafter.delete_objects(created)
+
+class _S3Content:
+    """An object body opened for preparing (pinned to its ETag by ``If-Match``)."""
+
+    def __init__(self, source: S3Input, body: StreamingBody, op: Op, fp: Fingerprint) -> None:
+        self._source = source
+        self._body = body
+        self._op = op
+        self._reader = _Reader(body, op.source_path)
+        self._size = fp.size
+        self.mode = FILE_MODE
+        self.mtime_ns = fp.mtime_ns
+
+    def read(self, size: int = -1, /) -> bytes:
+        try:
+            return self._reader.read(size)
+        except OSError as exc:
+            self._source._trouble(str(exc))
+            raise
+
+    def unchanged(self, size: int) -> bool:
+        complete = size == self._size
+        if not complete:
+            self._source._downloaded(self._op, Applied(ApplyOutcome.CHANGED))
+        return complete
+
+    def close(self) -> None:
+        self._body.close()
 
 
 class _Reader:

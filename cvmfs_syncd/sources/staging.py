@@ -14,7 +14,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import structlog
 from watchdog.events import (
@@ -38,6 +37,8 @@ from cvmfs_syncd.config import StagingConfig
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind, SetAside
 from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
+from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, count_deleted, file_op_kind
+from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
 from cvmfs_syncd.state import PublishedEntry, State
 
@@ -88,7 +89,7 @@ class StagingInput:
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
-        grafter: Grafter | None = None,
+        content: ContentPolicy = COPY_ONLY,
     ) -> None:
         self.repo = repo
         self.config = config
@@ -97,7 +98,7 @@ class StagingInput:
         self.state = state
         self.metrics = metrics
         self.clock = clock
-        self.grafter = grafter
+        self.content = content
         self.settler = Settler()
         self._submit: Callable[[Dirty], None] | None = None
         self._observer: InotifyObserver | None = None
@@ -285,7 +286,7 @@ class StagingInput:
         plan = Plan()
         marker = self.config.ready_marker
         groups: dict[str, list[str]] = {}
-        deletes = 0
+        deleted: list[list[str]] = []
         for entry in self._expand(entries):
             rel = entry.rel_path
             if rel == "":
@@ -313,8 +314,8 @@ class StagingInput:
             live = self.state.published_entry(self.repo, rp)
             if found is None:
                 if self.config.mode == "mirror" and live is not None and live.source == self.name:
-                    count = len(self.state.published_under(self.repo, rp, self.name))
-                    deletes += count
+                    below = self.state.published_under(self.repo, rp, self.name)
+                    deleted.append([e.path for e in below])
                     self._add(plan, entry, Op(OpKind.DELETE, rp, self.name, rel))
                 self.settler.forget(entry.key)
                 continue
@@ -337,14 +338,13 @@ class StagingInput:
                 if not self._writer_gone(entry, found, now):
                     plan.deferred.append(entry.deferred_until(now + self.config.settle_seconds))
                     continue
-                threshold = self.config.graft_threshold
-                grafted = (
-                    self.grafter is not None
-                    and threshold > 0
-                    and found.size >= threshold
-                    and len(os.fsencode(name)) <= 243
+                kind = file_op_kind(
+                    name,
+                    found.size,
+                    self.content,
+                    prepare=self.config.prepare,
+                    graft_at=self.config.graft_threshold,
                 )
-                kind = OpKind.GRAFT if grafted else OpKind.COPY_FILE
             elif found.type is EntryType.DIRECTORY:
                 kind = OpKind.MAKE_DIR
             else:
@@ -365,6 +365,7 @@ class StagingInput:
                 ]
                 plan.ops = [o for o in plan.ops if o.repo_path not in held]
         plan.atomic_groups = [paths for paths in groups.values() if paths]
+        deletes = count_deleted(deleted)
         if self.config.mode == "mirror" and deletes:
             why = self._root_problem() or deletion_guard(
                 deletes,
@@ -410,7 +411,7 @@ class StagingInput:
 
     # -- applying --------------------------------------------------------------------------
 
-    def apply(self, op: Op, union_dir: Path, batch_id: int) -> Applied:
+    def apply(self, op: Op, union_dir: Path) -> Applied:
         """Carry out one op under the union directory of the open transaction."""
         fp = op.fingerprint
         if op.kind is OpKind.DELETE:
@@ -426,8 +427,7 @@ class StagingInput:
         if op.kind is OpKind.MAKE_SYMLINK:
             fsops.make_symlink(union_dir, op.repo_path, fp.target, replace=True)
             return Applied(ApplyOutcome.APPLIED)
-        if op.kind is OpKind.GRAFT and self.grafter is not None:
-            return self.grafter.graft_staged(self.root, op, union_dir, batch_id)
+        # A GRAFT op reaches here only when its objects could not be prepared: copy it.
         outcome = fsops.copy_file(
             union_dir, op.repo_path, self.root, op.source_path, fp, replace=True
         )
@@ -448,10 +448,36 @@ class StagingInput:
             for top in tops:
                 fsops.remove_marker_if_alone(self.root, top, self.config.ready_marker)
 
-    def abandoned(self, batch_id: int, created: Sequence[str]) -> None:  # noqa: ARG002 (protocol)
-        """Delete data objects an abandoned batch created."""
-        if self.grafter is not None:
-            self.grafter.delete_objects(created)
+    def open_content(self, op: Op) -> Content | Applied:
+        """Open the staged file of ``op`` if it is still the planned version."""
+        fp = op.fingerprint
+        if fp is None or fp.type is not EntryType.FILE:
+            return Applied(ApplyOutcome.REFUSED, "not a regular file")
+        opened = fsops.open_staged(self.root, op.source_path, fp)
+        if isinstance(opened, fsops.CopyOutcome):
+            return _applied(opened)
+        return _StagedContent(opened, fp)
+
+    def still_current(self, op: Op) -> bool:
+        """Return True if the staged entry of ``op`` is still the planned version.
+
+        A plain ``lstat`` (no descriptor walk): it only compares, never reads, and a path
+        redirected through a swapped parent cannot match the planned inode, size and mtime.
+        """
+        fp = op.fingerprint
+        if fp is None or op.kind is not OpKind.GRAFT:
+            return True
+        try:
+            st = os.lstat(os.path.join(self.root, op.source_path))
+        except OSError:
+            return False
+        return (
+            stat.S_ISREG(st.st_mode)
+            and st.st_ino == fp.inode
+            and st.st_size == fp.size
+            and st.st_mtime_ns == fp.mtime_ns
+            and stat.S_IMODE(st.st_mode) == fp.mode
+        )
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -490,14 +516,25 @@ class StagingInput:
         return result
 
 
-class Grafter(Protocol):
-    """Publishes large staged files as grafts (:class:`cvmfs_syncd.grafting.RepositoryGrafter`)."""
+class _StagedContent:
+    """A staged file opened for preparing: its bytes and whether it changed meanwhile."""
 
-    def graft_staged(self, root: Path, op: Op, union_dir: Path, batch_id: int) -> Applied:
-        """Graft one staged file into the open transaction."""
+    def __init__(self, fd: int, expected: Fingerprint) -> None:
+        self._file = os.fdopen(fd, "rb", closefd=True)
+        self._expected = expected
+        self.mode = expected.mode & 0o777
+        self.mtime_ns = expected.mtime_ns
 
-    def delete_objects(self, names: Sequence[str]) -> None:
-        """Delete data objects (of an abandoned batch)."""
+    def read(self, size: int = -1, /) -> bytes:
+        return self._file.read(size)
+
+    def unchanged(self, size: int) -> bool:
+        return size == self._expected.size and fsops.still_matches(
+            self._file.fileno(), self._expected
+        )
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _same(found: Fingerprint, live: Fingerprint) -> bool:

@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 from cvmfs_syncd import fsops
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
-from cvmfs_syncd.cvmfs.repo import RepositoryLayout
+from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
 from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import reserved_name, split_repo_path
+from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.planner import ApplyOutcome, Plan
-from cvmfs_syncd.sources.s3 import GRAFT_NAME_MAX, S3Input, make_client
+from cvmfs_syncd.sources.s3 import S3Input, make_client
 from cvmfs_syncd.state import State
 from tests.sources.s3_support import FakeS3, write_credentials
 from tests.support import wait_for
@@ -37,7 +38,7 @@ def make_source(
     state: State,
     fake: FakeS3,
     *,
-    layout: RepositoryLayout | None = None,
+    content: ContentPolicy = COPY_ONLY,
     metrics: Metrics | None = None,
     **config: object,
 ) -> S3Input:
@@ -50,9 +51,13 @@ def make_source(
         S3Config(**values),  # type: ignore[arg-type]
         state,
         metrics or Metrics(),
-        layout=layout,
+        content=content,
         client_factory=lambda _config: fake,  # type: ignore[arg-type,return-value]
     )
+
+
+#: A repository whose objects this host writes, chunking from 4 MiB.
+WRITABLE = ContentPolicy(writable=True, small_limit=4 * 1024 * 1024)
 
 
 def pending(hints: Sequence[Dirty]) -> list[Pending]:
@@ -96,21 +101,6 @@ def state(tmp_path: Path) -> Iterator[State]:
 def fake() -> FakeS3:
     """An empty in-memory bucket."""
     return FakeS3()
-
-
-@pytest.fixture
-def layout(tmp_path: Path) -> RepositoryLayout:
-    """A local repository layout (zlib, SHA-1) so that large objects are planned as grafts."""
-    storage = tmp_path / "srv" / REPO
-    (storage / "data" / "txn").mkdir(parents=True)
-    return RepositoryLayout(
-        name=REPO,
-        union_dir=tmp_path / "union",
-        spool_dir=tmp_path / "spool",
-        stratum0="",
-        upstream_storage=f"local,{storage}/data/txn,{storage}",
-        settings={"CVMFS_COMPRESSION_ALGORITHM": "default"},
-    )
 
 
 def test_hostile_keys_are_refused_once_with_a_reason_and_never_planned(
@@ -182,16 +172,15 @@ def test_an_object_is_taken_after_two_listings_with_the_same_size_and_etag(
     assert op.fingerprint.mtime_ns == int(fake.objects["builds/a.bin"][2].timestamp()) * 10**9
 
 
-def test_large_objects_are_grafted_and_long_names_copied(
-    state: State, fake: FakeS3, layout: RepositoryLayout
-) -> None:
-    """copy_below splits copies from grafts; a name too long for .cvmfsgraft- is copied."""
+def test_large_objects_are_grafted_and_long_names_copied(state: State, fake: FakeS3) -> None:
+    """Without prepare, copy_below splits copies from grafts; a name too long for
+    .cvmfsgraft- is copied."""
     long_name = "L" * (GRAFT_NAME_MAX + 1)
     fake.put("builds/small", b"x" * 99)
     fake.put("builds/edge", b"x" * 100)
     fake.put(f"builds/{long_name}", b"x" * 1000)
     fake.put("builds/" + "F" * GRAFT_NAME_MAX, b"x" * 1000)
-    source = make_source(state, fake, layout=layout, copy_below=100)
+    source = make_source(state, fake, content=WRITABLE, copy_below=100, prepare=False)
     source.poll(T0)
     plan = plan_hints(source, source.poll(T0 + 1), T0 + 1)
     assert ops_by_path(plan) == {
@@ -200,6 +189,33 @@ def test_large_objects_are_grafted_and_long_names_copied(
         f"ci/{long_name}": OpKind.COPY_FILE,
         "ci/" + "F" * GRAFT_NAME_MAX: OpKind.GRAFT,
     }
+
+
+def test_with_prepare_small_objects_are_prepared_and_large_ones_follow_copy_below(
+    state: State, fake: FakeS3
+) -> None:
+    """prepare (the default) grafts every object below the repository's minimum chunk size;
+    from there on copy_below decides; a name too long for .cvmfsgraft- is copied; a
+    repository whose objects this host cannot write copies everything."""
+    long_name = "L" * (GRAFT_NAME_MAX + 1)
+    fake.put("builds/small", b"x" * 99)
+    fake.put("builds/chunked", b"x" * 300)
+    fake.put("builds/big", b"x" * 1000)
+    fake.put(f"builds/{long_name}", b"x" * 10)
+    content = ContentPolicy(writable=True, small_limit=200)
+    source = make_source(state, fake, content=content, copy_below=500)
+    source.poll(T0)
+    plan = plan_hints(source, source.poll(T0 + 1), T0 + 1)
+    assert ops_by_path(plan) == {
+        "ci/small": OpKind.GRAFT,
+        "ci/chunked": OpKind.COPY_FILE,
+        "ci/big": OpKind.GRAFT,
+        f"ci/{long_name}": OpKind.COPY_FILE,
+    }
+    copying = make_source(state, fake, copy_below=500)
+    copying.poll(T0)
+    plan = plan_hints(copying, copying.poll(T0 + 1), T0 + 1)
+    assert set(ops_by_path(plan).values()) == {OpKind.COPY_FILE}
 
 
 def test_a_ready_marker_holds_a_directory_then_publishes_it_at_once_together(
@@ -324,17 +340,17 @@ def test_an_object_replaced_after_the_listing_waits_for_the_next_listing(
     fake.put("builds/a", b"second version")
     union = tmp_path / "union"
     union.mkdir()
-    assert source.apply(op, union, 1).outcome is ApplyOutcome.CHANGED
+    assert source.apply(op, union).outcome is ApplyOutcome.CHANGED
     assert not (union / "ci" / "a").exists()
     again = source.plan(pending([Dirty(source.name, "a", T0 + 1)]), T0 + 1)
     assert again.ops == []
     assert [p.rel_path for p in again.deferred] == ["a"]
     source.poll(T0 + 2)
     [fresh] = plan_hints(source, source.poll(T0 + 3), T0 + 3).ops
-    assert source.apply(fresh, union, 2).outcome is ApplyOutcome.APPLIED
+    assert source.apply(fresh, union).outcome is ApplyOutcome.APPLIED
     assert (union / "ci" / "a").read_bytes() == b"second version"
     del fake.objects["builds/a"]
-    assert source.apply(fresh, union, 3).outcome is ApplyOutcome.VANISHED
+    assert source.apply(fresh, union).outcome is ApplyOutcome.VANISHED
 
 
 def test_a_failed_download_backs_off_before_planning_again(
@@ -349,7 +365,7 @@ def test_a_failed_download_backs_off_before_planning_again(
     fake.failure = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/ci")
     source.clock = lambda: T0 + 5
     with pytest.raises(OSError, match="S3 GET of 'builds/a' failed"):
-        source.apply(op, tmp_path, 1)
+        source.apply(op, tmp_path)
     plan = source.plan(pending([Dirty(source.name, "a", T0 + 5)]), T0 + 6)
     assert plan.ops == []
     assert plan.deferred[0].not_before >= T0 + 10
@@ -591,7 +607,7 @@ def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
         failures = 0
         for op in files:
             try:
-                source.apply(op, union, 1)
+                source.apply(op, union)
             except OSError:
                 failures += 1
         assert failures == 5
@@ -649,7 +665,7 @@ def test_inbox_keeps_the_marker_until_its_directory_is_empty(state: State, tmp_p
     applied = []
     for op in plan.ops:
         try:
-            source.apply(op, union, 1)
+            source.apply(op, union)
         except OSError:
             continue
         applied.append(op)
@@ -661,6 +677,6 @@ def test_inbox_keeps_the_marker_until_its_directory_is_empty(state: State, tmp_p
     retry = source.plan([Pending(source.name, "b1/b", T0, T0)], T0 + 500)
     assert [op.source_path for op in retry.ops] == ["builds/b1/b"]
     for op in retry.ops:
-        source.apply(op, union, 2)
+        source.apply(op, union)
     source.published(retry.ops)
     assert fake.objects == {}
