@@ -34,7 +34,9 @@ from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Batch, Dirty, LaneStatus, Op, OpKind
+from cvmfs_syncd.pipeline import recovery
 from cvmfs_syncd.pipeline.prepare import Content, Preparer, PrepareResult, marker_path
+from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Input, Plan, cut_to_caps
 from cvmfs_syncd.state import State
 
@@ -465,10 +467,12 @@ class Lane(threading.Thread):
                 ops=len(batch.ops),
                 bytes=batch.bytes,
             )
+            self._apply_errors = 0
             ops, prepared = self._prepare(batch_id, list(batch.ops), origin)
             if not ops:
                 self.state.set_stage(batch_id, "aborted", error="nothing left to publish")
                 self._abandon(batch_id)
+                self._back_off_after_errors()
                 return False
             if self.layout.in_transaction():
                 # A transaction appeared while the objects were written: never touch it.
@@ -485,11 +489,7 @@ class Lane(threading.Thread):
             self._timings["place"] = time.monotonic() - phase
             if not applied:
                 self._abort_own(batch_id, "nothing could be applied")
-                if self._apply_errors:
-                    # A persistent error (EIO on the source, ENOSPC in the union directory)
-                    # must not spin transaction/abort cycles: back off before the next try.
-                    self.metrics.retries.labels(self.repo.name, "apply").inc()
-                    self._sleep(self._apply_backoff.next_delay())
+                self._back_off_after_errors()
                 return False
             self._apply_backoff.reset()
             # One commit for the whole batch: a crash before it leaves the stage at "open",
@@ -505,6 +505,13 @@ class Lane(threading.Thread):
                 return False
             self._finish(batch_id, applied, revision, first_seen, started)
             return True
+
+    def _back_off_after_errors(self) -> None:
+        """A persistent error (EIO on an input, ENOSPC in the union directory) must not spin
+        batch after batch (or transaction/abort cycles): back off before the next try."""
+        if self._apply_errors:
+            self.metrics.retries.labels(self.repo.name, "apply").inc()
+            self._sleep(self._apply_backoff.next_delay())
 
     def _revision(self) -> int | None:
         try:
@@ -587,6 +594,7 @@ class Lane(threading.Thread):
             batch_id, grafts, self._open_content, heartbeat=self.heartbeat
         )
         self._timings["prepare"] = time.monotonic() - phase
+        self._apply_errors += result.errors
         dropped = {op.repo_path for op, _ in result.failed}
         for op, outcome in result.failed:
             self._not_applied(op, outcome, origin)
@@ -633,7 +641,6 @@ class Lane(threading.Thread):
         placeholder and graft marker of every prepared file. No file content is copied
         here except for inputs that could not be prepared."""
         self._set_status(state="placing changes")
-        self._apply_errors = 0
         grafts = [op for op in ops if op.kind is OpKind.GRAFT]
         if grafts and self.preparer is not None:
             grafts = self._objects_still_there(batch_id, grafts, prepared, origin)
@@ -998,52 +1005,38 @@ class Lane(threading.Thread):
             stage=batch.stage,
             transaction_open=in_txn,
         )
-        if batch.stage == "planned":
-            self.state.set_stage(batch.id, "aborted", error="not started before restart")
-            self._abandon(batch.id)
-            return
         revision = self._revision()
-        published = (
-            batch.stage in ("publishing", "published")
-            and batch.base_revision is not None
-            and revision is not None
-            and revision > batch.base_revision
-        ) or batch.stage == "published"
+        rule = recovery.rule_for(
+            batch.stage, in_txn, recovery.revision_advanced(batch.base_revision, revision)
+        )
+        action = rule.action
+        self.log.warning("recovery", batch=batch.id, action=action.value)
         ops = [op for op, _ in self.state.batch_ops(batch.id, applied_only=True)]
         first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
-        if published:
+        if action in (Action.MARK_ABORTED, Action.DELETE_PREPARED):
+            self.state.set_stage(batch.id, "aborted", error=rule.why)
+            self._abandon(batch.id)
+        elif action is Action.ABORT_OWN:
+            self._open_batch = batch.id
+            self._abort_own(batch.id, rule.why)
+        elif action is Action.MARK_FAILED:
+            self.state.set_stage(batch.id, "failed", error=rule.why)
+            self._abandon(batch.id)
+        elif action in (Action.FINISH, Action.ABORT_LEFTOVER_THEN_FINISH):
             self.state.set_stage(batch.id, "published", revision=revision)
-            if in_txn:
+            if action is Action.ABORT_LEFTOVER_THEN_FINISH:
                 # The publish went through but died before closing the transaction: what
                 # is open is ours and holds nothing new; abort it, then finish.
                 self._open_batch = batch.id
                 self._abort_transaction_only(batch.id)
-            self._finish(
-                batch.id,
-                ops,
-                revision if revision is not None else -1,
-                first_seen,
-                batch.created_at,
-            )
-            return
-        if batch.stage in ("opening", "open"):
-            if in_txn:
-                self._open_batch = batch.id
-                self._abort_own(batch.id, "half-applied batch found after restart")
-            else:
-                self.state.set_stage(batch.id, "aborted", error="no transaction after restart")
-                self._abandon(batch.id)
-            return
-        # applied / publishing: every op is in the transaction; finish with a plain publish.
-        if in_txn:
+            final = revision if revision is not None else -1
+            self._finish(batch.id, ops, final, first_seen, batch.created_at)
+        else:  # PUBLISH_THEN_FINISH: every op is in the open transaction
             self._open_batch = batch.id
             self.metrics.transaction_open.labels(self.repo.name).set(1)
             new_revision = self._publish_until_done(batch.id, batch.summary, {}, ops)
             if new_revision is not None:
                 self._finish(batch.id, ops, new_revision, first_seen, batch.created_at)
-        else:
-            self.state.set_stage(batch.id, "failed", error="transaction gone after restart")
-            self._abandon(batch.id)
 
     # -- one-shot mode -----------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Itera
     """Build lanes grafting files of 256 KiB and more."""
     states: list[State] = []
 
-    def build() -> Lane:
+    def build(extra: str = "") -> Lane:
         path = write_config(
             tmp_path / "cvmfs-syncd.toml",
             state_dir=tmp_path / "state",
@@ -76,7 +76,7 @@ def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Itera
             config_dir=stratum0.config_dir,
             repo=REPO,
             staging=staging,
-            staging_extra='  graft_threshold = "256KiB"',
+            staging_extra='  graft_threshold = "256KiB"' + extra,
         )
         config = config_mod.load(path)
         state = State(config.daemon.state_dir)
@@ -104,7 +104,7 @@ def test_large_files_are_grafted_and_read_back_identically(
     """Unchunked, chunked, exact-multiple, compressible and incompressible files all read back."""
     for name, data in FILES.items():
         (staging / name).write_bytes(data)
-    (staging / "tiny.txt").write_text("copied, not grafted")
+    (staging / "tiny.txt").write_text("prepared before the transaction")
     lane = lane_factory()
     _sync(lane)
     tree = stratum0.published_tree(REPO)
@@ -112,8 +112,8 @@ def test_large_files_are_grafted_and_read_back_identically(
         assert tree[name].grafted, name
         assert tree[name].compression == "zlib"
         assert stratum0.read_file(REPO, name) == data, name
-    assert not tree["tiny.txt"].grafted
-    assert stratum0.read_file(REPO, "tiny.txt") == b"copied, not grafted"
+    assert tree["tiny.txt"].grafted and not tree["tiny.txt"].chunks
+    assert stratum0.read_file(REPO, "tiny.txt") == b"prepared before the transaction"
     assert len(tree["chunked-random.bin"].chunks) == 4
     assert len(tree["exact-multiple.bin"].chunks) == 2
     assert not tree["small-unchunked.bin"].chunks
@@ -222,17 +222,23 @@ def test_long_names_are_copied_not_grafted(
     assert stratum0.read_file(REPO, name) == FILES["small-unchunked.bin"]
 
 
-def test_graft_ops_are_planned_for_large_files(lane_factory: LaneFactory, staging: Path) -> None:
-    """Files at or above graft_threshold become GRAFT ops; smaller ones COPY."""
+@pytest.mark.parametrize(
+    ("prepare", "small_kind"), [(True, OpKind.GRAFT), (False, OpKind.COPY_FILE)]
+)
+def test_graft_ops_are_planned_for_large_files(
+    lane_factory: LaneFactory, staging: Path, prepare: bool, small_kind: OpKind
+) -> None:
+    """Files at or above graft_threshold become GRAFT ops; smaller ones are prepared (GRAFT)
+    or, with prepare = false, copied."""
     (staging / "big").write_bytes(bytes(300 * 1024))
     (staging / "small").write_bytes(bytes(10))
     os.utime(staging / "big", (1, 1))
     os.utime(staging / "small", (1, 1))
-    lane = lane_factory()
+    lane = lane_factory(f"\n  prepare = {str(prepare).lower()}")
     lane._reconcile(lane.clock())
     ops, _, _ = lane.plan(lane.clock())
     kinds = {op.repo_path: op.kind for op in ops}
-    assert kinds == {"big": OpKind.GRAFT, "small": OpKind.COPY_FILE}
+    assert kinds == {"big": OpKind.GRAFT, "small": small_kind}
 
 
 def test_crash_in_the_middle_of_a_graft_leaves_no_orphans(
@@ -241,7 +247,8 @@ def test_crash_in_the_middle_of_a_graft_leaves_no_orphans(
     staging: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Objects are journalled as written: after a crash mid-graft, recovery deletes them."""
+    """Objects are journalled as written: after a crash while placing the graft in the
+    transaction, recovery aborts it and deletes them."""
     from cvmfs_syncd import fsops
 
     before = _objects(stratum0)
@@ -253,7 +260,7 @@ def test_crash_in_the_middle_of_a_graft_leaves_no_orphans(
     def crash(*_args: object, **_kwargs: object) -> None:
         raise Crash
 
-    monkeypatch.setattr(fsops, "write_file", crash)
+    monkeypatch.setattr(fsops.UnionWriter, "write", crash)
     lane = lane_factory()
     with pytest.raises(Crash):
         lane.sync_once(20)

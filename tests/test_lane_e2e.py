@@ -303,53 +303,79 @@ def test_foreign_transaction_is_never_aborted(
     assert set(published(stratum0)) == {"a"}
 
 
+#: The two ways a file's content reaches the repository: prepared objects, or a copy.
+CONTENT_PATHS = pytest.mark.parametrize("prepare", [True, False], ids=["prepared", "copied"])
+
+
+def _break_reading(
+    monkeypatch: pytest.MonkeyPatch, prepare: bool, failing: Callable[[str], object | None]
+) -> None:
+    """Make reading a staged file fail where ``failing(rel)`` returns or raises."""
+    from cvmfs_syncd import fsops
+
+    real_copy = fsops.copy_file
+    real_open = fsops.open_staged
+
+    def copy(union: Path, repo_path: str, root: Path, rel: str, *a: object, **kw: object) -> object:
+        return failing(rel) or real_copy(union, repo_path, root, rel, *a, **kw)  # type: ignore[arg-type]
+
+    def open_staged(root: Path, rel: str, *a: object) -> object:
+        return failing(rel) or real_open(root, rel, *a)  # type: ignore[arg-type]
+
+    if prepare:
+        monkeypatch.setattr(fsops, "open_staged", open_staged)
+    else:
+        monkeypatch.setattr(fsops, "copy_file", copy)
+
+
+def _content_config(prepare: bool) -> dict[str, str]:
+    return {"staging_extra": f"  prepare = {str(prepare).lower()}"}
+
+
+@CONTENT_PATHS
 def test_unreadable_file_is_set_aside_and_the_batch_goes_on(
     lane_factory: LaneFactory,
     stratum0: FakeStratum0,
     staging: Path,
     monkeypatch: pytest.MonkeyPatch,
+    prepare: bool,
 ) -> None:
     """An input that cannot be read is reported and set aside; the rest is published."""
     from cvmfs_syncd import fsops
 
-    real_copy = fsops.copy_file
+    def failing(rel: str) -> object | None:
+        return fsops.CopyOutcome.UNREADABLE if rel == "secret" else None
 
-    def copy(union: Path, repo_path: str, root: Path, rel: str, *a: object, **kw: object) -> object:
-        if rel == "secret":
-            return fsops.CopyOutcome.UNREADABLE
-        return real_copy(union, repo_path, root, rel, *a, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(fsops, "copy_file", copy)
+    _break_reading(monkeypatch, prepare, failing)
     (staging / "secret").write_text("no")
     (staging / "fine").write_text("yes")
-    lane = lane_factory()
+    lane = lane_factory(**_content_config(prepare))
     _sync(lane)
     assert set(published(stratum0)) == {"fine"}
     assert lane.state.set_aside_list(REPO) == [(lane.inputs[0].name, "secret", "unreadable")]
 
 
+@CONTENT_PATHS
 def test_an_input_that_breaks_apply_does_not_stop_the_lane(
     lane_factory: LaneFactory,
     stratum0: FakeStratum0,
     staging: Path,
     monkeypatch: pytest.MonkeyPatch,
+    prepare: bool,
 ) -> None:
-    """An unexpected error applying one input re-queues it; the others are published."""
-    from cvmfs_syncd import fsops
-
-    real_copy = fsops.copy_file
+    """An unexpected error reading one input re-queues it; the others are published."""
     failures: list[str] = []
 
-    def copy(union: Path, repo_path: str, root: Path, rel: str, *a: object, **kw: object) -> object:
+    def failing(rel: str) -> object | None:
         if rel == "flaky" and not failures:
             failures.append(rel)
             raise RuntimeError("injected")
-        return real_copy(union, repo_path, root, rel, *a, **kw)  # type: ignore[arg-type]
+        return None
 
-    monkeypatch.setattr(fsops, "copy_file", copy)
+    _break_reading(monkeypatch, prepare, failing)
     (staging / "flaky").write_text("f")
     (staging / "steady").write_text("s")
-    lane = lane_factory()
+    lane = lane_factory(**_content_config(prepare))
     _sync(lane)
     assert failures == ["flaky"]
     assert set(published(stratum0)) == {"flaky", "steady"}
@@ -418,24 +444,25 @@ def test_retried_transaction_stays_in_one_journal_row(
     assert lane.state.unfinished_batch(REPO) is None
 
 
+@CONTENT_PATHS
 def test_persistent_apply_errors_back_off(
     lane_factory: LaneFactory,
     stratum0: FakeStratum0,
     staging: Path,
     monkeypatch: pytest.MonkeyPatch,
+    prepare: bool,
 ) -> None:
-    """An input that keeps failing to copy (EIO) does not spin transaction/abort cycles."""
+    """An input that keeps failing to read (EIO) does not spin batch after batch (nor
+    transaction/abort cycles)."""
     import errno
 
-    from cvmfs_syncd import fsops
-
-    def broken(*_args: object, **_kwargs: object) -> object:
+    def broken(_rel: str) -> object:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(fsops, "copy_file", broken)
+    _break_reading(monkeypatch, prepare, broken)
     (staging / "f").write_text("x")
     os.utime(staging / "f", (1, 1))
-    lane = lane_factory()
+    lane = lane_factory(**_content_config(prepare))
     ok, _ = lane.sync_once(3)
     assert not ok
     attempts = len(lane.state.recent_batches(REPO, limit=1000))

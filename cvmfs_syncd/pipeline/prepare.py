@@ -177,6 +177,8 @@ class PrepareResult:
     fallback: list[Op] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     reused: set[str] = field(default_factory=set)
+    #: inputs that failed with an error (not a change): the lane backs off on repeats
+    errors: int = 0
     gc_mark: str = ""
     bytes: int = 0
     seconds: float = 0.0
@@ -358,7 +360,11 @@ class Preparer:
                 outcome = future.result()
             except ValueError as exc:
                 outcome = Applied(ApplyOutcome.REFUSED, f"unsafe name: {exc}")
-            except (OSError, StorageError, GraftError) as exc:
+            except Exception as exc:
+                # One input must not take the lane down: it goes back to pending.
+                if not isinstance(exc, OSError | StorageError | GraftError):
+                    log.exception("preparing an input failed unexpectedly", path=op.repo_path)
+                result.errors += 1
                 outcome = Applied(ApplyOutcome.CHANGED, str(exc))
             if isinstance(outcome, Applied):
                 result.failed.append((op, outcome))
@@ -423,7 +429,10 @@ class Preparer:
         except ValueError as exc:
             result.failed.append((op, Applied(ApplyOutcome.REFUSED, f"unsafe name: {exc}")))
             return
-        except OSError as exc:
+        except Exception as exc:
+            if not isinstance(exc, OSError):
+                log.exception("preparing an input failed unexpectedly", path=op.repo_path)
+            result.errors += 1
             result.failed.append((op, Applied(ApplyOutcome.CHANGED, str(exc))))
             return
         if isinstance(opened, Applied):
@@ -441,6 +450,7 @@ class Preparer:
             return
         except (GraftError, OSError) as exc:
             self.delete_objects([n for n in sink.created if n not in before])
+            result.errors += 1
             result.failed.append((op, Applied(ApplyOutcome.CHANGED, str(exc))))
             return
         finally:

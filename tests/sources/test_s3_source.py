@@ -212,7 +212,7 @@ def test_with_prepare_small_objects_are_prepared_and_large_ones_follow_copy_belo
         "ci/big": OpKind.GRAFT,
         f"ci/{long_name}": OpKind.COPY_FILE,
     }
-    copying = make_source(state, fake, copy_below=500)
+    copying = make_source(state, fake, copy_below=500, bucket="other")
     copying.poll(T0)
     plan = plan_hints(copying, copying.poll(T0 + 1), T0 + 1)
     assert set(ops_by_path(plan).values()) == {OpKind.COPY_FILE}
