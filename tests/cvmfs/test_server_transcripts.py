@@ -119,6 +119,11 @@ EXPECTED_FAILURES: dict[tuple[str, int], Outcome] = {
     ("m_ingest", 23): OC.NOT_IN_TRANSACTION,
     ("m_ingest", 25): OC.ALREADY_IN_TRANSACTION,
     ("m_ingest", 27): OC.FAILED,
+    # working ingest: hard link to /etc/passwd, during a transaction, truncated tar, not a tar
+    ("m2_ingest", 26): OC.ARCHIVE_HARDLINK_OUTSIDE,
+    ("m2_ingest", 49): OC.ALREADY_IN_TRANSACTION,
+    ("m2_ingest", 51): OC.ARCHIVE_UNREADABLE,
+    ("m2_ingest", 56): OC.ARCHIVE_UNREADABLE,
     # grafts: objects missing in S3 (private ACL), checks, invalid graft files
     ("n2_graft_publish_s3", 19): OC.CHECK_FAILED,
     ("n2_graft_publish_s3", 26): OC.CHECK_FAILED,
@@ -135,6 +140,52 @@ EXPECTED_FAILURES: dict[tuple[str, int], Outcome] = {
     ("o_gc_and_transactions", 10): OC.NO_SUCH_REPOSITORY,
     ("o_gc_and_transactions", 11): OC.PROMPT_DECLINED,
     ("o_gc_and_transactions", 12): OC.PROMPT_DECLINED,
+    # gateway publisher: lease path missing (granted, then dropped), second transaction,
+    # abort/publish without one; a leading slash is not a repository (a usage error)
+    ("p_gateway_basic", 1): OC.PATH_SCOPE_MISSING,
+    ("p_gateway_basic", 13): OC.ALREADY_IN_TRANSACTION,
+    ("p_gateway_basic", 26): OC.PATH_SCOPE_MISSING,
+    ("p_gateway_basic", 27): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_basic", 30): OC.FAILED,
+    ("p_gateway_basic", 31): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_basic", 32): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_basic", 33): OC.NOT_IN_TRANSACTION,
+    # same, nested, parent and whole-repository leases while another publisher holds sw/a;
+    # step 2 remounted first, step 6 retried with -t 8
+    ("p_gateway_conflict", 2): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 3): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 4): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 5): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 6): OC.LEASE_BUSY,
+    # gateway stopped: transaction, then publish and abort -f of an open transaction;
+    # after the restart the lease is still held
+    ("p_gateway_down", 2): OC.GATEWAY_UNREACHABLE,
+    ("p_gateway_down", 4): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_down", 5): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_down", 10): OC.GATEWAY_UNREACHABLE,
+    ("p_gateway_down", 11): OC.GATEWAY_UNREACHABLE,
+    ("p_gateway_down", 13): OC.ALREADY_IN_TRANSACTION,
+    ("p_gateway_down", 14): OC.LEASE_BUSY,
+    ("p_gateway_down", 15): OC.NOT_IN_TRANSACTION,
+    # publish on an expired lease (twice), then on a lease another publisher has taken
+    ("p_gateway_lease_expiry", 5): OC.LEASE_INVALID,
+    ("p_gateway_lease_expiry", 8): OC.LEASE_INVALID,
+    ("p_gateway_lease_expiry", 9): OC.ALREADY_IN_TRANSACTION,
+    ("p_gateway_lease_expiry", 17): OC.LEASE_INVALID,
+    # maintenance on gateway publishers; `tag -i` of the tag that was never made and
+    # `snapshot` of a stratum 0 are plain failures (the daemon runs neither)
+    ("p_gateway_maintenance", 4): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 5): OC.FAILED,
+    ("p_gateway_maintenance", 6): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 9): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 10): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 11): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 12): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 13): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_maintenance", 16): OC.FAILED,
+    ("p_gateway_maintenance", 19): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 20): OC.REFLOG_MISSING,
+    ("p_gateway_maintenance", 21): OC.GATEWAY_UNSUPPORTED,
 }
 
 # Steps where the recorder ran cvmfs_server inside `sh -c` and echoed its exit code:
