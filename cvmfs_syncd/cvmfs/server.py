@@ -84,7 +84,8 @@ class Outcome(enum.StrEnum):
     LEASE_BUSY = "lease_busy"
     """``transaction`` exit 16 on a gateway publisher: another publisher holds a lease on
     the same path, a parent or a nested one (gateway.md surprises 5-7; p_gateway_conflict
-    2-6, p_gateway_down 14).  Nothing was opened here."""
+    2-6, p_gateway_down 14).  Nothing was opened here; the other lease has
+    ``lease_time_remaining_s`` left."""
     LEASE_INVALID = "lease_invalid"
     """``publish`` on a gateway publisher: the gateway no longer knows our lease (it expired,
     perhaps taken by another publisher since).  The transaction stays open and a retry
@@ -354,13 +355,50 @@ def parse_invalid_graft_path(stderr: str) -> str | None:
     return match["path"] if match else None
 
 
+_LEASE_BUSY_NOTE = re.compile(r"^Path busy\. Time remaining = (\S+)[ \t]*$", re.MULTILINE)
+# Go's time.Duration.String(): "29.76s", "1m30.5s", "2h0m0s", "850ms", "1.5\u00b5s".
+_GO_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+}
+_GO_PART = r"(\d+(?:\.\d*)?)(" + "|".join(_GO_UNIT_SECONDS) + ")"  # "ms" before "m", "s"
+_GO_DURATION = re.compile(f"(?:{_GO_PART})+")
+_GO_DURATION_PART = re.compile(_GO_PART)
+
+
+def parse_lease_time_remaining(stdout: str) -> float | None:
+    """Given ``transaction``'s stdout on a gateway publisher, return the busy lease's time left.
+
+    The gateway refuses a conflicting lease with ``Path busy. Time remaining = 29.76s``
+    (a Go duration, e.g. ``1m30.5s`` or ``850ms``); ``transaction -t`` prints one such line
+    per attempt, and the last one counts.  Returns seconds, or ``None`` when there is no
+    such line or its duration cannot be read.  Pure.
+    """
+    notes = _LEASE_BUSY_NOTE.findall(stdout)
+    if not notes:
+        return None
+    duration = notes[-1]
+    if _GO_DURATION.fullmatch(duration) is None:
+        return None
+    return sum(
+        float(value) * _GO_UNIT_SECONDS[unit] for value, unit in _GO_DURATION_PART.findall(duration)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """What one command did: the raw facts and their classification.
 
     ``exit_code`` is the raw return code (negative when a signal ended the process,
     e.g. after a timeout kill).  ``open_file_holders`` is filled from ``publish``'s
-    lsof report; ``invalid_graft_path`` from an :attr:`Outcome.INVALID_GRAFT` PANIC.
+    lsof report; ``invalid_graft_path`` from an :attr:`Outcome.INVALID_GRAFT` PANIC;
+    ``lease_time_remaining_s`` from the gateway's note of an :attr:`Outcome.LEASE_BUSY`.
     """
 
     argv: tuple[str, ...]
@@ -372,6 +410,7 @@ class CommandResult:
     reason: str = ""
     open_file_holders: tuple[str, ...] = ()
     invalid_graft_path: str | None = None
+    lease_time_remaining_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -867,6 +906,9 @@ class CvmfsServer:
             invalid_graft_path=(
                 parse_invalid_graft_path(stderr) if outcome is Outcome.INVALID_GRAFT else None
             ),
+            lease_time_remaining_s=(
+                parse_lease_time_remaining(stdout) if outcome is Outcome.LEASE_BUSY else None
+            ),
         )
         self._log(result)
         return result
@@ -912,6 +954,8 @@ class CvmfsServer:
             fields["open_file_holders"] = list(result.open_file_holders)
         if result.invalid_graft_path:
             fields["invalid_graft_path"] = result.invalid_graft_path
+        if result.lease_time_remaining_s is not None:
+            fields["lease_time_remaining_s"] = round(result.lease_time_remaining_s, 3)
         fields["stdout"] = _clip(result.stdout)
         fields["stderr"] = _clip(result.stderr)
         if result.ok:

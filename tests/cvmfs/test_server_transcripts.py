@@ -15,6 +15,7 @@ from cvmfs_syncd.cvmfs.server import (
     classify,
     explain,
     parse_invalid_graft_path,
+    parse_lease_time_remaining,
     parse_open_file_holders,
     parse_tag_listing,
 )
@@ -327,6 +328,16 @@ def test_every_specific_outcome_has_recorded_evidence() -> None:
         (("h_resign", 77), "(unexpected termination) cannot create directory /var/spool/cvmfs/"),
         (("m_ingest", 3), "Impossible to open the archive: No formats registered"),
         (("c_publish_abort_without_txn", 1), "Repository ref.local is not in a transaction"),
+        (("p_gateway_conflict", 2), "CernVM-FS transaction error: lease path busy"),
+        (("p_gateway_down", 2), "Make lease acquire request failed: 7"),
+        (("p_gateway_down", 10), "SessionContext::DoUpload - curl_easy_perform failed: 7"),
+        (("p_gateway_down", 11), "Make lease drop request failed: 7"),
+        (("p_gateway_lease_expiry", 5), 'SessionContext::DoUpload - error reply: {"reason":"inv'),
+        (("p_gateway_maintenance", 9), "Failed to configure gateway uploader. Missing session"),
+        (("p_gateway_maintenance", 12), "[ERROR] Session token file has to be provided when"),
+        (("m2_ingest", 26), "catalog for file 'hostile/hardlink_out/etc/passwd' cannot be"),
+        (("m2_ingest", 51), "failed to read data from the tar entry: /trunc/dir/m/f025.bin"),
+        (("m2_ingest", 56), "Impossible to open the archive: Unrecognized archive format"),
     ],
 )
 def test_reason_is_the_telling_line(key: tuple[str, int], reason: str) -> None:
@@ -355,6 +366,29 @@ def test_no_open_file_holders_without_report() -> None:
 def test_invalid_graft_path_from_recorded_panic(step: int, path: str) -> None:
     """The PANIC of an invalid graft names the placeholder the daemon must set aside."""
     assert parse_invalid_graft_path(str(record("n_graft_publish", step)["stderr"])) == path
+
+
+@pytest.mark.parametrize(
+    ("key", "seconds"),
+    [
+        (("p_gateway_conflict", 2), 29.812980102),
+        (("p_gateway_conflict", 5), 29.6731049),
+        # `transaction -t 8` printed one note per attempt; the last one counts
+        (("p_gateway_conflict", 6), 17.621976252),
+        (("p_gateway_down", 14), 23.659323719),
+    ],
+)
+def test_lease_time_remaining_from_recorded_busy_lease(
+    key: tuple[str, int], seconds: float
+) -> None:
+    """A refused lease reports how long the other publisher's lease still runs."""
+    assert parse_lease_time_remaining(str(record(*key)["stdout"])) == pytest.approx(seconds)
+
+
+def test_no_lease_time_remaining_when_the_lease_was_granted() -> None:
+    """A granted lease (`Gateway reply: ok`) or a plain failure carries no time remaining."""
+    assert parse_lease_time_remaining(str(record("p_gateway_basic", 6)["stdout"])) is None
+    assert parse_lease_time_remaining(str(record("p_gateway_down", 2)["stdout"])) is None
 
 
 def test_tag_listing_parses_recorded_machine_readable_output() -> None:
