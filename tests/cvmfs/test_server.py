@@ -770,6 +770,13 @@ def test_gateway_and_ingest_rules_beyond_the_recordings(
     assert classify(subcommand, exit_code, stdout, stderr) is expected
 
 
+def test_every_outcome_has_a_row_in_the_failure_table() -> None:
+    """docs/failures.md says what each outcome means and what the daemon does about it."""
+    table = (Path(__file__).parents[2] / "docs" / "failures.md").read_text(encoding="utf-8")
+    missing = [o.name for o in Outcome if f"| `{o.name}` |" not in table]
+    assert missing == []
+
+
 def test_each_call_is_logged_with_clipped_output(tmp_path: Path, safe_cwd: Path) -> None:
     """A call logs argv, outcome, exit code, duration and reason, with long output clipped."""
     prefix = write_stub(
