@@ -76,7 +76,42 @@ class Outcome(enum.StrEnum):
     NO_SUCH_REPOSITORY = "no_such_repository"
     """The named repository does not exist on this host."""
     PATH_SCOPE_MISSING = "path_scope_missing"
-    """``transaction R/path`` exit 2: the parent of the scope path does not exist."""
+    """``transaction R/path`` exit 2: the parent of the scope path does not exist.
+
+    No transaction is open afterwards.  On a gateway publisher the lease was granted
+    and dropped again before this check (gateway.md surprise 1, p_gateway_basic 1, 26).
+    """
+    LEASE_BUSY = "lease_busy"
+    """``transaction`` exit 16 on a gateway publisher: another publisher holds a lease on
+    the same path, a parent or a nested one (gateway.md surprises 5-7; p_gateway_conflict
+    2-6, p_gateway_down 14).  Nothing was opened here; the other lease has
+    ``lease_time_remaining_s`` left."""
+    LEASE_INVALID = "lease_invalid"
+    """``publish`` on a gateway publisher: the gateway no longer knows our lease (it expired,
+    perhaps taken by another publisher since).  The transaction stays open and a retry
+    fails the same way; only ``abort -f`` recovers (gateway.md surprises 14, 15;
+    p_gateway_lease_expiry 5, 8, 17)."""
+    GATEWAY_UNREACHABLE = "gateway_unreachable"
+    """The repository gateway could not be reached (a curl error): ``transaction`` opened
+    nothing, a ``publish`` left its transaction open, an ``abort -f`` (exit 5) could not
+    drop the lease and left the transaction open (gateway.md surprises 16, 17;
+    p_gateway_down 2, 10, 11)."""
+    GATEWAY_UNSUPPORTED = "gateway_unsupported"
+    """``tag -a``/``tag -r``, ``rollback``, ``resign`` (exit 134) or ``gc`` on a gateway
+    publisher: they need a session token a publisher only has inside a transaction, so they
+    never work there (gateway.md surprise 19; p_gateway_maintenance 4, 6, 9-12, 19, 21)."""
+    REFLOG_MISSING = "reflog_missing"
+    """``gc`` cannot read the repository's reflog checksum (none in the spool): seen on the
+    second publisher of a gateway repository (gateway.md surprise 19; p_gateway_maintenance
+    20)."""
+    ARCHIVE_UNREADABLE = "archive_unreadable"
+    """``ingest`` could not read the archive: truncated, or not an archive at all.  Nothing
+    was published and no transaction is left open (gateway.md surprise 27; m2_ingest 51,
+    56)."""
+    ARCHIVE_HARDLINK_OUTSIDE = "archive_hardlink_outside"
+    """``ingest`` aborted on a hard link whose target is not in the archive (e.g.
+    ``/etc/passwd``).  Nothing was published and no transaction is left open (gateway.md
+    surprise 25; m2_ingest 26)."""
     UNDO_TAG_PROTECTED = "undo_tag_protected"
     """``tag -r`` of ``trunk``/``trunk-previous``: nothing was removed."""
     PROMPT_DECLINED = "prompt_declined"
@@ -133,6 +168,47 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(Outcome.ALREADY_IN_TRANSACTION, _p(r"another transaction is already open")),
     _Rule(Outcome.ALREADY_IN_TRANSACTION, subcommand="transaction", exit_code=17),
     _Rule(Outcome.PATH_SCOPE_MISSING, _p(r"cannot open transaction on non-existing path")),
+    # The final error line, not the "Path busy. Time remaining" notes: `transaction -t`
+    # prints those while it retries and may still get the lease in the end.
+    _Rule(Outcome.LEASE_BUSY, _p(r"transaction error: lease path busy")),
+    _Rule(Outcome.LEASE_BUSY, subcommand="transaction", exit_code=16),
+    _Rule(
+        Outcome.GATEWAY_UNREACHABLE,
+        _p(
+            r"Make lease (?:acquire|drop) request failed: \d+"
+            r"|SessionContext::\w+ - curl_easy_perform failed: \d+"
+        ),
+    ),
+    _Rule(
+        Outcome.LEASE_INVALID,
+        _p(r'"reason"\s*:\s*"invalid lease"' r"|Error from gateway: 'invalid lease'"),
+    ),
+    *(
+        _Rule(
+            Outcome.GATEWAY_UNSUPPORTED,
+            _p(
+                r"Session token file has to be provided when upstream type is gw"
+                r"|Failed to configure gateway uploader\. Missing session token file"
+            ),
+            subcommand=maintenance,
+        )
+        for maintenance in ("tag", "rollback", "resign", "gc")
+    ),
+    _Rule(Outcome.REFLOG_MISSING, _p(r"Could not read reflog checksum")),
+    _Rule(
+        Outcome.ARCHIVE_UNREADABLE,
+        _p(
+            r"Unrecognized archive format"
+            r"|Truncated tar archive"
+            r"|failed to read data from the tar entry"
+        ),
+        subcommand="ingest",
+    ),
+    _Rule(
+        Outcome.ARCHIVE_HARDLINK_OUTSIDE,
+        _p(r"catalog for file '.*' cannot be found"),
+        subcommand="ingest",
+    ),
     _Rule(
         Outcome.CANNOT_REPAIR,
         _p(r"is in a transaction but \S+ is not mounted read/write|and cannot be repaired"),
@@ -279,13 +355,50 @@ def parse_invalid_graft_path(stderr: str) -> str | None:
     return match["path"] if match else None
 
 
+_LEASE_BUSY_NOTE = re.compile(r"^Path busy\. Time remaining = (\S+)[ \t]*$", re.MULTILINE)
+# Go's time.Duration.String(): "29.76s", "1m30.5s", "2h0m0s", "850ms", "1.5\u00b5s".
+_GO_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+}
+_GO_PART = r"(\d+(?:\.\d*)?)(" + "|".join(_GO_UNIT_SECONDS) + ")"  # "ms" before "m", "s"
+_GO_DURATION = re.compile(f"(?:{_GO_PART})+")
+_GO_DURATION_PART = re.compile(_GO_PART)
+
+
+def parse_lease_time_remaining(stdout: str) -> float | None:
+    """Given ``transaction``'s stdout on a gateway publisher, return the busy lease's time left.
+
+    The gateway refuses a conflicting lease with ``Path busy. Time remaining = 29.76s``
+    (a Go duration, e.g. ``1m30.5s`` or ``850ms``); ``transaction -t`` prints one such line
+    per attempt, and the last one counts.  Returns seconds, or ``None`` when there is no
+    such line or its duration cannot be read.  Pure.
+    """
+    notes = _LEASE_BUSY_NOTE.findall(stdout)
+    if not notes:
+        return None
+    duration = notes[-1]
+    if _GO_DURATION.fullmatch(duration) is None:
+        return None
+    return sum(
+        float(value) * _GO_UNIT_SECONDS[unit] for value, unit in _GO_DURATION_PART.findall(duration)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """What one command did: the raw facts and their classification.
 
     ``exit_code`` is the raw return code (negative when a signal ended the process,
     e.g. after a timeout kill).  ``open_file_holders`` is filled from ``publish``'s
-    lsof report; ``invalid_graft_path`` from an :attr:`Outcome.INVALID_GRAFT` PANIC.
+    lsof report; ``invalid_graft_path`` from an :attr:`Outcome.INVALID_GRAFT` PANIC;
+    ``lease_time_remaining_s`` from the gateway's note of an :attr:`Outcome.LEASE_BUSY`.
     """
 
     argv: tuple[str, ...]
@@ -297,6 +410,7 @@ class CommandResult:
     reason: str = ""
     open_file_holders: tuple[str, ...] = ()
     invalid_graft_path: str | None = None
+    lease_time_remaining_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -792,6 +906,9 @@ class CvmfsServer:
             invalid_graft_path=(
                 parse_invalid_graft_path(stderr) if outcome is Outcome.INVALID_GRAFT else None
             ),
+            lease_time_remaining_s=(
+                parse_lease_time_remaining(stdout) if outcome is Outcome.LEASE_BUSY else None
+            ),
         )
         self._log(result)
         return result
@@ -837,6 +954,8 @@ class CvmfsServer:
             fields["open_file_holders"] = list(result.open_file_holders)
         if result.invalid_graft_path:
             fields["invalid_graft_path"] = result.invalid_graft_path
+        if result.lease_time_remaining_s is not None:
+            fields["lease_time_remaining_s"] = round(result.lease_time_remaining_s, 3)
         fields["stdout"] = _clip(result.stdout)
         fields["stderr"] = _clip(result.stderr)
         if result.ok:

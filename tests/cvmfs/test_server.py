@@ -25,6 +25,7 @@ from cvmfs_syncd.cvmfs.server import (
     classify,
     command_environment,
     explain,
+    parse_lease_time_remaining,
 )
 from cvmfs_syncd.errors import CvmfsCommandError
 
@@ -191,6 +192,45 @@ def test_invalid_graft_result_names_the_placeholder(tmp_path: Path, safe_cwd: Pa
     result = CvmfsServer(prefix, cwd=str(safe_cwd)).publish("ref.local", message="m")
     assert result.outcome is Outcome.INVALID_GRAFT
     assert result.invalid_graft_path == "sw/x y.bin"
+
+
+def test_busy_lease_result_carries_time_remaining(tmp_path: Path, safe_cwd: Path) -> None:
+    """A lease refused as busy reports the other lease's time left, also in the log line."""
+    prefix = write_stub(
+        tmp_path,
+        """\
+        print("Path busy. Time remaining = 1m2.5s")
+        print("repository busy, retrying")
+        print("Path busy. Time remaining = 41.25s")
+        print("CernVM-FS transaction error: lease path busy", file=sys.stderr)
+        sys.exit(16)
+        """,
+    )
+    server = CvmfsServer(prefix, cwd=str(safe_cwd))
+    with structlog.testing.capture_logs() as logs:
+        result = server.transaction("gw.example.org", path="sw/x")
+    assert result.outcome is Outcome.LEASE_BUSY
+    assert result.lease_time_remaining_s == pytest.approx(41.25)
+    assert result.reason == "CernVM-FS transaction error: lease path busy"
+    (entry,) = logs
+    assert entry["lease_time_remaining_s"] == 41.25
+
+
+def test_other_results_carry_no_lease_time(tmp_path: Path, safe_cwd: Path) -> None:
+    """Only a busy lease fills ``lease_time_remaining_s``."""
+    prefix = write_stub(
+        tmp_path,
+        """\
+        print("Path busy. Time remaining = 3s")
+        print("Gateway reply: ok")
+        print("CernVM-FS transaction error: cannot open transaction on non-existing path /a",
+              file=sys.stderr)
+        sys.exit(2)
+        """,
+    )
+    result = CvmfsServer(prefix, cwd=str(safe_cwd)).transaction("gw.example.org", path="a/b")
+    assert result.outcome is Outcome.PATH_SCOPE_MISSING
+    assert result.lease_time_remaining_s is None
 
 
 # --- stdin, cwd, environment ------------------------------------------------------------
@@ -593,6 +633,148 @@ def test_classify_edge_cases() -> None:
     assert classify("transaction", 2, "", "") is Outcome.FAILED
     assert classify("check", 1, "", "unexpected") is Outcome.FAILED
     assert explain(Outcome.FAILED, "", "") == ""
+
+
+@pytest.mark.parametrize(
+    ("duration", "seconds"),
+    [
+        ("29.812980102s", 29.812980102),
+        ("0s", 0.0),
+        ("1m30.5s", 90.5),
+        ("2h0m0s", 7200.0),
+        ("1h2m3s", 3723.0),
+        ("850ms", 0.85),
+        ("1.5\u00b5s", 1.5e-6),
+        ("1.5us", 1.5e-6),
+        ("12ns", 12e-9),
+    ],
+)
+def test_lease_time_remaining_reads_go_durations(duration: str, seconds: float) -> None:
+    """The gateway prints Go durations; each unit is converted to seconds."""
+    stdout = f"Path busy. Time remaining = {duration}\n"
+    assert parse_lease_time_remaining(stdout) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "stdout",
+    [
+        "",
+        "Gateway reply: ok\n",
+        "Path busy. Time remaining = soon\n",
+        "Path busy. Time remaining = -1.5s\n",
+        "Path busy. Time remaining = 5\n",
+        "Path busy. Time remaining = 5x\n",
+        "note: Path busy. Time remaining = 5s\n",
+    ],
+)
+def test_lease_time_remaining_absent_or_unreadable(stdout: str) -> None:
+    """No busy note, or one whose duration is not a Go duration, gives None."""
+    assert parse_lease_time_remaining(stdout) is None
+
+
+_PANIC = (
+    "terminate called after throwing an instance of 'ECvmfsException'\n"
+    "  what():  PANIC: <src>/cvmfs/session_context.cc : 405\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "exit_code", "stdout", "stderr", "expected"),
+    [
+        # a busy lease, by its final error line or by exit 16 alone, on any host or path
+        ("transaction", 16, "Path busy. Time remaining = 2m0s\n", "", Outcome.LEASE_BUSY),
+        (
+            "transaction",
+            1,
+            "",
+            "CernVM-FS transaction error: lease path busy\n",
+            Outcome.LEASE_BUSY,
+        ),
+        # `transaction -t` got the lease after retrying, but the path was missing
+        (
+            "transaction",
+            2,
+            "Path busy. Time remaining = 1s\nrepository busy, retrying\nGateway reply: ok\n",
+            "CernVM-FS transaction error: cannot open transaction on non-existing path /x\n",
+            Outcome.PATH_SCOPE_MISSING,
+        ),
+        # the gateway unreachable with another curl error (28: timed out)
+        (
+            "transaction",
+            1,
+            "",
+            "Make lease acquire request failed: 28. Reply: \n(unexpected termination) cannot\n",
+            Outcome.GATEWAY_UNREACHABLE,
+        ),
+        (
+            "publish",
+            1,
+            "",
+            "SessionContext::Commit - curl_easy_perform failed: 6\nKilled\n",
+            Outcome.GATEWAY_UNREACHABLE,
+        ),
+        (
+            "abort",
+            5,
+            "",
+            "Make lease drop request failed: 7. Reply: ''\ncannot drop lease\n",
+            Outcome.GATEWAY_UNREACHABLE,
+        ),
+        # invalid lease, with other JSON spacing
+        (
+            "publish",
+            1,
+            "",
+            "SessionContext::DoUpload - error reply: "
+            '{"status": "error", "reason": "invalid lease"}\n' + _PANIC,
+            Outcome.LEASE_INVALID,
+        ),
+        # a missing session token refuses maintenance, not a publish (whose token vanished)
+        (
+            "tag",
+            1,
+            "",
+            "[ERROR] Session token file has to be provided when upstream type is gw.\n",
+            Outcome.GATEWAY_UNSUPPORTED,
+        ),
+        (
+            "publish",
+            1,
+            "",
+            "[ERROR] Session token file has to be provided when upstream type is gw.\n",
+            Outcome.FAILED,
+        ),
+        # archive messages count for ingest only; the old build's defect stays a failure
+        ("ingest", 1, "", "x\n Truncated tar archive\nAborted\n", Outcome.ARCHIVE_UNREADABLE),
+        ("publish", 1, "", "Unrecognized archive format\n", Outcome.FAILED),
+        (
+            "ingest",
+            1,
+            "",
+            "Impossible to open the archive: No formats registered\n",
+            Outcome.FAILED,
+        ),
+        (
+            "ingest",
+            1,
+            "",
+            "catalog for file 'base/usr/bin/tool' cannot be found, aborting\nAborted\n",
+            Outcome.ARCHIVE_HARDLINK_OUTSIDE,
+        ),
+    ],
+)
+def test_gateway_and_ingest_rules_beyond_the_recordings(
+    subcommand: str, exit_code: int, stdout: str, stderr: str, expected: Outcome
+) -> None:
+    """The new rules hold for other hosts, paths, curl codes and spacing, and stay in scope."""
+    assert classify(subcommand, exit_code, stdout, stderr) is expected
+
+
+def test_every_outcome_has_a_row_in_the_failure_table() -> None:
+    """docs/failures.md says what each outcome means and what the daemon does about it."""
+    table = (Path(__file__).parents[2] / "docs" / "failures.md").read_text(encoding="utf-8")
+    missing = [o.name for o in Outcome if f"| `{o.name}` |" not in table]
+    assert missing == []
 
 
 def test_each_call_is_logged_with_clipped_output(tmp_path: Path, safe_cwd: Path) -> None:

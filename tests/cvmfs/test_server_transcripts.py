@@ -15,6 +15,7 @@ from cvmfs_syncd.cvmfs.server import (
     classify,
     explain,
     parse_invalid_graft_path,
+    parse_lease_time_remaining,
     parse_open_file_holders,
     parse_tag_listing,
 )
@@ -119,6 +120,11 @@ EXPECTED_FAILURES: dict[tuple[str, int], Outcome] = {
     ("m_ingest", 23): OC.NOT_IN_TRANSACTION,
     ("m_ingest", 25): OC.ALREADY_IN_TRANSACTION,
     ("m_ingest", 27): OC.FAILED,
+    # working ingest: hard link to /etc/passwd, during a transaction, truncated tar, not a tar
+    ("m2_ingest", 26): OC.ARCHIVE_HARDLINK_OUTSIDE,
+    ("m2_ingest", 49): OC.ALREADY_IN_TRANSACTION,
+    ("m2_ingest", 51): OC.ARCHIVE_UNREADABLE,
+    ("m2_ingest", 56): OC.ARCHIVE_UNREADABLE,
     # grafts: objects missing in S3 (private ACL), checks, invalid graft files
     ("n2_graft_publish_s3", 19): OC.CHECK_FAILED,
     ("n2_graft_publish_s3", 26): OC.CHECK_FAILED,
@@ -135,6 +141,52 @@ EXPECTED_FAILURES: dict[tuple[str, int], Outcome] = {
     ("o_gc_and_transactions", 10): OC.NO_SUCH_REPOSITORY,
     ("o_gc_and_transactions", 11): OC.PROMPT_DECLINED,
     ("o_gc_and_transactions", 12): OC.PROMPT_DECLINED,
+    # gateway publisher: lease path missing (granted, then dropped), second transaction,
+    # abort/publish without one; a leading slash is not a repository (a usage error)
+    ("p_gateway_basic", 1): OC.PATH_SCOPE_MISSING,
+    ("p_gateway_basic", 13): OC.ALREADY_IN_TRANSACTION,
+    ("p_gateway_basic", 26): OC.PATH_SCOPE_MISSING,
+    ("p_gateway_basic", 27): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_basic", 30): OC.FAILED,
+    ("p_gateway_basic", 31): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_basic", 32): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_basic", 33): OC.NOT_IN_TRANSACTION,
+    # same, nested, parent and whole-repository leases while another publisher holds sw/a;
+    # step 2 remounted first, step 6 retried with -t 8
+    ("p_gateway_conflict", 2): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 3): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 4): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 5): OC.LEASE_BUSY,
+    ("p_gateway_conflict", 6): OC.LEASE_BUSY,
+    # gateway stopped: transaction, then publish and abort -f of an open transaction;
+    # after the restart the lease is still held
+    ("p_gateway_down", 2): OC.GATEWAY_UNREACHABLE,
+    ("p_gateway_down", 4): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_down", 5): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_down", 10): OC.GATEWAY_UNREACHABLE,
+    ("p_gateway_down", 11): OC.GATEWAY_UNREACHABLE,
+    ("p_gateway_down", 13): OC.ALREADY_IN_TRANSACTION,
+    ("p_gateway_down", 14): OC.LEASE_BUSY,
+    ("p_gateway_down", 15): OC.NOT_IN_TRANSACTION,
+    # publish on an expired lease (twice), then on a lease another publisher has taken
+    ("p_gateway_lease_expiry", 5): OC.LEASE_INVALID,
+    ("p_gateway_lease_expiry", 8): OC.LEASE_INVALID,
+    ("p_gateway_lease_expiry", 9): OC.ALREADY_IN_TRANSACTION,
+    ("p_gateway_lease_expiry", 17): OC.LEASE_INVALID,
+    # maintenance on gateway publishers; `tag -i` of the tag that was never made and
+    # `snapshot` of a stratum 0 are plain failures (the daemon runs neither)
+    ("p_gateway_maintenance", 4): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 5): OC.FAILED,
+    ("p_gateway_maintenance", 6): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 9): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 10): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 11): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 12): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 13): OC.NOT_IN_TRANSACTION,
+    ("p_gateway_maintenance", 16): OC.FAILED,
+    ("p_gateway_maintenance", 19): OC.GATEWAY_UNSUPPORTED,
+    ("p_gateway_maintenance", 20): OC.REFLOG_MISSING,
+    ("p_gateway_maintenance", 21): OC.GATEWAY_UNSUPPORTED,
 }
 
 # Steps where the recorder ran cvmfs_server inside `sh -c` and echoed its exit code:
@@ -276,6 +328,16 @@ def test_every_specific_outcome_has_recorded_evidence() -> None:
         (("h_resign", 77), "(unexpected termination) cannot create directory /var/spool/cvmfs/"),
         (("m_ingest", 3), "Impossible to open the archive: No formats registered"),
         (("c_publish_abort_without_txn", 1), "Repository ref.local is not in a transaction"),
+        (("p_gateway_conflict", 2), "CernVM-FS transaction error: lease path busy"),
+        (("p_gateway_down", 2), "Make lease acquire request failed: 7"),
+        (("p_gateway_down", 10), "SessionContext::DoUpload - curl_easy_perform failed: 7"),
+        (("p_gateway_down", 11), "Make lease drop request failed: 7"),
+        (("p_gateway_lease_expiry", 5), 'SessionContext::DoUpload - error reply: {"reason":"inv'),
+        (("p_gateway_maintenance", 9), "Failed to configure gateway uploader. Missing session"),
+        (("p_gateway_maintenance", 12), "[ERROR] Session token file has to be provided when"),
+        (("m2_ingest", 26), "catalog for file 'hostile/hardlink_out/etc/passwd' cannot be"),
+        (("m2_ingest", 51), "failed to read data from the tar entry: /trunc/dir/m/f025.bin"),
+        (("m2_ingest", 56), "Impossible to open the archive: Unrecognized archive format"),
     ],
 )
 def test_reason_is_the_telling_line(key: tuple[str, int], reason: str) -> None:
@@ -304,6 +366,29 @@ def test_no_open_file_holders_without_report() -> None:
 def test_invalid_graft_path_from_recorded_panic(step: int, path: str) -> None:
     """The PANIC of an invalid graft names the placeholder the daemon must set aside."""
     assert parse_invalid_graft_path(str(record("n_graft_publish", step)["stderr"])) == path
+
+
+@pytest.mark.parametrize(
+    ("key", "seconds"),
+    [
+        (("p_gateway_conflict", 2), 29.812980102),
+        (("p_gateway_conflict", 5), 29.6731049),
+        # `transaction -t 8` printed one note per attempt; the last one counts
+        (("p_gateway_conflict", 6), 17.621976252),
+        (("p_gateway_down", 14), 23.659323719),
+    ],
+)
+def test_lease_time_remaining_from_recorded_busy_lease(
+    key: tuple[str, int], seconds: float
+) -> None:
+    """A refused lease reports how long the other publisher's lease still runs."""
+    assert parse_lease_time_remaining(str(record(*key)["stdout"])) == pytest.approx(seconds)
+
+
+def test_no_lease_time_remaining_when_the_lease_was_granted() -> None:
+    """A granted lease (`Gateway reply: ok`) or a plain failure carries no time remaining."""
+    assert parse_lease_time_remaining(str(record("p_gateway_basic", 6)["stdout"])) is None
+    assert parse_lease_time_remaining(str(record("p_gateway_down", 2)["stdout"])) is None
 
 
 def test_tag_listing_parses_recorded_machine_readable_output() -> None:
