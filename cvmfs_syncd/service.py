@@ -138,7 +138,11 @@ class Service:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the HTTP endpoint and every lane, then tell systemd READY."""
+        """Start every lane, then the HTTP endpoint (so /status answers for every lane from
+        its first answer on), then tell systemd READY."""
+        self.scheduler.start()
+        for repo in self.config.repositories:
+            self._start_lane(repo)
         address = config_mod.parse_address(self.config.daemon.metrics_address)
         if address is not None:
             self.http = MetricsServer(
@@ -146,9 +150,6 @@ class Service:
             )
             self.http.start()
             log.info("metrics endpoint listening", address=f"{address[0]}:{self.http.address[1]}")
-        self.scheduler.start()
-        for repo in self.config.repositories:
-            self._start_lane(repo)
         self.notifier.ready(self._status_line())
         log.info("cvmfs-syncd ready", repositories=[r.name for r in self.config.repositories])
 

@@ -13,6 +13,7 @@ from cvmfs_syncd import config as config_mod
 from cvmfs_syncd.config import Config
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.model import Op
 from cvmfs_syncd.service import build_lane, make_server
 from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
@@ -312,18 +313,22 @@ def _break_reading(
 ) -> None:
     """Make reading a staged file fail where ``failing(rel)`` returns or raises."""
     from cvmfs_syncd import fsops
+    from cvmfs_syncd.planner import Applied, ApplyOutcome
+    from cvmfs_syncd.sources.staging import StagingInput
 
     real_copy = fsops.copy_file
-    real_open = fsops.open_staged
+    real_open = StagingInput.open_content
 
     def copy(union: Path, repo_path: str, root: Path, rel: str, *a: object, **kw: object) -> object:
         return failing(rel) or real_copy(union, repo_path, root, rel, *a, **kw)  # type: ignore[arg-type]
 
-    def open_staged(root: Path, rel: str, *a: object) -> object:
-        return failing(rel) or real_open(root, rel, *a)  # type: ignore[arg-type]
+    def open_content(source: StagingInput, op: Op) -> object:
+        if failing(op.source_path) is fsops.CopyOutcome.UNREADABLE:
+            return Applied(ApplyOutcome.REFUSED, "unreadable")
+        return real_open(source, op)
 
     if prepare:
-        monkeypatch.setattr(fsops, "open_staged", open_staged)
+        monkeypatch.setattr(StagingInput, "open_content", open_content)
     else:
         monkeypatch.setattr(fsops, "copy_file", copy)
 

@@ -129,13 +129,15 @@ def ci_tree(stratum0: FakeStratum0) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize("prepare", [False, True], ids=["copy-below", "prepared"])
 def test_copied_and_grafted_objects_read_back_byte_for_byte_and_a_restart_adds_nothing(
-    lanes: LaneFactory, stratum0: FakeStratum0, bucket: Bucket
+    lanes: LaneFactory, stratum0: FakeStratum0, bucket: Bucket, prepare: bool
 ) -> None:
-    """Small objects are copied, large ones grafted (chunked and not); the client reads
-    every byte back, grafted files carry the object's LastModified and mode 0644, their
-    objects are in the repository's storage, and a new lane on the same state publishes
-    nothing again."""
+    """Without prepare, small objects are copied and large ones grafted; with it, every
+    object below the minimum chunk size (4 MiB) is stored before the transaction as one
+    object. The client reads every byte back, grafted files carry the
+    object's LastModified and mode 0644, their objects are in the repository's storage,
+    and a new lane on the same state publishes nothing again."""
     rng = random.Random(4)
     contents = {
         "builds/small.txt": b"hello from CI\n" * 700,
@@ -146,7 +148,8 @@ def test_copied_and_grafted_objects_read_back_byte_for_byte_and_a_restart_adds_n
     }
     for key, data in contents.items():
         bucket.put(key, data)
-    lane = lanes(s3_extra='  copy_below = "256KiB"')
+    extra = f'  copy_below = "256KiB"\n  prepare = {str(prepare).lower()}'
+    lane = lanes(s3_extra=extra)
     sync(lane)
     tree = stratum0.published_tree(REPO)
     for key, data in contents.items():
@@ -156,20 +159,21 @@ def test_copied_and_grafted_objects_read_back_byte_for_byte_and_a_restart_adds_n
         assert entry.mode & 0o777 == 0o644
         assert entry.mtime == int(bucket.last_modified(key).timestamp())
     assert [tree[p].grafted for p in ("ci/small.txt", "ci/empty", "ci/sub/medium.bin")] == [
-        False,
-        False,
+        prepare,
+        prepare,
         True,
     ]
     assert tree["ci/sub/large.bin"].grafted
-    assert len(tree["ci/sub/large.bin"].chunks) == 3
-    assert len(tree["ci/sub/zeros.bin"].chunks) == 3
+    # Below the minimum chunk size (4 MiB) publish stores one object, and so does a graft.
+    assert tree["ci/sub/large.bin"].chunks == ()
+    assert tree["ci/sub/zeros.bin"].chunks == ()
     assert tree["ci/sub"].type == "dir"
     assert tree["ci/sub"].mode & 0o777 == 0o755
-    for chunk in tree["ci/sub/large.bin"].chunks:
-        assert (stratum0.storage_dir(REPO) / object_name(chunk.hash, partial=True)).is_file()
+    whole = tree["ci/sub/large.bin"].hash
+    assert (stratum0.storage_dir(REPO) / object_name(whole)).is_file()
     assert not stratum0.violations()
     revision = stratum0.revision(REPO)
-    again = lanes(s3_extra='  copy_below = "256KiB"')
+    again = lanes(s3_extra=extra)
     sync(again)
     assert stratum0.revision(REPO) == revision
 
@@ -294,7 +298,7 @@ def test_an_abandoned_batch_deletes_exactly_the_objects_it_created(
 ) -> None:
     """publish rejects a graft: the batch is aborted, the objects it created are deleted,
     an object it shared with a published file stays, and the rest of the batch publishes."""
-    first = random.Random(3).randbytes(MIB)
+    first = random.Random(3).randbytes(5 * MIB)  # above the minimum chunk size: chunked
     bucket.put("builds/one.bin", first + b"tail of one")
     lane = lanes(s3_extra='  copy_below = "64KiB"')
     sync(lane)
@@ -331,7 +335,7 @@ def test_graft_objects_are_journalled_as_they_are_written_and_abandon_spares_reu
 ) -> None:
     """Preparing journals each object it creates (a crash mid-graft can be undone), never
     an object that was already there; a replaced or deleted object is not prepared."""
-    data = random.Random(5).randbytes(2 * MIB + 7)
+    data = random.Random(5).randbytes(4 * MIB + 7)  # chunked: 1 MiB chunks
     etag = bucket.put("builds/g.bin", data)
     lane = lanes(s3_extra='  copy_below = "64KiB"')
     source = s3_source(lane)
@@ -348,7 +352,7 @@ def test_graft_objects_are_journalled_as_they_are_written_and_abandon_spares_reu
     assert preparer is not None
     first = preparer.prepare(901, [op], source.open_content)
     assert list(first.prepared) == ["ci/g.bin"]
-    assert len(first.created) == 3
+    assert len(first.created) == 5
     assert sorted(lane.state.created_objects(901)) == sorted(first.created)
     assert first.prepared["ci/g.bin"].graft.startswith(f"size={len(data)}\n")
     again = preparer.prepare(902, [op], source.open_content)

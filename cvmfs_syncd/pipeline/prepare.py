@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO, Protocol, cast
 
 import structlog
@@ -66,6 +66,7 @@ DEFAULT_MIN_CHUNK = 4 * 1024 * 1024
 #: Small files are encoded in memory and stored in groups of at most this many objects or
 #: bytes: one journal commit per group, not per object.
 _GROUP_OBJECTS = 512
+_IN_MEMORY_LIMIT = 4 * 1024 * 1024
 _GROUP_BYTES = 64 * 1024 * 1024
 
 
@@ -336,9 +337,9 @@ class Preparer:
         return result
 
     def _in_memory(self, op: Op) -> bool:
+        """Small files are read whole and stored in groups; the rest is streamed."""
         size = op.fingerprint.size if op.fingerprint is not None else 0
-        limit = self.small_limit if self.small_limit is not None else DEFAULT_MIN_CHUNK
-        return size < min(limit, DEFAULT_MIN_CHUNK, self.options.chunk_size or limit)
+        return self.is_small(size) and size < _IN_MEMORY_LIMIT
 
     def _encode_all(
         self, pool: ThreadPoolExecutor, ops: Sequence[Op], opener: Opener, result: PrepareResult
