@@ -440,8 +440,10 @@ class Preparer:
             result.failed.append((op, opened))
             return
         before = set(sink.created)
+        # Below the minimum chunk size ``publish`` stores one object: so does the graft.
+        options = replace(self.options, chunk_size=0) if self.is_small(fp.size) else self.options
         try:
-            graft = graft_stream(cast("BinaryIO", opened), self.options, sink, workers=self.workers)
+            graft = graft_stream(cast("BinaryIO", opened), options, sink, workers=self.workers)
             unchanged = graft.size == fp.size and opened.unchanged(graft.size)
             mode, mtime_ns = opened.mode, opened.mtime_ns
         except StorageError as exc:
