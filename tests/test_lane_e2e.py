@@ -273,6 +273,27 @@ def test_mass_deletion_is_held_until_released(
     assert set(published(stratum0)) == {f"f{i}" for i in range(15, 20)}
 
 
+def test_a_deep_tree_removed_counts_each_live_path_once(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """Removing nested/deep/x/y/z.dat (5 live paths) and one file of a 13-path tree
+    deletes 6 of 13 (46 %): below the 50 % guard, so it is published, not held."""
+    import shutil
+
+    (staging / "nested" / "deep" / "x" / "y").mkdir(parents=True)
+    (staging / "nested" / "deep" / "x" / "y" / "z.dat").write_text("z")
+    for name in "abcdefgh":
+        (staging / name).write_text(name)
+    lane = lane_factory()
+    _sync(lane)
+    assert len(published(stratum0)) == 13
+    shutil.rmtree(staging / "nested")
+    (staging / "a").unlink()
+    ok, why = lane.sync_once(10)
+    assert ok, why
+    assert set(published(stratum0)) == set("bcdefgh")
+
+
 def test_missing_staging_path_never_wipes_the_repository(
     lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
 ) -> None:
