@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     p = with_config("sync", "one pass: publish everything pending, exit 0 when in sync")
     p.add_argument("--repository", action="append", help="only this repository (repeatable)")
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after S seconds")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan only: no transaction, no objects, no lock, nothing written",
+    )
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     with_config("check-config", "validate the configuration; report every error")
     p = with_config("status", "ask the running daemon what each repository lane is doing")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
@@ -129,6 +135,8 @@ def _sync(args: argparse.Namespace) -> int:
     if unknown:
         print(f"cvmfs-syncd: unknown repository {', '.join(sorted(unknown))}", file=sys.stderr)
         return EXIT_USAGE
+    if args.dry_run:
+        return _dry_run(config, wanted, as_json=args.json)
     state = State(config.daemon.state_dir)
     metrics = Metrics()
     server = make_server(config)
@@ -152,6 +160,18 @@ def _sync(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"cvmfs-syncd: {failure}", file=sys.stderr)
     return EXIT_FAILED if failures else EXIT_OK
+
+
+def _dry_run(config: config_mod.Config, wanted: set[str], *, as_json: bool) -> int:
+    from cvmfs_syncd.pipeline.dry_run import dry_run
+
+    plans = dry_run(config, [r for r in config.repositories if r.name in wanted])
+    if as_json:
+        print(json.dumps({"repositories": [p.to_json() for p in plans]}, indent=2))
+    else:
+        for plan in plans:
+            print(plan.text())
+    return EXIT_FAILED if any(p.error for p in plans) else EXIT_OK
 
 
 def _check_config(args: argparse.Namespace) -> int:

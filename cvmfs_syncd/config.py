@@ -153,7 +153,7 @@ class RepositoryConfig:
     name: str
     quiet_seconds: float = 5.0
     max_batch_seconds: float = 60.0
-    max_batch_files: int = 10000
+    max_batch_files: int = 50000
     max_batch_bytes: int = 8 * 1024**3
     retry_initial_seconds: float = 5.0
     retry_max_seconds: float = 600.0
@@ -497,7 +497,7 @@ def _validate_repository(r: _Reader, data: dict[str, Any], where: str) -> Reposi
     max_age = r.duration(data, "max_batch_seconds", where, 60.0)
     if max_age < quiet:
         r.problems.append(f"{where}.max_batch_seconds: must not be shorter than quiet_seconds")
-    max_files = r.get(data, "max_batch_files", where, int, 10000)
+    max_files = r.get(data, "max_batch_files", where, int, 50000)
     if max_files < 1:
         r.problems.append(f"{where}.max_batch_files: must be at least 1")
     staging_raw = r.get(data, "staging", where, list, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -151,3 +152,58 @@ def test_sync_waits_for_the_repository_lock(
     worker.join(timeout=60)
     assert results == [0]
     assert "f" in stratum0.published_tree(REPO)
+
+
+def _tree_snapshot(top: Path) -> dict[str, tuple[int, int]]:
+    """Every path below ``top`` with its size and mtime (to prove nothing was written)."""
+    if not top.exists():
+        return {}
+    return {
+        str(p.relative_to(top)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in top.rglob("*")
+    }
+
+
+def test_sync_dry_run_prints_the_plan_and_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--dry-run --json prints the ops per source, the bytes to prepare, what is held or
+    refused, and the revisions the caps cut the batch into; it opens no transaction, writes
+    no object, takes no lock and writes nothing under state_dir, even with a journal there."""
+    import json
+
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    path = _config(tmp_path, stratum0)
+    staging = tmp_path / "staging"
+    (staging / "old").write_text("published before")
+    assert main(["sync", "-c", str(path), "--timeout", "60"]) == 0
+    capsys.readouterr()
+    (staging / "sub").mkdir()
+    for i in range(3):
+        (staging / "sub" / f"f{i}").write_bytes(b"x" * (10 + i))
+    for settled in ("f0", "f1", "f2"):
+        os.utime(staging / "sub" / settled, (1, 1))
+    writing = (staging / "sub" / "f2").open("ab")  # still open for writing: deferred
+    (staging / ".cvmfscatalog").write_text("reserved")
+    (staging / "old").unlink()
+    state_before = _tree_snapshot(tmp_path / "state")
+    storage_before = _tree_snapshot(stratum0.storage_dir(REPO))
+    revision = stratum0.revision(REPO)
+    assert main(["sync", "-c", str(path), "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    [repo] = report["repositories"]
+    [source] = repo["sources"]
+    assert source["ops"] == {"graft": 2, "mkdir": 1, "delete": 1}
+    assert source["bytes_to_prepare"] == 10 + 11
+    assert source["deferred"] == ["sub/f2"]
+    assert [r["path"] for r in source["refused"]] == [".cvmfscatalog"]
+    assert repo["revisions"] == [4]
+    assert stratum0.revision(REPO) == revision
+    assert not stratum0.in_transaction(REPO)
+    assert _tree_snapshot(tmp_path / "state") == state_before
+    assert _tree_snapshot(stratum0.storage_dir(REPO)) == storage_before
+    assert main(["sync", "-c", str(path), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "1 revision(s)" in text
+    assert "21 bytes to prepare" in text
+    writing.close()

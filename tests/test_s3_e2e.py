@@ -170,6 +170,7 @@ def test_copied_and_grafted_objects_read_back_byte_for_byte_and_a_restart_adds_n
     assert tree["ci/sub"].type == "dir"
     assert tree["ci/sub"].mode & 0o777 == 0o755
     whole = tree["ci/sub/large.bin"].hash
+    assert whole is not None
     assert (stratum0.storage_dir(REPO) / object_name(whole)).is_file()
     assert not stratum0.violations()
     revision = stratum0.revision(REPO)

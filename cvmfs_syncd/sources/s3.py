@@ -263,6 +263,8 @@ class S3Input:
         self.state = state
         self.metrics = metrics
         self.content = content
+        #: True for a dry run: the bucket is only listed, nothing is deleted from it.
+        self.read_only = False
         self.clock = clock
         self.page_size = page_size
         self.full_prefix = _full_prefix(config.prefix)
@@ -642,7 +644,7 @@ class S3Input:
                 rels.append(rel)
         if self.config.mode == "mirror":
             rels += [self._rel(p) for p in live if p not in expected and p != self.target_path]
-        elif published_here:
+        elif published_here and not self.read_only:
             # Inbox: objects that are live but still in the bucket (a deletion after an
             # earlier publish failed) are removed now.
             for key, fp in published_here:
