@@ -43,6 +43,9 @@ NULL_HEX = "0" * 40
 EMPTY_PATH_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 CATALOG_TTL = 240
 GC_DEFAULT_TIMESPAN = 3 * 86400
+AUTO_GC_DEFAULT_LAPSE = "1 day ago"
+AUTO_GC_DEFAULT_TIMESPAN = "3 days ago"
+LAST_GC_FORMAT = "%a %b %e %H:%M:%S UTC %Y"
 MASTER_REPLICA_TEXT = "This file marks the repository as replicatable to stratum 1 servers\n"
 SOURCE_PLACEHOLDER = "<cvmfs-src>"
 
@@ -1702,6 +1705,11 @@ def cmd_mkfs(ctx: Context, args: list[str]) -> None:
     write_whitelist(repo, now, "30")
     ctx.out("Signing 30 day whitelist with master key... done\n")
     _create_initial_revisions(repo, now)
+    if auto_gc_enabled(repo):
+        # The real mkfs publishes its initial commit with `cvmfs_server publish`; with no
+        # last_gc yet that publish's automatic gc is due, runs silently (output to
+        # /dev/null) and leaves .cvmfs_status.json behind (k 5: present right after mkfs).
+        write_gc_status(repo, now)
     ctx.out("Creating Initial Repository... done\n")
     ctx.out("Mounting CernVM-FS Storage... (overlayfs) done\n")
     ctx.out("Allowing Replication of this Repository... done\n")
@@ -1941,13 +1949,20 @@ class PublishJob:
     """Everything one ``publish`` run needs."""
 
     def __init__(
-        self, repo: Repo, manifest: Manifest, tag_name: str, message: str | None, now: float
+        self,
+        repo: Repo,
+        manifest: Manifest,
+        tag_name: str,
+        message: str | None,
+        now: float,
+        gc_threshold: float,
     ) -> None:
         self.repo = repo
         self.manifest = manifest
         self.tag_name = tag_name
         self.message = message
         self.now = now
+        self.gc_threshold = gc_threshold
         self.uploaded: list[str] = []
 
 
@@ -1990,6 +2005,7 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         ctx.out(f"Open writable file descriptors on {repo.name}\n")
         raise CommandExit(1)
     now = ctx.now()
+    gc_threshold = auto_gc_threshold(ctx, repo, now)
     manifest = repo.manifest()
     tag_name = options.get("-a", "")
     if not tag_name and repo.flag("CVMFS_AUTO_TAG", default=True):
@@ -1997,7 +2013,7 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         ctx.out(f"Using auto tag '{tag_name}'\n")
     if readonly:
         _confirm_readonly_fds(ctx, repo, readonly, force=force)
-    job = PublishJob(repo, manifest, tag_name, options.get("-m"), now)
+    job = PublishJob(repo, manifest, tag_name, options.get("-m"), now, gc_threshold)
     publishing = repo.spool / "is_publishing.lock"
     publishing.touch()
     try:
@@ -2125,6 +2141,8 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     )
     (repo.spool / "client.local").write_text(f"CVMFS_ROOT_HASH={root_hash}\n")
     ctx.fault("after_manifest")
+    if auto_gc_due(ctx, repo):
+        _publish_auto_gc(ctx, job)
     ctx.out("Remounting newly created repository revision\n")
     _finish_union(repo, catalog, current)
     (repo.spool / "in_transaction.lock").unlink(missing_ok=True)
@@ -2904,15 +2922,112 @@ def _run_gc(
         locks[0].chmod(0o600)
     try:
         ctx.fault("locked")
-        _gc_sweep(ctx, repo, plan, dry=dry, listing=listing)
+        ctx.out("Running Garbage Collection \n")
+        collect_garbage(ctx, repo, plan, dry=dry, listing=listing)
     finally:
         if not dry:
             for lock in locks:
                 lock.unlink(missing_ok=True)
+
+
+def collect_garbage(
+    ctx: Context,
+    repo: Repo,
+    plan: GcPlan,
+    *,
+    dry: bool,
+    listing: bool,
+    fail: Callable[[dict[str, Any]], NoReturn] | None = None,
+) -> None:
+    """What ``cvmfs_swissknife gc`` and the shell's ``__run_gc`` do, shared by ``gc`` and
+    publish's automatic gc: mark and sweep, then record ``last_gc`` in the storage's
+    ``.cvmfs_status.json``. ``fail`` is the failure of the ``sweep`` fault point."""
+    _gc_sweep(ctx, repo, plan, dry=dry, listing=listing, fail=fail)
     if not dry:
-        status = json.dumps({"last_gc": utc("%a %b %e %H:%M:%S UTC %Y", ctx.now())}, indent=2)
-        write_atomic(repo.storage / ".cvmfs_status.json", status.encode())
         ctx.out(f"Statistics stored at: {repo.spool}/stats.db\n")
+        write_gc_status(repo, ctx.now())
+
+
+def write_gc_status(repo: Repo, when: float) -> None:
+    """Record a finished gc in ``.cvmfs_status.json`` (``last_gc`` as ``date --utc`` prints it)."""
+    status = read_json(repo.storage / ".cvmfs_status.json", {})
+    if not isinstance(status, dict):
+        status = {}
+    status["last_gc"] = utc(LAST_GC_FORMAT, when)
+    write_atomic(repo.storage / ".cvmfs_status.json", json.dumps(status, indent=2).encode())
+
+
+def parse_last_gc(text: str) -> float | None:
+    """Parse ``last_gc`` (``date --utc`` output, e.g. ``Sun Nov 29 21:15:48 UTC 2026``)."""
+    try:
+        return utc_seconds(time.strptime(" ".join(text.split()), "%a %b %d %H:%M:%S UTC %Y"))
+    except ValueError:
+        return parse_gc_time(text, time.time()) if text else None
+
+
+def auto_gc_enabled(repo: Repo) -> bool:
+    """``is_garbage_collectable`` and ``CVMFS_AUTO_GC``: both compared with "true" verbatim."""
+    conf = repo.conf
+    return conf.get("CVMFS_GARBAGE_COLLECTION") == "true" and conf.get("CVMFS_AUTO_GC") == "true"
+
+
+def auto_gc_due(ctx: Context, repo: Repo) -> bool:
+    """The shell's ``is_due_auto_garbage_collection``.
+
+    Due when automatic gc is enabled and ``last_gc`` is older than ``CVMFS_AUTO_GC_LAPSE``
+    (``date --date`` syntax, default "1 day ago"); also due when there is no ``last_gc``
+    or either date cannot be parsed (with the script's messages on stderr).
+    """
+    if not auto_gc_enabled(repo):
+        return False
+    lapse = repo.conf.get("CVMFS_AUTO_GC_LAPSE") or AUTO_GC_DEFAULT_LAPSE
+    deadline = parse_gc_time(lapse, ctx.now())
+    if deadline is None:
+        ctx.err(f"Failed to parse CVMFS_AUTO_GC_LAPSE: '{lapse}'\n")
+        return True
+    status = read_json(repo.storage / ".cvmfs_status.json", {})
+    text = str(status.get("last_gc") or "") if isinstance(status, dict) else ""
+    if not text:
+        return True
+    last_gc = parse_last_gc(text)
+    if last_gc is None:
+        # the script reassigns the variable before printing it, so the message is empty
+        ctx.err("Failed to parse last gc timestamp: ''\n")
+        return True
+    return int(last_gc) < int(deadline)
+
+
+def auto_gc_threshold(ctx: Context, repo: Repo, now: float) -> float:
+    """``get_auto_garbage_collection_timespan``: revisions newer than this survive auto gc.
+
+    Publish computes it before doing anything, for every repository (gc enabled or not),
+    and stops with exit 1 when ``CVMFS_AUTO_GC_TIMESPAN`` cannot be parsed.
+    """
+    text = repo.conf.get("CVMFS_AUTO_GC_TIMESPAN") or AUTO_GC_DEFAULT_TIMESPAN
+    threshold = parse_gc_time(text, now)
+    if threshold is None:
+        ctx.err(f"Failed to parse CVMFS_AUTO_GC_TIMESPAN: '{text}'\n")
+        raise CommandExit(1)
+    return threshold
+
+
+def _publish_auto_gc(ctx: Context, job: PublishJob) -> None:
+    """Publish's automatic gc (F10): after the new manifest is signed and before the remount.
+
+    It runs inside the publish's own transaction (no ``is_collecting.lock``), preserves the
+    new revision, every tagged revision and revisions newer than the auto-gc timespan, and
+    prints swissknife's gc lines without a listing. A failure ends the publish with
+    ``Garbage collection failed (6)`` and the transaction open; the new revision stays.
+    """
+
+    def failed(rule: dict[str, Any]) -> NoReturn:
+        ctx.fail_with(rule, "", "Garbage collection failed (6)\n", 1)
+
+    repo = job.repo
+    ctx.out("Running automatic garbage collection\n")
+    ctx.fault("auto_gc", failed)
+    plan = _gc_plan(repo, None, job.gc_threshold)
+    collect_garbage(ctx, repo, plan, dry=False, listing=False, fail=failed)
 
 
 def _gc_sweep(
@@ -2922,6 +3037,7 @@ def _gc_sweep(
     *,
     dry: bool,
     listing: bool,
+    fail: Callable[[dict[str, Any]], NoReturn] | None = None,
 ) -> None:
     def stamp() -> str:
         return utc("[%a, %d %b %Y %H:%M:%S GMT]", ctx.now())
@@ -2929,7 +3045,6 @@ def _gc_sweep(
     def day(value: float) -> str:
         return utc("%d %b %Y %H:%M:%S", value)
 
-    ctx.out("Running Garbage Collection \n")
     ctx.out(f"  --> marking unreferenced objects {stamp()}\n")
     keep_objects: set[str] = set()
     if listing:
@@ -2944,7 +3059,7 @@ def _gc_sweep(
                 f"Preserving Revision {rev['revision']} ({day(rev['timestamp'])} / "
                 f"added @ {day(rev['timestamp'])})\n├─ {rev['root_hash']} /\n"
             )
-    ctx.fault("sweep")
+    ctx.fault("sweep", fail)
     ctx.out(f"  --> sweeping unreferenced objects {stamp()}\n")
     removed: set[str] = set()
     for index, rev in enumerate(plan.swept, start=1):

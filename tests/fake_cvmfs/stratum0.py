@@ -548,6 +548,12 @@ class FakeStratum0:
         path.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
         return path
 
+    def last_gc(self, repo: str) -> float | None:
+        """``last_gc`` of the storage's ``.cvmfs_status.json`` as a timestamp (None: none yet)."""
+        status = engine.read_json(self.storage_dir(repo) / ".cvmfs_status.json", {})
+        text = status.get("last_gc") if isinstance(status, dict) else None
+        return engine.parse_last_gc(str(text)) if text else None
+
     def manifest_fields(self, repo: str) -> dict[str, str]:
         """The text fields of ``.cvmfspublished`` by letter."""
         data = (self.storage_dir(repo) / ".cvmfspublished").read_bytes()
