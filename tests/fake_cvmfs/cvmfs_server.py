@@ -1187,6 +1187,37 @@ def take_fault(root: Path, command: str, at: str, repo: str | None) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------
+# Calibrated command costs
+# --------------------------------------------------------------------------------------
+
+# Keys of ``ROOT/fake-costs.json`` per command (seconds); see docs/fake-cvmfs.md.
+COST_KEYS: dict[str, tuple[str, ...]] = {
+    "transaction": ("base",),
+    "publish": ("base", "per_file", "per_graft", "unlocked_per_file", "auto_gc"),
+}
+
+
+def command_costs(root: Path, command: str) -> dict[str, float]:
+    """The cost rule of ``command`` in ``ROOT/fake-costs.json`` (empty: no padding).
+
+    Unknown keys and values that are not non-negative numbers are ignored.
+    """
+    try:
+        raw = json.loads((root / "fake-costs.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    rule = raw.get(command) if isinstance(raw, dict) else None
+    if not isinstance(rule, dict):
+        return {}
+    costs: dict[str, float] = {}
+    for key in COST_KEYS.get(command, ()):
+        value = rule.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            costs[key] = float(value)
+    return costs
+
+
+# --------------------------------------------------------------------------------------
 # Execution context
 # --------------------------------------------------------------------------------------
 
@@ -1200,6 +1231,7 @@ class Context:
         self.repo_name: str | None = None
         self._locks: list[Any] = []
         self._storage: dict[str | None, str | None] = {}
+        self.started = time.monotonic()
 
     # -- output -----------------------------------------------------------------------
     def out(self, text: str) -> None:
@@ -1222,6 +1254,12 @@ class Context:
     def now(self) -> float:
         """The fake clock."""
         return fake_now(self.root)
+
+    def pad_until(self, seconds: float) -> None:
+        """Sleep until ``seconds`` have passed since this invocation started (calibrated costs)."""
+        remaining = self.started + seconds - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
 
     # -- locking ----------------------------------------------------------------------
     def lock_repo(self, repo: Repo, *, wait: bool = True) -> bool:
@@ -1898,6 +1936,7 @@ def _open_transaction(ctx: Context, repo: Repo, scope: str) -> int:
     write_json(repo.state_dir / "transaction.json", {"scope": scope, "opened": ctx.now()})
     ctx.fault("after_lock")
     repo.set_mount_state(union_rw=True)
+    ctx.pad_until(command_costs(ctx.root, "transaction").get("base", 0.0))
     return 0
 
 
@@ -1964,6 +2003,22 @@ class PublishJob:
         self.now = now
         self.gc_threshold = gc_threshold
         self.uploaded: list[str] = []
+        self.copied = 0
+        self.grafts = 0
+        self.auto_gc = False
+
+    def cost(self, costs: dict[str, float], *, locked: bool) -> float:
+        """Calibrated duration of this publish (``locked``: the part before the transaction
+        lock is released)."""
+        per_file = costs.get("per_file", 0.0)
+        if locked:
+            per_file = max(0.0, per_file - costs.get("unlocked_per_file", 0.0))
+        return (
+            costs.get("base", 0.0)
+            + self.copied * per_file
+            + self.grafts * costs.get("per_graft", 0.0)
+            + (costs.get("auto_gc", 0.0) if self.auto_gc else 0.0)
+        )
 
 
 def cmd_publish(ctx: Context, args: list[str]) -> None:
@@ -2020,6 +2075,9 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         _run_publish(ctx, job)
     finally:
         publishing.unlink(missing_ok=True)
+    # the real publish ends with a file system flush after both locks are released
+    ctx.release_locks()
+    ctx.pad_until(job.cost(command_costs(ctx.root, "publish"), locked=False))
 
 
 def _publish_mount_checks(ctx: Context, repo: Repo) -> None:
@@ -2086,6 +2144,7 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     union = str(repo.union)
     current = scan_tree(repo.union)
     entries, todo = _plan_catalog(ctx, job, previous, snap, current)
+    job.copied = len(todo)
     ctx.out(PUBLISH_STEPS_BEFORE_UPLOAD[1])
     half = len(todo) // 2
     for index, (path, st_info) in enumerate(todo):
@@ -2145,6 +2204,7 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
         _publish_auto_gc(ctx, job)
     ctx.out("Remounting newly created repository revision\n")
     _finish_union(repo, catalog, current)
+    ctx.pad_until(job.cost(command_costs(ctx.root, "publish"), locked=True))
     (repo.spool / "in_transaction.lock").unlink(missing_ok=True)
     (repo.state_dir / "transaction.json").unlink(missing_ok=True)
     repo.set_mount_state(union_rw=False)
@@ -2180,6 +2240,7 @@ def _plan_catalog(
             marker = f"{path.rsplit('/', 1)[0]}/.cvmfsgraft-{base}"
             if marker in current and current[marker][0] == "file":
                 entries[path] = _graft_entry(ctx, job, path, marker, info)
+                job.grafts += 1
                 continue
             old = previous.entries.get(path)
             before = snap.get(path)
@@ -3024,6 +3085,7 @@ def _publish_auto_gc(ctx: Context, job: PublishJob) -> None:
         ctx.fail_with(rule, "", "Garbage collection failed (6)\n", 1)
 
     repo = job.repo
+    job.auto_gc = True
     ctx.out("Running automatic garbage collection\n")
     ctx.fault("auto_gc", failed)
     plan = _gc_plan(repo, None, job.gc_threshold)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_cvmfs import cvmfs_server as engine
-from tests.fake_cvmfs.stratum0 import FakeStratum0
+from tests.fake_cvmfs.stratum0 import CALIBRATED_COSTS, FakeStratum0
 
 REPO = "ref.local"
 RECORDED_SPOOL = [
@@ -930,6 +930,122 @@ def test_disabled_auto_tagging_prints_no_auto_tag(fake: FakeStratum0) -> None:
     result = fake.check_run("publish", "notag.local")
     assert not result.stdout.startswith("Using auto tag")
     assert set(fake.tags("notag.local")) == {"trunk", "trunk-previous"}
+
+
+# -- calibrated command costs --------------------------------------------------------------
+
+
+def test_calibrated_costs_reproduce_the_measurements() -> None:
+    """The constants give back the real tool's timings they were derived from (docs)."""
+    publish = CALIBRATED_COSTS["publish"]
+    files = 10_000
+    copied = publish["base"] + files * publish["per_file"]
+    assert 4.9 <= copied <= 5.0
+    assert publish["base"] + files * publish["per_graft"] == pytest.approx(2.2)
+    locked = publish["base"] + files * (publish["per_file"] - publish["unlocked_per_file"])
+    # transaction; cp -a (0.8 s); publish: the transaction lock existed for 4.8 s
+    assert CALIBRATED_COSTS["transaction"]["base"] + 0.8 + locked == pytest.approx(4.8, abs=0.05)
+
+
+def test_costs_are_off_by_default_and_validated(fake: FakeStratum0) -> None:
+    """No fake-costs.json unless set; set_costs(None) removes it; typos are refused."""
+    assert not (fake.root / "fake-costs.json").exists()
+    assert fake.costs() == {}
+    fake.set_costs(CALIBRATED_COSTS)
+    assert fake.costs() == CALIBRATED_COSTS
+    fake.set_costs(None)
+    assert fake.costs() == {}
+    with pytest.raises(ValueError, match="no costs for command"):
+        fake.set_costs({"abort": {"base": 1.0}})
+    with pytest.raises(ValueError, match="invalid cost"):
+        fake.set_costs({"publish": {"per_files": 1.0}})
+    with pytest.raises(ValueError, match="invalid cost"):
+        fake.set_costs({"transaction": {"base": -1.0}})
+
+
+def timed_publish(fake: FakeStratum0) -> float:
+    """Run a successful publish of REPO; return its wall time."""
+    started = time.monotonic()
+    fake.check_run("publish", REPO)
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(60)
+def test_costs_make_copied_files_dearer_than_graft_markers(fake: FakeStratum0) -> None:
+    """A publish lasts at least base + n x cost: copied files cost more than graft markers."""
+    count = 10
+    costs = {"base": 0.1, "per_file": 0.1, "per_graft": 0.01}
+    fake.set_costs({"publish": costs})
+    union = fake.union_dir(REPO)
+    fake.check_run("transaction", REPO)
+    for index in range(count):
+        (union / f"copied-{index}.txt").write_text(f"copied file {index}\n")
+    copied = timed_publish(fake)
+    fake.check_run("transaction", REPO)
+    for index in range(count):
+        data = f"grafted file {index}\n".encode()
+        fake.write_graft(REPO, f"grafted-{index}.txt", size=len(data), checksum=sha1(data))
+    grafted = timed_publish(fake)
+    assert copied >= costs["base"] + count * costs["per_file"]
+    assert grafted >= costs["base"] + count * costs["per_graft"]
+    assert grafted < copied
+    assert len(fake.published_tree(REPO)) == 1 + 2 * count
+
+
+@pytest.mark.timeout(60)
+def test_costs_hold_the_transaction_lock_until_the_flush(fake: FakeStratum0) -> None:
+    """The padding keeps in_transaction.lock for the locked part; the flush part follows it."""
+    count = 10
+    costs = {"base": 0.1, "per_file": 0.1, "unlocked_per_file": 0.05}
+    fake.set_costs({"publish": costs})
+    lock = fake.spool_dir(REPO) / "in_transaction.lock"
+    fake.check_run("transaction", REPO)
+    for index in range(count):
+        (fake.union_dir(REPO) / f"f{index}").write_text(f"{index}\n")
+    started = time.monotonic()
+    publish = subprocess.Popen(
+        [str(fake.server_command), "publish", REPO],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: not lock.exists())
+        unlocked = time.monotonic() - started
+        still_running = publish.poll() is None
+        publish.wait(timeout=30)
+    finally:
+        if publish.poll() is None:
+            os.killpg(publish.pid, 9)
+            publish.wait()
+    finished = time.monotonic() - started
+    assert publish.returncode == 0
+    assert unlocked >= costs["base"] + count * (costs["per_file"] - costs["unlocked_per_file"])
+    assert still_running
+    assert finished >= costs["base"] + count * costs["per_file"]
+    assert fake.revision(REPO) == 2
+
+
+@pytest.mark.timeout(60)
+def test_costs_pad_transaction_with_the_lock_held(fake: FakeStratum0) -> None:
+    """transaction lasts at least its base; the lock exists while it waits."""
+    fake.set_costs({"transaction": {"base": 0.6}})
+    lock = fake.spool_dir(REPO) / "in_transaction.lock"
+    started = time.monotonic()
+    transaction = subprocess.Popen(
+        [str(fake.server_command), "transaction", REPO], start_new_session=True
+    )
+    try:
+        wait_until(lock.exists)
+        still_running = transaction.poll() is None
+        transaction.wait(timeout=30)
+    finally:
+        if transaction.poll() is None:
+            os.killpg(transaction.pid, 9)
+            transaction.wait()
+    assert transaction.returncode == 0
+    assert still_running
+    assert time.monotonic() - started >= 0.6
+    assert fake.in_transaction(REPO)
 
 
 # -- whitelist, resign, clock ------------------------------------------------------------------
