@@ -713,6 +713,7 @@ def auto_gc_ran(result: subprocess.CompletedProcess[str]) -> bool:
     return True
 
 
+@pytest.mark.timeout(60)
 def test_mkfs_z_records_a_gc(fake: FakeStratum0) -> None:
     """mkfs -z leaves .cvmfs_status.json (k 5): its initial commit's automatic gc ran."""
     fake.mkfs(GC_REPO, gc=True)
@@ -935,6 +936,7 @@ def test_disabled_auto_tagging_prints_no_auto_tag(fake: FakeStratum0) -> None:
 # -- calibrated command costs --------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)
 def test_calibrated_costs_reproduce_the_measurements() -> None:
     """The constants give back the real tool's timings they were derived from (docs)."""
     publish = CALIBRATED_COSTS["publish"]
@@ -947,6 +949,7 @@ def test_calibrated_costs_reproduce_the_measurements() -> None:
     assert CALIBRATED_COSTS["transaction"]["base"] + 0.8 + locked == pytest.approx(4.8, abs=0.05)
 
 
+@pytest.mark.timeout(60)
 def test_costs_are_off_by_default_and_validated(fake: FakeStratum0) -> None:
     """No fake-costs.json unless set; set_costs(None) removes it; typos are refused."""
     assert not (fake.root / "fake-costs.json").exists()
