@@ -43,6 +43,9 @@ NULL_HEX = "0" * 40
 EMPTY_PATH_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 CATALOG_TTL = 240
 GC_DEFAULT_TIMESPAN = 3 * 86400
+AUTO_GC_DEFAULT_LAPSE = "1 day ago"
+AUTO_GC_DEFAULT_TIMESPAN = "3 days ago"
+LAST_GC_FORMAT = "%a %b %e %H:%M:%S UTC %Y"
 MASTER_REPLICA_TEXT = "This file marks the repository as replicatable to stratum 1 servers\n"
 SOURCE_PLACEHOLDER = "<cvmfs-src>"
 
@@ -1184,6 +1187,37 @@ def take_fault(root: Path, command: str, at: str, repo: str | None) -> dict[str,
 
 
 # --------------------------------------------------------------------------------------
+# Calibrated command costs
+# --------------------------------------------------------------------------------------
+
+# Keys of ``ROOT/fake-costs.json`` per command (seconds); see docs/fake-cvmfs.md.
+COST_KEYS: dict[str, tuple[str, ...]] = {
+    "transaction": ("base",),
+    "publish": ("base", "per_file", "per_graft", "unlocked_per_file", "auto_gc"),
+}
+
+
+def command_costs(root: Path, command: str) -> dict[str, float]:
+    """The cost rule of ``command`` in ``ROOT/fake-costs.json`` (empty: no padding).
+
+    Unknown keys and values that are not non-negative numbers are ignored.
+    """
+    try:
+        raw = json.loads((root / "fake-costs.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    rule = raw.get(command) if isinstance(raw, dict) else None
+    if not isinstance(rule, dict):
+        return {}
+    costs: dict[str, float] = {}
+    for key in COST_KEYS.get(command, ()):
+        value = rule.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+            costs[key] = float(value)
+    return costs
+
+
+# --------------------------------------------------------------------------------------
 # Execution context
 # --------------------------------------------------------------------------------------
 
@@ -1197,6 +1231,7 @@ class Context:
         self.repo_name: str | None = None
         self._locks: list[Any] = []
         self._storage: dict[str | None, str | None] = {}
+        self.started = time.monotonic()
 
     # -- output -----------------------------------------------------------------------
     def out(self, text: str) -> None:
@@ -1219,6 +1254,12 @@ class Context:
     def now(self) -> float:
         """The fake clock."""
         return fake_now(self.root)
+
+    def pad_until(self, seconds: float) -> None:
+        """Sleep until ``seconds`` have passed since this invocation started (calibrated costs)."""
+        remaining = self.started + seconds - time.monotonic()
+        if remaining > 0:
+            time.sleep(remaining)
 
     # -- locking ----------------------------------------------------------------------
     def lock_repo(self, repo: Repo, *, wait: bool = True) -> bool:
@@ -1702,6 +1743,11 @@ def cmd_mkfs(ctx: Context, args: list[str]) -> None:
     write_whitelist(repo, now, "30")
     ctx.out("Signing 30 day whitelist with master key... done\n")
     _create_initial_revisions(repo, now)
+    if auto_gc_enabled(repo):
+        # The real mkfs publishes its initial commit with `cvmfs_server publish`; with no
+        # last_gc yet that publish's automatic gc is due, runs silently (output to
+        # /dev/null) and leaves .cvmfs_status.json behind (k 5: present right after mkfs).
+        write_gc_status(repo, now)
     ctx.out("Creating Initial Repository... done\n")
     ctx.out("Mounting CernVM-FS Storage... (overlayfs) done\n")
     ctx.out("Allowing Replication of this Repository... done\n")
@@ -1890,6 +1936,7 @@ def _open_transaction(ctx: Context, repo: Repo, scope: str) -> int:
     write_json(repo.state_dir / "transaction.json", {"scope": scope, "opened": ctx.now()})
     ctx.fault("after_lock")
     repo.set_mount_state(union_rw=True)
+    ctx.pad_until(command_costs(ctx.root, "transaction").get("base", 0.0))
     return 0
 
 
@@ -1941,14 +1988,37 @@ class PublishJob:
     """Everything one ``publish`` run needs."""
 
     def __init__(
-        self, repo: Repo, manifest: Manifest, tag_name: str, message: str | None, now: float
+        self,
+        repo: Repo,
+        manifest: Manifest,
+        tag_name: str,
+        message: str | None,
+        now: float,
+        gc_threshold: float,
     ) -> None:
         self.repo = repo
         self.manifest = manifest
         self.tag_name = tag_name
         self.message = message
         self.now = now
+        self.gc_threshold = gc_threshold
         self.uploaded: list[str] = []
+        self.copied = 0
+        self.grafts = 0
+        self.auto_gc = False
+
+    def cost(self, costs: dict[str, float], *, locked: bool) -> float:
+        """Calibrated duration of this publish (``locked``: the part before the transaction
+        lock is released)."""
+        per_file = costs.get("per_file", 0.0)
+        if locked:
+            per_file = max(0.0, per_file - costs.get("unlocked_per_file", 0.0))
+        return (
+            costs.get("base", 0.0)
+            + self.copied * per_file
+            + self.grafts * costs.get("per_graft", 0.0)
+            + (costs.get("auto_gc", 0.0) if self.auto_gc else 0.0)
+        )
 
 
 def cmd_publish(ctx: Context, args: list[str]) -> None:
@@ -1990,6 +2060,7 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         ctx.out(f"Open writable file descriptors on {repo.name}\n")
         raise CommandExit(1)
     now = ctx.now()
+    gc_threshold = auto_gc_threshold(ctx, repo, now)
     manifest = repo.manifest()
     tag_name = options.get("-a", "")
     if not tag_name and repo.flag("CVMFS_AUTO_TAG", default=True):
@@ -1997,13 +2068,16 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         ctx.out(f"Using auto tag '{tag_name}'\n")
     if readonly:
         _confirm_readonly_fds(ctx, repo, readonly, force=force)
-    job = PublishJob(repo, manifest, tag_name, options.get("-m"), now)
+    job = PublishJob(repo, manifest, tag_name, options.get("-m"), now, gc_threshold)
     publishing = repo.spool / "is_publishing.lock"
     publishing.touch()
     try:
         _run_publish(ctx, job)
     finally:
         publishing.unlink(missing_ok=True)
+    # the real publish ends with a file system flush after both locks are released
+    ctx.release_locks()
+    ctx.pad_until(job.cost(command_costs(ctx.root, "publish"), locked=False))
 
 
 def _publish_mount_checks(ctx: Context, repo: Repo) -> None:
@@ -2070,6 +2144,7 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     union = str(repo.union)
     current = scan_tree(repo.union)
     entries, todo = _plan_catalog(ctx, job, previous, snap, current)
+    job.copied = len(todo)
     ctx.out(PUBLISH_STEPS_BEFORE_UPLOAD[1])
     half = len(todo) // 2
     for index, (path, st_info) in enumerate(todo):
@@ -2125,8 +2200,11 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     )
     (repo.spool / "client.local").write_text(f"CVMFS_ROOT_HASH={root_hash}\n")
     ctx.fault("after_manifest")
+    if auto_gc_due(ctx, repo):
+        _publish_auto_gc(ctx, job)
     ctx.out("Remounting newly created repository revision\n")
     _finish_union(repo, catalog, current)
+    ctx.pad_until(job.cost(command_costs(ctx.root, "publish"), locked=True))
     (repo.spool / "in_transaction.lock").unlink(missing_ok=True)
     (repo.state_dir / "transaction.json").unlink(missing_ok=True)
     repo.set_mount_state(union_rw=False)
@@ -2162,6 +2240,7 @@ def _plan_catalog(
             marker = f"{path.rsplit('/', 1)[0]}/.cvmfsgraft-{base}"
             if marker in current and current[marker][0] == "file":
                 entries[path] = _graft_entry(ctx, job, path, marker, info)
+                job.grafts += 1
                 continue
             old = previous.entries.get(path)
             before = snap.get(path)
@@ -2904,15 +2983,113 @@ def _run_gc(
         locks[0].chmod(0o600)
     try:
         ctx.fault("locked")
-        _gc_sweep(ctx, repo, plan, dry=dry, listing=listing)
+        ctx.out("Running Garbage Collection \n")
+        collect_garbage(ctx, repo, plan, dry=dry, listing=listing)
     finally:
         if not dry:
             for lock in locks:
                 lock.unlink(missing_ok=True)
+
+
+def collect_garbage(
+    ctx: Context,
+    repo: Repo,
+    plan: GcPlan,
+    *,
+    dry: bool,
+    listing: bool,
+    fail: Callable[[dict[str, Any]], NoReturn] | None = None,
+) -> None:
+    """What ``cvmfs_swissknife gc`` and the shell's ``__run_gc`` do, shared by ``gc`` and
+    publish's automatic gc: mark and sweep, then record ``last_gc`` in the storage's
+    ``.cvmfs_status.json``. ``fail`` is the failure of the ``sweep`` fault point."""
+    _gc_sweep(ctx, repo, plan, dry=dry, listing=listing, fail=fail)
     if not dry:
-        status = json.dumps({"last_gc": utc("%a %b %e %H:%M:%S UTC %Y", ctx.now())}, indent=2)
-        write_atomic(repo.storage / ".cvmfs_status.json", status.encode())
         ctx.out(f"Statistics stored at: {repo.spool}/stats.db\n")
+        write_gc_status(repo, ctx.now())
+
+
+def write_gc_status(repo: Repo, when: float) -> None:
+    """Record a finished gc in ``.cvmfs_status.json`` (``last_gc`` as ``date --utc`` prints it)."""
+    status = read_json(repo.storage / ".cvmfs_status.json", {})
+    if not isinstance(status, dict):
+        status = {}
+    status["last_gc"] = utc(LAST_GC_FORMAT, when)
+    write_atomic(repo.storage / ".cvmfs_status.json", json.dumps(status, indent=2).encode())
+
+
+def parse_last_gc(text: str) -> float | None:
+    """Parse ``last_gc`` (``date --utc`` output, e.g. ``Sun Nov 29 21:15:48 UTC 2026``)."""
+    try:
+        return utc_seconds(time.strptime(" ".join(text.split()), "%a %b %d %H:%M:%S UTC %Y"))
+    except ValueError:
+        return parse_gc_time(text, time.time()) if text else None
+
+
+def auto_gc_enabled(repo: Repo) -> bool:
+    """``is_garbage_collectable`` and ``CVMFS_AUTO_GC``: both compared with "true" verbatim."""
+    conf = repo.conf
+    return conf.get("CVMFS_GARBAGE_COLLECTION") == "true" and conf.get("CVMFS_AUTO_GC") == "true"
+
+
+def auto_gc_due(ctx: Context, repo: Repo) -> bool:
+    """The shell's ``is_due_auto_garbage_collection``.
+
+    Due when automatic gc is enabled and ``last_gc`` is older than ``CVMFS_AUTO_GC_LAPSE``
+    (``date --date`` syntax, default "1 day ago"); also due when there is no ``last_gc``
+    or either date cannot be parsed (with the script's messages on stderr).
+    """
+    if not auto_gc_enabled(repo):
+        return False
+    lapse = repo.conf.get("CVMFS_AUTO_GC_LAPSE") or AUTO_GC_DEFAULT_LAPSE
+    deadline = parse_gc_time(lapse, ctx.now())
+    if deadline is None:
+        ctx.err(f"Failed to parse CVMFS_AUTO_GC_LAPSE: '{lapse}'\n")
+        return True
+    status = read_json(repo.storage / ".cvmfs_status.json", {})
+    text = str(status.get("last_gc") or "") if isinstance(status, dict) else ""
+    if not text:
+        return True
+    last_gc = parse_last_gc(text)
+    if last_gc is None:
+        # the script reassigns the variable before printing it, so the message is empty
+        ctx.err("Failed to parse last gc timestamp: ''\n")
+        return True
+    return int(last_gc) < int(deadline)
+
+
+def auto_gc_threshold(ctx: Context, repo: Repo, now: float) -> float:
+    """``get_auto_garbage_collection_timespan``: revisions newer than this survive auto gc.
+
+    Publish computes it before doing anything, for every repository (gc enabled or not),
+    and stops with exit 1 when ``CVMFS_AUTO_GC_TIMESPAN`` cannot be parsed.
+    """
+    text = repo.conf.get("CVMFS_AUTO_GC_TIMESPAN") or AUTO_GC_DEFAULT_TIMESPAN
+    threshold = parse_gc_time(text, now)
+    if threshold is None:
+        ctx.err(f"Failed to parse CVMFS_AUTO_GC_TIMESPAN: '{text}'\n")
+        raise CommandExit(1)
+    return threshold
+
+
+def _publish_auto_gc(ctx: Context, job: PublishJob) -> None:
+    """Publish's automatic gc (F10): after the new manifest is signed and before the remount.
+
+    It runs inside the publish's own transaction (no ``is_collecting.lock``), preserves the
+    new revision, every tagged revision and revisions newer than the auto-gc timespan, and
+    prints swissknife's gc lines without a listing. A failure ends the publish with
+    ``Garbage collection failed (6)`` and the transaction open; the new revision stays.
+    """
+
+    def failed(rule: dict[str, Any]) -> NoReturn:
+        ctx.fail_with(rule, "", "Garbage collection failed (6)\n", 1)
+
+    repo = job.repo
+    job.auto_gc = True
+    ctx.out("Running automatic garbage collection\n")
+    ctx.fault("auto_gc", failed)
+    plan = _gc_plan(repo, None, job.gc_threshold)
+    collect_garbage(ctx, repo, plan, dry=False, listing=False, fail=failed)
 
 
 def _gc_sweep(
@@ -2922,6 +3099,7 @@ def _gc_sweep(
     *,
     dry: bool,
     listing: bool,
+    fail: Callable[[dict[str, Any]], NoReturn] | None = None,
 ) -> None:
     def stamp() -> str:
         return utc("[%a, %d %b %Y %H:%M:%S GMT]", ctx.now())
@@ -2929,7 +3107,6 @@ def _gc_sweep(
     def day(value: float) -> str:
         return utc("%d %b %Y %H:%M:%S", value)
 
-    ctx.out("Running Garbage Collection \n")
     ctx.out(f"  --> marking unreferenced objects {stamp()}\n")
     keep_objects: set[str] = set()
     if listing:
@@ -2944,7 +3121,7 @@ def _gc_sweep(
                 f"Preserving Revision {rev['revision']} ({day(rev['timestamp'])} / "
                 f"added @ {day(rev['timestamp'])})\n├─ {rev['root_hash']} /\n"
             )
-    ctx.fault("sweep")
+    ctx.fault("sweep", fail)
     ctx.out(f"  --> sweeping unreferenced objects {stamp()}\n")
     removed: set[str] = set()
     for index, rev in enumerate(plan.swept, start=1):

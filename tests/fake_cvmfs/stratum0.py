@@ -28,6 +28,18 @@ FAKE_SCRIPT = Path(engine.__file__).resolve()
 FaultAction = Literal["fail", "hang", "die", "exit", "delay", "unreachable"]
 EntryType = Literal["file", "dir", "symlink"]
 
+# Seconds the real CernVM-FS 2.12.0 `transaction`/`publish` take on a 2-core stratum 0 with
+# local storage, for FakeStratum0.set_costs (derivation in docs/fake-cvmfs.md, "Costs").
+CALIBRATED_COSTS: dict[str, dict[str, float]] = {
+    "transaction": {"base": 0.05},
+    "publish": {
+        "base": 0.30,
+        "per_file": 0.000465,
+        "per_graft": 0.00019,
+        "unlocked_per_file": 0.0001,
+    },
+}
+
 STATE_KEYS = (
     "in_transaction_lock",
     "is_publishing_lock",
@@ -461,6 +473,33 @@ class FakeStratum0:
         """Let the fake's clock run ``seconds`` ahead of (or behind) the real clock."""
         engine.write_atomic(self.root / "fake-clock", f"{float(seconds):+}".encode())
 
+    def set_costs(self, costs: Mapping[str, Mapping[str, float]] | None) -> None:
+        """Make ``transaction``/``publish`` last at least their calibrated duration.
+
+        ``costs`` maps a command to seconds by key (``CALIBRATED_COSTS`` has the values
+        measured on the real tool); None removes ``fake-costs.json`` (no padding, the
+        default). Unknown commands or keys and negative values raise ValueError.
+        """
+        path = self.root / "fake-costs.json"
+        if costs is None:
+            path.unlink(missing_ok=True)
+            return
+        rules: dict[str, dict[str, float]] = {}
+        for command, rule in costs.items():
+            allowed = engine.COST_KEYS.get(command)
+            if allowed is None:
+                raise ValueError(f"no costs for command {command!r}")
+            for key, value in rule.items():
+                if key not in allowed or value < 0:
+                    raise ValueError(f"invalid cost {command}.{key}={value!r}")
+            rules[command] = {key: float(value) for key, value in rule.items()}
+        engine.write_json(path, rules)
+
+    def costs(self) -> dict[str, dict[str, float]]:
+        """The costs in effect (empty when none are set)."""
+        costs = {command: engine.command_costs(self.root, command) for command in engine.COST_KEYS}
+        return {command: rule for command, rule in costs.items() if rule}
+
     def now(self) -> float:
         """The fake's current time."""
         return engine.fake_now(self.root)
@@ -547,6 +586,12 @@ class FakeStratum0:
         path.write_bytes(payload)
         path.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
         return path
+
+    def last_gc(self, repo: str) -> float | None:
+        """``last_gc`` of the storage's ``.cvmfs_status.json`` as a timestamp (None: none yet)."""
+        status = engine.read_json(self.storage_dir(repo) / ".cvmfs_status.json", {})
+        text = status.get("last_gc") if isinstance(status, dict) else None
+        return engine.parse_last_gc(str(text)) if text else None
 
     def manifest_fields(self, repo: str) -> dict[str, str]:
         """The text fields of ``.cvmfspublished`` by letter."""

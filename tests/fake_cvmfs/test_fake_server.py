@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fake_cvmfs import cvmfs_server as engine
-from tests.fake_cvmfs.stratum0 import FakeStratum0
+from tests.fake_cvmfs.stratum0 import CALIBRATED_COSTS, FakeStratum0
 
 REPO = "ref.local"
 RECORDED_SPOOL = [
@@ -659,6 +659,259 @@ def test_running_gc_holds_transaction_and_collecting_locks(gc_fake: FakeStratum0
     assert gc_fake.faults() == []
 
 
+# -- automatic gc inside publish (faults.md F10) ----------------------------------------------
+
+GC_REPO = "refgc.local"
+PAYLOAD = b"an object that outlives the revision that published it\n" * 40
+DAY = 86400
+
+
+@pytest.fixture
+def auto_gc_fake(fake: FakeStratum0) -> FakeStratum0:
+    """refgc.local (mkfs -z -g) whose revision 2 alone references the object of PAYLOAD.
+
+    Revision 2 publishes payload.bin, revision 3 deletes it (revision 2 is then
+    trunk-previous), revision 4 changes nothing (trunk-previous moves on). Without auto tags
+    revision 2 is untagged; the clock then runs four days ahead, so revision 2 is older than
+    the auto-gc timespan (3 days) and mkfs's last_gc older than the lapse (1 day).
+    """
+    fake.mkfs(GC_REPO, gc=True, auto_tag=False)
+    union = fake.union_dir(GC_REPO)
+    fake.check_run("transaction", GC_REPO)
+    (union / "payload.bin").write_bytes(PAYLOAD)
+    fake.check_run("publish", GC_REPO)
+    fake.check_run("transaction", GC_REPO)
+    (union / "payload.bin").unlink()
+    fake.check_run("publish", GC_REPO)
+    fake.check_run("transaction", GC_REPO)
+    fake.check_run("publish", GC_REPO)
+    assert fake.tags(GC_REPO) == {"trunk": 4, "trunk-previous": 3}
+    fake.set_clock_offset(4 * DAY)
+    return fake
+
+
+def payload_object(fake: FakeStratum0) -> str:
+    """Name of the object revision 2 of auto_gc_fake stores payload.bin in."""
+    name = fake.published_tree(GC_REPO, revision=2)["payload.bin"].hash
+    assert name is not None
+    assert fake.object_path(GC_REPO, name).exists()
+    return name
+
+
+def auto_gc_ran(result: subprocess.CompletedProcess[str]) -> bool:
+    """Whether a publish's output shows the automatic gc, in the recorded place."""
+    lines = result.stdout.splitlines()
+    if "Running automatic garbage collection" not in lines:
+        return False
+    start = lines.index("Running automatic garbage collection")
+    assert lines[start - 1] == "Signing new manifest"
+    assert lines[start + 1].startswith("  --> marking unreferenced objects [")
+    assert lines[start + 2].startswith("  --> sweeping unreferenced objects [")
+    assert lines[start + 3].startswith("  --> done garbage collecting [")
+    assert lines[start + 4].startswith("Statistics stored at: ")
+    assert lines[start + 5 :] == ["Remounting newly created repository revision"]
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_mkfs_z_records_a_gc(fake: FakeStratum0) -> None:
+    """mkfs -z leaves .cvmfs_status.json (k 5): its initial commit's automatic gc ran."""
+    fake.mkfs(GC_REPO, gc=True)
+    last_gc = fake.last_gc(GC_REPO)
+    assert last_gc is not None
+    assert abs(last_gc - fake.now()) < 5
+    assert fake.last_gc(REPO) is None
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_in_publish_sweeps_collectable_revisions(auto_gc_fake: FakeStratum0) -> None:
+    """Due auto gc: publish prints the gc lines, exits 0, sweeps like `gc`, updates last_gc.
+
+    An object no catalog ever referenced is not deleted (it leaks, n 127).
+    """
+    fake = auto_gc_fake
+    name = payload_object(fake)
+    orphan = sha1(b"uploaded, never published")
+    fake.put_object(GC_REPO, orphan, b"uploaded, never published")
+    fake.check_run("transaction", GC_REPO)
+    (fake.union_dir(GC_REPO) / "other.txt").write_text("unrelated\n")
+    result = fake.run("publish", GC_REPO)
+    assert result.returncode == 0, result.stderr
+    assert auto_gc_ran(result)
+    assert not fake.object_path(GC_REPO, name).exists()
+    for revision in (1, 2, 3):
+        with pytest.raises(FileNotFoundError):
+            fake.catalog(GC_REPO, revision=revision)
+    assert fake.read_file(GC_REPO, "other.txt", revision=4 + 1) == b"unrelated\n"
+    assert sorted(fake.published_tree(GC_REPO, revision=4)) == ["new_repository"]
+    assert fake.object_path(GC_REPO, orphan).exists()
+    last_gc = fake.last_gc(GC_REPO)
+    assert last_gc is not None
+    assert abs(last_gc - fake.now()) < 5
+    assert not fake.in_transaction(GC_REPO)
+    assert fake.run("check", GC_REPO).returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_keeps_an_object_the_new_revision_grafts(auto_gc_fake: FakeStratum0) -> None:
+    """A graft marker of the publishing transaction saves an object only an old revision had.
+
+    The real publish signs the new manifest before its automatic gc, and gc always keeps the
+    latest revision, so the new graft's object is marked as referenced; only the old
+    catalogs go.
+    """
+    fake = auto_gc_fake
+    name = payload_object(fake)
+    fake.check_run("transaction", GC_REPO)
+    fake.write_graft(GC_REPO, "again.bin", size=len(PAYLOAD), checksum=name, compression="zlib")
+    result = fake.run("publish", GC_REPO)
+    assert result.returncode == 0, result.stderr
+    assert auto_gc_ran(result)
+    with pytest.raises(FileNotFoundError):
+        fake.catalog(GC_REPO, revision=2)
+    assert fake.object_path(GC_REPO, name).exists()
+    assert fake.read_file(GC_REPO, "again.bin") == PAYLOAD
+    assert fake.run("check", GC_REPO).returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_removes_an_object_before_a_later_graft_uses_it(
+    auto_gc_fake: FakeStratum0,
+) -> None:
+    """An object seen in storage before a publish whose auto gc sweeps it is gone afterwards.
+
+    A graft marker written later still publishes (publish never looks at objects, n 47),
+    but clients get EIO and `check` reports the object missing.
+    """
+    fake = auto_gc_fake
+    name = payload_object(fake)
+    fake.check_run("transaction", GC_REPO)
+    assert auto_gc_ran(fake.check_run("publish", GC_REPO))
+    assert not fake.object_path(GC_REPO, name).exists()
+    fake.check_run("transaction", GC_REPO)
+    fake.write_graft(GC_REPO, "late.bin", size=len(PAYLOAD), checksum=name, compression="zlib")
+    result = fake.run("publish", GC_REPO)
+    assert result.returncode == 0
+    assert not auto_gc_ran(result)
+    with pytest.raises(OSError, match="cannot be fetched") as caught:
+        fake.read_file(GC_REPO, "late.bin")
+    assert caught.value.errno == errno.EIO
+    assert f"data chunk {name} (/late.bin) missing\n" in fake.run("check", GC_REPO).stderr
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_not_due_or_not_enabled(auto_gc_fake: FakeStratum0) -> None:
+    """No auto gc within the lapse of the last gc, nor with CVMFS_AUTO_GC or gc disabled."""
+    fake = auto_gc_fake
+    name = payload_object(fake)
+    before = fake.last_gc(GC_REPO)
+    fake.set_clock_offset(DAY - 3600)  # mkfs's gc was 23 h ago
+    fake.check_run("transaction", GC_REPO)
+    assert not auto_gc_ran(fake.check_run("publish", GC_REPO))
+    fake.set_clock_offset(4 * DAY)
+    for key in ("CVMFS_AUTO_GC", "CVMFS_GARBAGE_COLLECTION"):
+        fake.set_config(GC_REPO, key, "false")
+        fake.check_run("transaction", GC_REPO)
+        assert not auto_gc_ran(fake.check_run("publish", GC_REPO))
+        fake.set_config(GC_REPO, key, "true")
+    assert fake.object_path(GC_REPO, name).exists()
+    assert fake.last_gc(GC_REPO) == before
+    fake.check_run("gc", "-f", GC_REPO)
+    assert not fake.object_path(GC_REPO, name).exists()
+    fake.set_clock_offset(5 * DAY - 7200)  # the manual gc was 22 h ago
+    fake.check_run("transaction", GC_REPO)
+    assert not auto_gc_ran(fake.check_run("publish", GC_REPO))
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_lapse_setting_and_missing_status(auto_gc_fake: FakeStratum0) -> None:
+    """CVMFS_AUTO_GC_LAPSE is read like `date --date`; no last_gc at all means due."""
+    fake = auto_gc_fake
+    fake.set_config(GC_REPO, "CVMFS_AUTO_GC_LAPSE", '"5 days ago"')
+    fake.check_run("transaction", GC_REPO)
+    assert not auto_gc_ran(fake.check_run("publish", GC_REPO))
+    (fake.storage_dir(GC_REPO) / ".cvmfs_status.json").unlink()
+    fake.check_run("transaction", GC_REPO)
+    assert auto_gc_ran(fake.check_run("publish", GC_REPO))
+    fake.set_config(GC_REPO, "CVMFS_AUTO_GC_LAPSE", '"1 hour ago"')
+    fake.set_clock_offset(4 * DAY + 7200)
+    fake.check_run("transaction", GC_REPO)
+    assert auto_gc_ran(fake.check_run("publish", GC_REPO))
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_unparsable_settings(auto_gc_fake: FakeStratum0) -> None:
+    """The script's parse failures: a bad lapse or last_gc means due (with a message), a
+    bad CVMFS_AUTO_GC_TIMESPAN stops every publish before it starts (exit 1)."""
+    fake = auto_gc_fake
+    fake.set_config(GC_REPO, "CVMFS_AUTO_GC_LAPSE", "whenever")
+    fake.check_run("transaction", GC_REPO)
+    result = fake.check_run("publish", GC_REPO)
+    assert auto_gc_ran(result)
+    assert result.stderr == "Failed to parse CVMFS_AUTO_GC_LAPSE: 'whenever'\n"
+    fake.set_config(GC_REPO, "CVMFS_AUTO_GC_LAPSE", '"1 day ago"')
+    (fake.storage_dir(GC_REPO) / ".cvmfs_status.json").write_text('{"last_gc": "never"}')
+    fake.check_run("transaction", GC_REPO)
+    result = fake.check_run("publish", GC_REPO)
+    assert auto_gc_ran(result)
+    assert result.stderr == "Failed to parse last gc timestamp: ''\n"
+    fake.set_config(REPO, "CVMFS_AUTO_GC_TIMESPAN", "someday")
+    fake.check_run("transaction", REPO)
+    result = fake.run("publish", REPO)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "Failed to parse CVMFS_AUTO_GC_TIMESPAN: 'someday'\n"
+    assert fake.in_transaction(REPO)
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_runs_in_the_publish_transaction(auto_gc_fake: FakeStratum0) -> None:
+    """During auto gc both publish locks exist and no is_collecting.lock (no gc lock taken)."""
+    fake = auto_gc_fake
+    name = payload_object(fake)
+    spool = fake.spool_dir(GC_REPO)
+    fake.inject_fault("publish", "hang", at="sweep", times=1)
+    fake.check_run("transaction", GC_REPO)
+    publish = subprocess.Popen(
+        [str(fake.server_command), "publish", GC_REPO],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: fake.faults() == [])
+        wait_until(lambda: fake.revision(GC_REPO) == 5)
+        state = fake.state(GC_REPO)
+        assert state["in_transaction_lock"]
+        assert state["is_publishing_lock"]
+        assert not (spool / "is_collecting.lock").exists()
+        assert fake.object_path(GC_REPO, name).exists()
+    finally:
+        os.killpg(publish.pid, 9)
+        publish.wait()
+
+
+@pytest.mark.timeout(60)
+def test_auto_gc_failure_keeps_the_new_revision_and_the_transaction(
+    auto_gc_fake: FakeStratum0,
+) -> None:
+    """A failing auto gc: `Garbage collection failed (6)`, exit 1, the revision is already up,
+    the transaction stays open, last_gc is unchanged."""
+    fake = auto_gc_fake
+    before = fake.last_gc(GC_REPO)
+    fake.inject_fault("publish", "fail", at="auto_gc", times=1)
+    fake.check_run("transaction", GC_REPO)
+    result = fake.run("publish", GC_REPO)
+    assert result.returncode == 1
+    assert result.stdout.endswith("Signing new manifest\nRunning automatic garbage collection\n")
+    assert result.stderr == "Garbage collection failed (6)\n"
+    state = fake.state(GC_REPO)
+    assert (state["revision"], state["in_transaction_lock"]) == (5, True)
+    assert not state["is_publishing_lock"]
+    assert fake.last_gc(GC_REPO) == before
+    result = fake.run("publish", GC_REPO)
+    assert result.returncode == 0
+    assert auto_gc_ran(result)
+
+
 def test_auto_tag_timespan_expires_old_auto_tags(fake: FakeStratum0) -> None:
     """CVMFS_AUTO_TAG_TIMESPAN='N days ago' drops older generic tags at the next publish."""
     fake.set_config(REPO, "CVMFS_AUTO_TAG_TIMESPAN", '"2 days ago"')
@@ -678,6 +931,124 @@ def test_disabled_auto_tagging_prints_no_auto_tag(fake: FakeStratum0) -> None:
     result = fake.check_run("publish", "notag.local")
     assert not result.stdout.startswith("Using auto tag")
     assert set(fake.tags("notag.local")) == {"trunk", "trunk-previous"}
+
+
+# -- calibrated command costs --------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_calibrated_costs_reproduce_the_measurements() -> None:
+    """The constants give back the real tool's timings they were derived from (docs)."""
+    publish = CALIBRATED_COSTS["publish"]
+    files = 10_000
+    copied = publish["base"] + files * publish["per_file"]
+    assert 4.9 <= copied <= 5.0
+    assert publish["base"] + files * publish["per_graft"] == pytest.approx(2.2)
+    locked = publish["base"] + files * (publish["per_file"] - publish["unlocked_per_file"])
+    # transaction; cp -a (0.8 s); publish: the transaction lock existed for 4.8 s
+    assert CALIBRATED_COSTS["transaction"]["base"] + 0.8 + locked == pytest.approx(4.8, abs=0.05)
+
+
+@pytest.mark.timeout(60)
+def test_costs_are_off_by_default_and_validated(fake: FakeStratum0) -> None:
+    """No fake-costs.json unless set; set_costs(None) removes it; typos are refused."""
+    assert not (fake.root / "fake-costs.json").exists()
+    assert fake.costs() == {}
+    fake.set_costs(CALIBRATED_COSTS)
+    assert fake.costs() == CALIBRATED_COSTS
+    fake.set_costs(None)
+    assert fake.costs() == {}
+    with pytest.raises(ValueError, match="no costs for command"):
+        fake.set_costs({"abort": {"base": 1.0}})
+    with pytest.raises(ValueError, match="invalid cost"):
+        fake.set_costs({"publish": {"per_files": 1.0}})
+    with pytest.raises(ValueError, match="invalid cost"):
+        fake.set_costs({"transaction": {"base": -1.0}})
+
+
+def timed_publish(fake: FakeStratum0) -> float:
+    """Run a successful publish of REPO; return its wall time."""
+    started = time.monotonic()
+    fake.check_run("publish", REPO)
+    return time.monotonic() - started
+
+
+@pytest.mark.timeout(60)
+def test_costs_make_copied_files_dearer_than_graft_markers(fake: FakeStratum0) -> None:
+    """A publish lasts at least base + n x cost: copied files cost more than graft markers."""
+    count = 10
+    costs = {"base": 0.1, "per_file": 0.1, "per_graft": 0.01}
+    fake.set_costs({"publish": costs})
+    union = fake.union_dir(REPO)
+    fake.check_run("transaction", REPO)
+    for index in range(count):
+        (union / f"copied-{index}.txt").write_text(f"copied file {index}\n")
+    copied = timed_publish(fake)
+    fake.check_run("transaction", REPO)
+    for index in range(count):
+        data = f"grafted file {index}\n".encode()
+        fake.write_graft(REPO, f"grafted-{index}.txt", size=len(data), checksum=sha1(data))
+    grafted = timed_publish(fake)
+    assert copied >= costs["base"] + count * costs["per_file"]
+    assert grafted >= costs["base"] + count * costs["per_graft"]
+    assert grafted < copied
+    assert len(fake.published_tree(REPO)) == 1 + 2 * count
+
+
+@pytest.mark.timeout(60)
+def test_costs_hold_the_transaction_lock_until_the_flush(fake: FakeStratum0) -> None:
+    """The padding keeps in_transaction.lock for the locked part; the flush part follows it."""
+    count = 10
+    costs = {"base": 0.1, "per_file": 0.1, "unlocked_per_file": 0.05}
+    fake.set_costs({"publish": costs})
+    lock = fake.spool_dir(REPO) / "in_transaction.lock"
+    fake.check_run("transaction", REPO)
+    for index in range(count):
+        (fake.union_dir(REPO) / f"f{index}").write_text(f"{index}\n")
+    started = time.monotonic()
+    publish = subprocess.Popen(
+        [str(fake.server_command), "publish", REPO],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: not lock.exists())
+        unlocked = time.monotonic() - started
+        still_running = publish.poll() is None
+        publish.wait(timeout=30)
+    finally:
+        if publish.poll() is None:
+            os.killpg(publish.pid, 9)
+            publish.wait()
+    finished = time.monotonic() - started
+    assert publish.returncode == 0
+    assert unlocked >= costs["base"] + count * (costs["per_file"] - costs["unlocked_per_file"])
+    assert still_running
+    assert finished >= costs["base"] + count * costs["per_file"]
+    assert fake.revision(REPO) == 2
+
+
+@pytest.mark.timeout(60)
+def test_costs_pad_transaction_with_the_lock_held(fake: FakeStratum0) -> None:
+    """transaction lasts at least its base; the lock exists while it waits."""
+    fake.set_costs({"transaction": {"base": 0.6}})
+    lock = fake.spool_dir(REPO) / "in_transaction.lock"
+    started = time.monotonic()
+    transaction = subprocess.Popen(
+        [str(fake.server_command), "transaction", REPO], start_new_session=True
+    )
+    try:
+        wait_until(lock.exists)
+        still_running = transaction.poll() is None
+        transaction.wait(timeout=30)
+    finally:
+        if transaction.poll() is None:
+            os.killpg(transaction.pid, 9)
+            transaction.wait()
+    assert transaction.returncode == 0
+    assert still_running
+    assert time.monotonic() - started >= 0.6
+    assert fake.in_transaction(REPO)
 
 
 # -- whitelist, resign, clock ------------------------------------------------------------------
