@@ -328,7 +328,8 @@ def test_cli_gc_waits_for_the_repository_lock(
     config = load_config(tmp_path, stratum0, staging, SCHEDULED)
     lock = RepositoryLock(config.daemon.state_dir, REPO)
     assert lock.acquire(timeout=1)
-    status_file = stratum0.storage_dir(REPO) / ".cvmfs_status.json"
+    before = stratum0.last_gc(REPO)  # mkfs's own publish already collected once
+    stratum0.set_clock_offset(3600)  # a later gc stamps a later last_gc
     proc = _cli(tmp_path / "cvmfs-syncd.toml", "gc", REPO)
     try:
         assert proc.stderr is not None
@@ -337,13 +338,15 @@ def test_cli_gc_waits_for_the_repository_lock(
             line = proc.stderr.readline()
         assert "waiting for the repository lock" in line
         assert proc.poll() is None
-        assert not status_file.exists()
+        assert stratum0.last_gc(REPO) == before
     finally:
         lock.release()
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert f"{REPO}: gc: garbage collected" in out
-    assert status_file.exists()
+    after = stratum0.last_gc(REPO)
+    assert after is not None
+    assert before is None or after > before
 
 
 def test_cli_resign_and_check_exit_codes(
