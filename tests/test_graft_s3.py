@@ -52,6 +52,7 @@ def layout(moto_endpoint: tuple[str, int], tmp_path: Path) -> RepositoryLayout:
         "CVMFS_HASH_ALGORITHM": "sha1",
         "CVMFS_USE_FILE_CHUNKING": "true",
         "CVMFS_MAX_CHUNK_SIZE": str(1024 * 1024),
+        "CVMFS_MIN_CHUNK_SIZE": str(512 * 1024),
     }
     return RepositoryLayout(
         name=REPO,
