@@ -1,6 +1,6 @@
 """The publish pipeline against the bare shell script, side by side, with the calibrated fake.
 
-For N files of 100 B–8 KiB in 100 directories (a fresh target each run), measured in the
+For N files of 100 B-8 KiB in 100 directories (a fresh target each run), measured in the
 same process one after another:
 
 - **bare**: ``cvmfs_server transaction R; cp -a staging/. /cvmfs/R/; cvmfs_server publish R``
@@ -41,6 +41,8 @@ from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import CALIBRATED_COSTS, FakeStratum0
 from tests.support import write_config
 
+CP = shutil.which("cp") or "/bin/cp"
+
 
 @dataclass
 class Run:
@@ -80,7 +82,7 @@ class LockWatch:
 
 
 def make_tree(root: Path, files: int, seed: int = 7) -> int:
-    """N files of 100 B–8 KiB (random-ish text) in 100 directories; return bytes."""
+    """N files of 100 B-8 KiB (random-ish text) in 100 directories; return bytes."""
     rng = random.Random(seed)
     total = 0
     per_dir = max(1, files // 100)
@@ -108,7 +110,7 @@ def bare(fake: FakeStratum0, repo: str, tree: Path) -> Run:
     with LockWatch(lock) as watch:
         start = time.perf_counter()
         fake.run("transaction", repo).check_returncode()
-        subprocess.run(["cp", "-a", f"{tree}/.", str(fake.union_dir(repo))], check=True)
+        subprocess.run([CP, "-a", f"{tree}/.", str(fake.union_dir(repo))], check=True)
         fake.run("publish", repo).check_returncode()
         seconds = time.perf_counter() - start
     return Run("bare script", seconds, watch.locked, fake.revision(repo) - revision)
@@ -236,17 +238,16 @@ def main() -> int:
             total_s = statistics.median(r.seconds for r in measured)
             locked = statistics.median(r.locked for r in measured)
             print(
-                f"| {name} | {total_s:.2f} | {total_s / base_total:.2f}× | {locked:.2f} | "
-                f"{locked / base_locked:.2f}× | {max(r.publishes for r in measured)} |"
+                f"| {name} | {total_s:.2f} | {total_s / base_total:.2f}x | {locked:.2f} | "
+                f"{locked / base_locked:.2f}x | {max(r.publishes for r in measured)} |"
             )
         bare_one, live = single_file(fake, work, args.settle, args.quiet)
         print()
         print("| single file | seconds |")
         print("| --- | ---: |")
         print(f"| bare one-file transaction + publish | {bare_one:.2f} |")
-        print(
-            f"| daemon: closed → live (settle {args.settle} s + quiet {args.quiet} s) | {live:.2f} |"
-        )
+        label = f"daemon: closed to live (settle {args.settle} s, quiet {args.quiet} s)"
+        print(f"| {label} | {live:.2f} |")
         extra = live - args.settle - args.quiet - bare_one
         print(f"| beyond settle + quiet + bare publish | {extra:+.2f} |")
     return 0

@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import os
 import re
+import secrets
 import stat
 import tempfile
 import threading
@@ -127,6 +128,20 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+_TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _usable_at(target: str, size: int) -> bool | None:
+    """None if absent; True if a world-readable regular file of ``size`` bytes."""
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise StorageError(f"cannot inspect {target}: {error}") from error
+    return stat.S_ISREG(info.st_mode) and info.st_size == size and bool(info.st_mode & stat.S_IROTH)
+
+
 def _syncfs(path: Path) -> None:
     """Flush the file system holding ``path`` to disk (``syncfs``; ``sync`` as a fallback)."""
     try:
@@ -227,6 +242,7 @@ class LocalObjectStore:
 
     def __init__(self, root: Path, *, durable: bool = True) -> None:
         self.root = Path(root)
+        self._root_str = os.fspath(self.root)
         #: False: objects are not fsynced one by one; :meth:`flush` makes them durable at once.
         self.durable = durable
         self.description = f"local storage {self.root}"
@@ -242,17 +258,7 @@ class LocalObjectStore:
 
     def _usable(self, target: Path, size: int) -> bool | None:
         """None if absent; True if a world-readable regular file of ``size`` bytes."""
-        try:
-            info = target.stat()
-        except FileNotFoundError:
-            return None
-        except OSError as error:
-            raise StorageError(f"cannot inspect {target}: {error}") from error
-        return (
-            stat.S_ISREG(info.st_mode)
-            and info.st_size == size
-            and bool(info.st_mode & stat.S_IROTH)
-        )
+        return _usable_at(os.fspath(target), size)
 
     def install(self, staged: _StagedFile, name: str) -> bool:
         """Move a written temporary file into place as ``name`` (see :meth:`put`)."""
@@ -276,15 +282,46 @@ class LocalObjectStore:
         return state is None
 
     def put(self, name: str, data: bytes) -> bool:
-        """See :meth:`ObjectStore.put`."""
-        if self._usable(self.path_of(name), len(data)):
+        """See :meth:`ObjectStore.put`.
+
+        The small-object path (most objects are a few KiB): plain string paths, one
+        temporary file created with O_EXCL in ``data/txn``, made 0644 whatever the umask,
+        renamed into place; fsynced only when the store is durable.
+        """
+        target = self._path(name)
+        state = _usable_at(target, len(data))
+        if state:
             return False
-        writer = LocalObjectWriter(self)
+        temp = f"{self.txn_dir}/{_TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
-            writer.write(data)
-            return writer.commit(name)
-        finally:
-            writer.discard()
+            try:
+                fd = os.open(temp, _TEMP_FLAGS, 0o600)
+            except FileNotFoundError:
+                self.txn_dir.mkdir(mode=_DIRECTORY_MODE, parents=True, exist_ok=True)
+                fd = os.open(temp, _TEMP_FLAGS, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self.durable:
+                    os.fsync(fd)
+                os.fchmod(fd, OBJECT_MODE)
+            finally:
+                os.close(fd)
+            try:
+                os.replace(temp, target)
+            except FileNotFoundError:
+                os.mkdir(os.path.dirname(target), _DIRECTORY_MODE)
+                os.replace(temp, target)
+            if self.durable:
+                _fsync_directory(Path(target).parent)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise StorageError(f"cannot store {name} in {self.root}: {error}") from error
+        if state is False:
+            log.warning("storage.object_rewritten", object=name, storage=self.description)
+        return state is None
 
     def open_writer(self) -> LocalObjectWriter:
         """See :meth:`ObjectStore.open_writer`."""
@@ -292,7 +329,11 @@ class LocalObjectStore:
 
     def exists(self, name: str) -> bool:
         """See :meth:`ObjectStore.exists`."""
-        return self.path_of(name).is_file()
+        return os.path.isfile(self._path(name))
+
+    def _path(self, name: str) -> str:
+        checksum_of_object(name)
+        return f"{self._root_str}/{name}"
 
     def read(self, name: str) -> bytes:
         """See :meth:`ObjectStore.read`."""
@@ -310,18 +351,23 @@ class LocalObjectStore:
 
     def verify(self, name: str) -> bool:
         """Hash the file; False if it is missing, not world-readable or does not match."""
-        path = self.path_of(name)
+        path = self._path(name)
         hasher = _hasher_for(name)
         try:
-            with path.open("rb") as stream:
-                if not os.fstat(stream.fileno()).st_mode & stat.S_IROTH:
-                    return False
-                while piece := stream.read(_READ_PIECE):
-                    hasher.update(piece)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return False
         except OSError as error:
             raise StorageError(f"cannot read {name} from {self.root}: {error}") from error
+        try:
+            if not os.fstat(fd).st_mode & stat.S_IROTH:
+                return False
+            while piece := os.read(fd, _READ_PIECE):
+                hasher.update(piece)
+        except OSError as error:
+            raise StorageError(f"cannot read {name} from {self.root}: {error}") from error
+        finally:
+            os.close(fd)
         return hasher.checksum() == checksum_of_object(name)
 
     def flush(self) -> None:

@@ -24,6 +24,7 @@ What makes this safe:
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -44,6 +45,7 @@ from cvmfs_syncd.cvmfs.graft import (
 )
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.storage import (
+    LocalObjectStore,
     ObjectStore,
     RecordingSink,
     RecordingWriter,
@@ -67,6 +69,8 @@ DEFAULT_MIN_CHUNK = 4 * 1024 * 1024
 #: bytes: one journal commit per group, not per object.
 _GROUP_OBJECTS = 512
 _IN_MEMORY_LIMIT = 4 * 1024 * 1024
+#: Files from this size are read and compressed in the worker threads.
+_PARALLEL_FROM = 64 * 1024
 _GROUP_BYTES = 64 * 1024 * 1024
 
 
@@ -344,33 +348,46 @@ class Preparer:
     def _encode_all(
         self, pool: ThreadPoolExecutor, ops: Sequence[Op], opener: Opener, result: PrepareResult
     ) -> Iterator[_Encoded]:
-        """Read and encode small files in the pool, a bounded window ahead of storing."""
+        """Read and encode small files: larger ones in the pool, a bounded window ahead,
+        the smallest inline (for a few KiB, handing work to a thread costs more than the
+        work, and threads doing system calls under the GIL slow each other down)."""
         window = max(self.workers * 4, 16)
         in_flight: deque[tuple[Op, Future[_Encoded | Applied]]] = deque()
-        queued = iter(ops)
-        while True:
-            while len(in_flight) < window:
-                op = next(queued, None)
-                if op is None:
-                    break
+        for op in ops:
+            size = op.fingerprint.size if op.fingerprint is not None else 0
+            if self.workers > 1 and size >= _PARALLEL_FROM:
                 in_flight.append((op, pool.submit(self._encode, op, opener)))
-            if not in_flight:
-                return
+                if len(in_flight) < window:
+                    continue
+                done, future = in_flight.popleft()
+                outcome = self._outcome(done, future.result, result)
+            else:
+                outcome = self._outcome(op, functools.partial(self._encode, op, opener), result)
+            if outcome is not None:
+                yield outcome
+        while in_flight:
             op, future = in_flight.popleft()
-            try:
-                outcome = future.result()
-            except ValueError as exc:
-                outcome = Applied(ApplyOutcome.REFUSED, f"unsafe name: {exc}")
-            except Exception as exc:
-                # One input must not take the lane down: it goes back to pending.
-                if not isinstance(exc, OSError | StorageError | GraftError):
-                    log.exception("preparing an input failed unexpectedly", path=op.repo_path)
-                result.errors += 1
-                outcome = Applied(ApplyOutcome.CHANGED, str(exc))
-            if isinstance(outcome, Applied):
-                result.failed.append((op, outcome))
-                continue
-            yield outcome
+            outcome = self._outcome(op, future.result, result)
+            if outcome is not None:
+                yield outcome
+
+    def _outcome(
+        self, op: Op, run: Callable[[], _Encoded | Applied], result: PrepareResult
+    ) -> _Encoded | None:
+        try:
+            outcome = run()
+        except ValueError as exc:
+            outcome = Applied(ApplyOutcome.REFUSED, f"unsafe name: {exc}")
+        except Exception as exc:
+            # One input must not take the lane down: it goes back to pending.
+            if not isinstance(exc, OSError | StorageError | GraftError):
+                log.exception("preparing an input failed unexpectedly", path=op.repo_path)
+            result.errors += 1
+            outcome = Applied(ApplyOutcome.CHANGED, str(exc))
+        if isinstance(outcome, Applied):
+            result.failed.append((op, outcome))
+            return None
+        return outcome
 
     def _encode(self, op: Op, opener: Opener) -> _Encoded | Applied:
         fp = op.fingerprint
@@ -399,11 +416,14 @@ class Preparer:
         unique: dict[str, bytes] = {}
         for encoded in group:
             unique.setdefault(object_name(encoded.checksum), encoded.stored)
-        present = set(pool.map(lambda n: n if sink.store.exists(n) else "", unique))
+        # A local file system is fastest from one thread; a remote store (S3) waits on the
+        # network, so its requests go out in parallel.
+        each = map if isinstance(sink.store, LocalObjectStore) else pool.map
+        present = set(each(lambda n: n if sink.store.exists(n) else "", unique))
         new = [name for name in unique if name not in present]
         sink.journal(new)
         try:
-            list(pool.map(lambda item: RecordingSink.put(sink, *item), unique.items()))
+            list(each(lambda item: RecordingSink.put(sink, *item), unique.items()))
         except StorageError as exc:
             log.warning("storing prepared objects failed; copying instead", error=str(exc))
             result.fallback += [e.op for e in group]
