@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from cvmfs_syncd import fsops
+from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
@@ -57,25 +58,6 @@ class _Job:
 
 class _Stopping(Exception):
     """The lane was asked to stop while waiting."""
-
-
-class Backoff:
-    """Exponential back-off: initial, doubled per failure, capped."""
-
-    def __init__(self, initial: float, maximum: float) -> None:
-        self.initial = max(initial, 0.01)
-        self.maximum = max(maximum, self.initial)
-        self.failures = 0
-
-    def next_delay(self) -> float:
-        """Count a failure and return how long to wait before the next attempt."""
-        delay = float(min(self.initial * (2.0**self.failures), self.maximum))
-        self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        """Forget past failures."""
-        self.failures = 0
 
 
 class Lane(threading.Thread):
@@ -182,7 +164,7 @@ class Lane(threading.Thread):
 
     def run(self) -> None:
         """Recover, reconcile, then cut and publish batches until asked to stop."""
-        log.info("lane starting", repository=self.repo.name)
+        self.log.info("lane starting")
         try:
             for source in self.inputs:
                 source.start(self.submit)
@@ -195,7 +177,7 @@ class Lane(threading.Thread):
         except _Stopping:
             pass
         except Exception as exc:
-            log.exception("lane crashed", repository=self.repo.name)
+            self.log.exception("lane crashed")
             self.exit_error = f"lane crashed: {exc}"
             self._set_status(state="crashed", last_error=str(exc))
         finally:
@@ -203,12 +185,12 @@ class Lane(threading.Thread):
                 try:
                     source.stop()
                 except Exception:
-                    log.exception("stopping a source failed", source=source.name)
+                    self.log.exception("stopping a source failed", source=source.name)
             self.lock.release()
             if self.preparer is not None:
                 self.preparer.close()
             self._set_status(state="stopped" if not self.exit_error else "crashed")
-            log.info("lane stopped", repository=self.repo.name, error=self.exit_error or None)
+            self.log.info("lane stopped", error=self.exit_error or None)
 
     def step(self, *, force_cut: bool = False) -> bool:
         """Do one unit of work (or wait for one); return True if a batch was published."""
@@ -282,7 +264,7 @@ class Lane(threading.Thread):
             try:
                 hints = source.reconcile(now)
             except Exception as exc:
-                log.warning("reconciliation failed", source=source.name, error=str(exc))
+                self.log.warning("reconciliation failed", source=source.name, error=str(exc))
                 continue
             missed = 0
             for hint in hints:
@@ -291,12 +273,12 @@ class Lane(threading.Thread):
                 self.pending.add(hint)
             if missed and self._next_rescan > 0:
                 self.metrics.reconciled_changes.labels(self.repo.name, source.name).inc(missed)
-                log.info("reconciliation found changes", source=source.name, changes=missed)
+                self.log.info("reconciliation found changes", source=source.name, changes=missed)
         self._next_rescan = now + self.config.daemon.rescan_seconds
 
     def _check_release(self) -> None:
         if self._guarded and self.state.take_release(self.repo.name):
-            log.warning("operator released held deletions", repository=self.repo.name)
+            self.log.warning("operator released held deletions")
             for entry in self._guarded:
                 self.pending.put_back(replace(entry, held=False, not_before=0.0))
             self._guarded = []
@@ -307,7 +289,7 @@ class Lane(threading.Thread):
         if reason == self._held_reason:
             return
         if reason:
-            log.error("publishing held", repository=self.repo.name, reason=reason)
+            self.log.error("publishing held", reason=reason)
             self.metrics.held.labels(self.repo.name, kind).set(1)
         else:
             for k in ("mass-delete", "staging-missing", "abort-failed", "whitelist-expired"):
@@ -330,15 +312,12 @@ class Lane(threading.Thread):
         foreign = open_now and self._open_batch is None
         self.metrics.foreign_transaction.labels(self.repo.name).set(1 if foreign else 0)
         if foreign and not self._foreign_seen:
-            log.warning(
+            self.log.warning(
                 "a transaction the daemon did not open is in progress; waiting",
-                repository=self.repo.name,
                 collecting=self.layout.is_collecting(),
             )
         elif self._foreign_seen and not foreign:
-            log.info(
-                "the foreign transaction is closed; publishing resumes", repository=self.repo.name
-            )
+            self.log.info("the foreign transaction is closed; publishing resumes")
         self._foreign_seen = foreign
         return foreign
 
@@ -364,13 +343,13 @@ class Lane(threading.Thread):
                 self.pending.put_back(replace(entry, held=True))
             for reason, path in plan.skipped:
                 self.metrics.skipped.labels(self.repo.name, source.name, reason).inc()
-                log.warning("input skipped", source=source.name, path=path, reason=reason)
+                self.log.warning("input skipped", source=source.name, path=path, reason=reason)
             for aside in plan.set_aside:
                 self.metrics.skipped.labels(self.repo.name, source.name, "refused").inc()
                 self.state.set_aside(
                     self.repo.name, aside.source, aside.rel_path, aside.reason, None
                 )
-                log.warning(
+                self.log.warning(
                     "input set aside", source=source.name, path=aside.rel_path, reason=aside.reason
                 )
             source_ops = list(plan.ops)
@@ -389,7 +368,9 @@ class Lane(threading.Thread):
             origin.update(plan.origin)
             merged.atomic_groups += plan.atomic_groups
         for leftover in by_source.values():  # a source removed by a reload
-            log.info("dropping changes of a source no longer configured", changes=len(leftover))
+            self.log.info(
+                "dropping changes of a source no longer configured", changes=len(leftover)
+            )
         self._release_granted = False
         if not self._guarded and self._held_reason and "delete" in self._held_reason:
             self._set_hold("")
@@ -459,9 +440,8 @@ class Lane(threading.Thread):
                 summary=batch.summary(),
                 first_seen=first_seen,
             )
-            log.info(
+            self.log.info(
                 "batch cut",
-                repository=self.repo.name,
                 batch=batch_id,
                 reason=batch.reason,
                 ops=len(batch.ops),
@@ -517,7 +497,7 @@ class Lane(threading.Thread):
         try:
             return self.layout.manifest().revision
         except RepositoryConfigError as exc:
-            log.warning("cannot read the manifest", repository=self.repo.name, error=str(exc))
+            self.log.warning("cannot read the manifest", error=str(exc))
             return None
 
     def _open_transaction(self, batch_id: int, base_revision: int | None) -> bool:
@@ -549,9 +529,8 @@ class Lane(threading.Thread):
             self._open_batch = None
             self.state.set_stage(batch_id, "aborted", error=_describe(result))
             if result.outcome is Outcome.ALREADY_IN_TRANSACTION:
-                log.warning(
+                self.log.warning(
                     "repository already in a transaction the daemon did not open; waiting",
-                    repository=self.repo.name,
                 )
                 return False
             if result.outcome is Outcome.WHITELIST_EXPIRED:
@@ -561,9 +540,8 @@ class Lane(threading.Thread):
                 self._repair_mounts()
             self.metrics.retries.labels(self.repo.name, "transaction").inc()
             delay = backoff.next_delay()
-            log.warning(
+            self.log.warning(
                 "opening a transaction failed; retrying",
-                repository=self.repo.name,
                 outcome=result.outcome.name,
                 retry_in=delay,
                 message=_describe(result),
@@ -759,9 +737,8 @@ class Lane(threading.Thread):
             if revision is not None and base is not None and revision > base:
                 # It went live, then failed late (killed at its timeout, a late step died):
                 # the batch is published; a leftover transaction holds nothing new.
-                log.warning(
+                self.log.warning(
                     "publish reported failure after the new revision was live",
-                    repository=self.repo.name,
                     batch=batch_id,
                     revision=revision,
                     message=_describe(result),
@@ -772,15 +749,14 @@ class Lane(threading.Thread):
                 return revision
             self.metrics.publish_failures.labels(self.repo.name, result.outcome.name.lower()).inc()
             self._set_status(last_error=_describe(result))
-            log.warning(
+            self.log.warning(
                 "publish failed",
-                repository=self.repo.name,
                 batch=batch_id,
                 outcome=result.outcome.name,
                 message=_describe(result),
             )
             if result.outcome is Outcome.OPEN_READERS and not force:
-                log.warning(
+                self.log.warning(
                     "open read-only descriptors under the repository; publishing with -f",
                     holders=list(result.open_file_holders),
                 )
@@ -827,9 +803,7 @@ class Lane(threading.Thread):
         result = self.server.mount(
             self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
         )
-        log.warning(
-            "repaired repository mounts", repository=self.repo.name, outcome=result.outcome.name
-        )
+        self.log.warning("repaired repository mounts", outcome=result.outcome.name)
 
     def _whitelist_expired(self) -> None:
         self._set_hold("whitelist expired: publishing resumes after resign", "whitelist-expired")
@@ -853,9 +827,11 @@ class Lane(threading.Thread):
                 op.fingerprint,
             )
             self.metrics.skipped.labels(self.repo.name, op.source, "rejected").inc()
-            log.error("input rejected by publish; set aside", path=op.source_path)
+            self.log.error("input rejected by publish; set aside", path=op.source_path)
         if not offenders:
-            log.error("publish rejected the batch and named no input; the batch is held for retry")
+            self.log.error(
+                "publish rejected the batch and named no input; the batch is held for retry"
+            )
         self._requeue([op for op in applied if op not in offenders], origin)
 
     def _abort_own(self, batch_id: int, why: str) -> bool:
@@ -874,9 +850,7 @@ class Lane(threading.Thread):
                 self._set_status(transaction_open=False)
                 if self._held_reason.startswith("abort failed"):
                     self._set_hold("")
-                log.warning(
-                    "aborted own transaction", repository=self.repo.name, batch=batch_id, why=why
-                )
+                self.log.warning("aborted own transaction", batch=batch_id, why=why)
                 return True
             self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
             if result.outcome is Outcome.WHITELIST_EXPIRED:
@@ -895,7 +869,9 @@ class Lane(threading.Thread):
                 self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
             )
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
-                log.warning("closed the leftover transaction of a published batch", batch=batch_id)
+                self.log.warning(
+                    "closed the leftover transaction of a published batch", batch=batch_id
+                )
                 return
             self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
             self.metrics.retries.labels(self.repo.name, "abort").inc()
@@ -943,7 +919,7 @@ class Lane(threading.Thread):
                 try:
                     source.published(by_source[source.name])
                 except Exception:
-                    log.exception("post-publish step failed", source=source.name)
+                    self.log.exception("post-publish step failed", source=source.name)
         self.state.set_stage(batch_id, "done")
         m = self.metrics
         m.publishes.labels(self.repo.name).inc()
@@ -965,9 +941,8 @@ class Lane(threading.Thread):
             transaction_open=False,
             last_error="",
         )
-        log.info(
+        self.log.info(
             "published",
-            repository=self.repo.name,
             batch=batch_id,
             revision=revision,
             ops=len(ops),
@@ -991,16 +966,14 @@ class Lane(threading.Thread):
         if batch is None:
             return
         if batch.pgid is not None and not kill_leftover_group(batch.pgid, batch.boot_id):
-            log.error(
+            self.log.error(
                 "a command of the previous run is still running and could not be stopped",
-                repository=self.repo.name,
                 pgid=batch.pgid,
             )
         # Only now, with no command of ours left to change it, is the spool's word final.
         in_txn = self.layout.in_transaction()
-        log.warning(
+        self.log.warning(
             "recovering an unfinished batch",
-            repository=self.repo.name,
             batch=batch.id,
             stage=batch.stage,
             transaction_open=in_txn,
@@ -1085,7 +1058,7 @@ class _LockContext:
         while not lane.lock.acquire(timeout=5.0, stop=lane._stop_requested):
             if lane._stop_requested.is_set():
                 raise _Stopping
-            log.info("waiting for the repository lock", path=str(lane.lock.path))
+            lane.log.info("waiting for the repository lock", path=str(lane.lock.path))
             lane.heartbeat()
 
     def __exit__(self, *exc: object) -> None:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from cvmfs_syncd import fsops
+from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.errors import SourceError
@@ -263,6 +264,8 @@ class S3Input:
         self.state = state
         self.metrics = metrics
         self.content = content
+        #: After a failed listing or download: one poll interval, doubling, at most four.
+        self._retry = Backoff(config.poll_seconds, 4 * config.poll_seconds)
         #: True for a dry run: the bucket is only listed, nothing is deleted from it.
         self.read_only = False
         self.clock = clock
@@ -581,9 +584,8 @@ class S3Input:
     def _backoff(self) -> float:
         """Seconds until the next attempt after a failure: doubling, at most 4 polls."""
         with self._lock:
-            failures = max(1, self._status.failures)
-        poll = self.config.poll_seconds
-        return float(min(poll * 4, poll * 2 ** (failures - 1)))
+            failures = self._status.failures
+        return self._retry.delay(failures)
 
     # -- reconciliation --------------------------------------------------------------------
 
@@ -854,9 +856,7 @@ class S3Input:
     def _trouble(self, why: str) -> None:
         with self._lock:
             self._status.failures += 1
-            failures = self._status.failures
-            poll = self.config.poll_seconds
-            self._status.retry_at = self.clock() + min(poll * 4, poll * 2 ** (failures - 1))
+            self._status.retry_at = self.clock() + self._retry.delay(self._status.failures)
         log.warning("S3 download failed; backing off", source=self.name, error=why)
 
     def _open(self, key: str, fp: Fingerprint) -> StreamingBody | Applied:

@@ -205,3 +205,12 @@ def test_the_lane_does_what_the_table_says(
     }[action]
     assert observed == expected, action
     assert after.error == rule_for(stage, is_open, advanced).why
+
+
+def test_the_architecture_document_shows_this_table() -> None:
+    """docs/architecture.md carries the table as generated from the rules."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "architecture.md").read_text()
+    begin = "<!-- recovery table: generated from cvmfs_syncd/pipeline/recovery.py -->\n"
+    end = "<!-- end of the recovery table -->"
+    shown = doc[doc.index(begin) + len(begin) : doc.index(end)]
+    assert shown == markdown_table()
