@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cvmfs_syncd.errors import StateError
-from cvmfs_syncd.model import Fingerprint, Op, OpKind
+from cvmfs_syncd.model import Fingerprint, JournalStage, Op, OpKind
 
 SCHEMA_VERSION = 1
 
@@ -90,8 +90,8 @@ CREATE TABLE IF NOT EXISTS s3_objects(
 """
 
 #: Journal stages in order; a batch moves forward only.
-STAGES = ("planned", "opening", "open", "applied", "publishing", "published", "done")
-FINAL_STAGES = ("done", "aborted", "failed")
+STAGES = tuple(s for s in JournalStage if s not in (JournalStage.ABORTED, JournalStage.FAILED))
+FINAL_STAGES = tuple(s for s in JournalStage if s.final)
 
 
 def encode_path(path: str) -> bytes:
@@ -110,7 +110,7 @@ class JournalBatch:
 
     id: int
     repo: str
-    stage: str
+    stage: JournalStage
     reason: str
     summary: str
     created_at: float
@@ -225,16 +225,20 @@ class State:
     def set_stage(
         self,
         batch_id: int,
-        stage: str,
+        stage: JournalStage | str,
         *,
         error: str | None = None,
         base_revision: int | None = None,
         revision: int | None = None,
         attempt: bool = False,
     ) -> None:
-        """Move a batch to ``stage`` (committed before returning)."""
+        """Move a batch to ``stage`` (committed before returning).
+
+        A plain string is accepted if it is the value of a :class:`JournalStage`; anything
+        else raises ValueError before the journal is touched.
+        """
         sets = ["stage = ?", "updated_at = ?"]
-        args: list[object] = [stage, time.time()]
+        args: list[object] = [JournalStage(stage).value, time.time()]
         if error is not None:
             sets.append("error = ?")
             args.append(error)
@@ -532,7 +536,7 @@ def _batch(row: tuple[object, ...]) -> JournalBatch:
     return JournalBatch(
         id=int(str(bid)),
         repo=str(repo),
-        stage=str(stage),
+        stage=JournalStage(str(stage)),
         reason=str(reason),
         summary=str(summary),
         created_at=float(str(created)),
