@@ -340,6 +340,139 @@ class _Walker:
             os.close(child_fd)
 
 
+def scan_staging(
+    root: Path, *, cross_mounts: bool = False, max_depth: int = MAX_DEPTH
+) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+    """Yield every entry below ``root`` in bytewise order of its relative path.
+
+    For a reconciliation scan that merges the tree with the index, whose paths are BLOBs
+    in ``memcmp`` order: ``a`` < ``a.b`` < ``a/b`` (``.`` sorts before ``/``), so a
+    directory's contents may come after some of its siblings. Paths are relative to
+    ``root``, as bytes. Each regular file and directory comes with its ``os.stat_result``
+    (the lstat of a file; for a directory, the fstat of the directory as opened, not
+    following symlinks; turn it into a Fingerprint with :func:`fingerprint_of`), a
+    symlink with its Fingerprint, and everything else as in :func:`walk_staging`:
+    Skipped for FIFOs, sockets, devices, entries permission checks hide, directories on
+    another file system (unless ``cross_mounts``) and directories too deep. One lstat per
+    entry; no symbolic link is followed, and no more than one descriptor per level is
+    held: a directory is opened when it is reported and again when its turn comes to be
+    listed, and skipped then if it is no longer the same directory (a watch event or the
+    next scan sees the change). Entries that vanish during the scan are left out.
+
+    Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
+    """
+    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth)
+        yield from scanner.scan(root_fd, b"", 1)
+    finally:
+        os.close(root_fd)
+
+
+def fingerprint_of(st: os.stat_result) -> Fingerprint:
+    """Return the Fingerprint of a regular file or directory :func:`scan_staging` yielded."""
+    if stat.S_ISREG(st.st_mode):
+        return Fingerprint(
+            EntryType.FILE, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino
+        )
+    if stat.S_ISDIR(st.st_mode):
+        return Fingerprint(
+            EntryType.DIRECTORY, stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino
+        )
+    raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
+
+
+def _first(item: tuple[bytes, object, str]) -> bytes:
+    return item[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scanner:
+    root_dev: int
+    cross_mounts: bool
+    max_depth: int
+
+    def scan(
+        self, dir_fd: int, prefix: bytes, depth: int
+    ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+        # (sort key, lstat or Skipped or None for "list this directory", name)
+        items: list[tuple[bytes, os.stat_result | Skipped | None, str]] = []
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                name = entry.name
+                rel = prefix + os.fsencode(name)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except PermissionError as exc:
+                    items.append((rel, Skipped("unreadable", exc.strerror or ""), name))
+                    continue
+                items.append((rel, st, name))
+                if stat.S_ISDIR(st.st_mode):
+                    items.append((rel + b"/", None, name))
+        items.sort(key=_first)
+        opened: dict[str, tuple[int, int]] = {}
+        for rel, what, name in items:
+            if what is None:
+                identity = opened.pop(name, None)
+                if identity is not None:
+                    yield from self._contents(dir_fd, name, identity, rel, depth)
+            elif isinstance(what, Skipped) or stat.S_ISREG(what.st_mode):
+                yield rel, what
+            elif stat.S_ISDIR(what.st_mode):
+                found = self._directory(dir_fd, name, what, depth)
+                if isinstance(found, os.stat_result):
+                    opened[name] = (found.st_dev, found.st_ino)
+                if found is not None:
+                    yield rel, found
+            else:
+                entry_found = _entry_at(dir_fd, name)
+                if entry_found is not None:
+                    yield rel, entry_found
+
+    def _directory(
+        self, dir_fd: int, name: str, st: os.stat_result, depth: int
+    ) -> os.stat_result | Fingerprint | Skipped | None:
+        """Return what to report for a directory (its fstat if it is to be listed)."""
+        if st.st_dev != self.root_dev and not self.cross_mounts:
+            return Skipped("mount-point", "a different file system is mounted here")
+        if depth >= self.max_depth:
+            return Skipped("too-deep", f"more than {self.max_depth} directory levels")
+        try:
+            child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in _DENIED_ERRNOS:
+                return Skipped("unreadable", exc.strerror or "permission denied")
+            if exc.errno not in _NOT_A_DIR_ERRNOS:
+                raise
+            # Replaced by a symlink or file since the lstat: report what is there now.
+            return _entry_at(dir_fd, name)
+        try:
+            return os.fstat(child_fd)
+        finally:
+            os.close(child_fd)
+
+    def _contents(
+        self, dir_fd: int, name: str, identity: tuple[int, int], prefix: bytes, depth: int
+    ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+        try:
+            child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS | _DENIED_ERRNOS:
+                return  # gone or replaced since it was reported
+            raise
+        try:
+            st = os.fstat(child_fd)
+            if (st.st_dev, st.st_ino) != identity:
+                return  # another directory took the name since it was reported
+            yield from self.scan(child_fd, prefix, depth + 1)
+        finally:
+            os.close(child_fd)
+
+
 # --------------------------------------------------------------------------------------
 # writing the union directory
 
