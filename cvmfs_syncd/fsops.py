@@ -21,10 +21,11 @@ import os
 import secrets
 import shutil
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from cvmfs_syncd.model import EntryType, Fingerprint
 from cvmfs_syncd.paths import TEMP_PREFIX, TEMP_SUFFIX, split_repo_path
@@ -382,8 +383,17 @@ def fingerprint_of(st: os.stat_result) -> Fingerprint:
     raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
 
 
-def _first(item: tuple[bytes, object, str]) -> bytes:
+def _first(item: tuple[bytes, object, str, int]) -> bytes:
     return item[0]
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
+# What an item of a listed directory is, in :class:`_Scanner`.
+_REGULAR, _DIRECTORY, _OTHER, _REPORT, _CONTENTS = range(5)
+
+_ScanItem = tuple[bytes, os.stat_result | Skipped | None, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,43 +403,50 @@ class _Scanner:
     max_depth: int
 
     def scan(
-        self, dir_fd: int, prefix: bytes, depth: int
+        self, root_fd: int, prefix: bytes, depth: int
     ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
-        # (sort key, lstat or Skipped or None for "list this directory", name)
-        items: list[tuple[bytes, os.stat_result | Skipped | None, str]] = []
-        with os.scandir(dir_fd) as it:
-            for entry in it:
-                name = entry.name
-                rel = prefix + os.fsencode(name)
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                except PermissionError as exc:
-                    items.append((rel, Skipped("unreadable", exc.strerror or ""), name))
-                    continue
-                items.append((rel, st, name))
-                if stat.S_ISDIR(st.st_mode):
-                    items.append((rel + b"/", None, name))
-        items.sort(key=_first)
-        opened: dict[str, tuple[int, int]] = {}
-        for rel, what, name in items:
-            if what is None:
-                identity = opened.pop(name, None)
-                if identity is not None:
-                    yield from self._contents(dir_fd, name, identity, rel, depth)
-            elif isinstance(what, Skipped) or stat.S_ISREG(what.st_mode):
-                yield rel, what
-            elif stat.S_ISDIR(what.st_mode):
-                found = self._directory(dir_fd, name, what, depth)
-                if isinstance(found, os.stat_result):
-                    opened[name] = (found.st_dev, found.st_ino)
-                if found is not None:
-                    yield rel, found
-            else:
-                entry_found = _entry_at(dir_fd, name)
-                if entry_found is not None:
-                    yield rel, entry_found
+        # One generator and an explicit stack (no generator per level to pass each entry
+        # through). A frame: directory fd, its sorted items, depth, the identities of the
+        # subdirectories reported and not yet listed, whether the fd is ours to close.
+        frames: list[tuple[int, Iterator[_ScanItem], int, dict[str, tuple[int, int]], bool]] = [
+            (root_fd, iter(_listing(root_fd, prefix)), depth, {}, False)
+        ]
+        try:
+            while frames:
+                dir_fd, items, depth, opened, _ = frames[-1]
+                for rel, what, name, kind in items:
+                    if kind == _REGULAR:
+                        yield rel, what  # type: ignore[misc]
+                    elif kind == _CONTENTS:
+                        identity = opened.pop(name, None)
+                        child_fd = None if identity is None else _reopen(dir_fd, name, identity)
+                        if child_fd is not None:
+                            try:
+                                listing = _listing(child_fd, rel)
+                            except BaseException:
+                                os.close(child_fd)
+                                raise
+                            frames.append((child_fd, iter(listing), depth + 1, {}, True))
+                            break
+                    elif kind == _DIRECTORY:
+                        found = self._directory(dir_fd, name, cast(os.stat_result, what), depth)
+                        if isinstance(found, os.stat_result):
+                            opened[name] = (found.st_dev, found.st_ino)
+                        if found is not None:
+                            yield rel, found
+                    elif kind == _REPORT:
+                        yield rel, what  # type: ignore[misc]
+                    else:
+                        entry_found = _entry_at(dir_fd, name)
+                        if entry_found is not None:
+                            yield rel, entry_found
+                else:
+                    if frames.pop()[4]:
+                        os.close(dir_fd)
+        finally:
+            for dir_fd, _, _, _, owned in frames:
+                if owned:
+                    os.close(dir_fd)
 
     def _directory(
         self, dir_fd: int, name: str, st: os.stat_result, depth: int
@@ -455,22 +472,47 @@ class _Scanner:
         finally:
             os.close(child_fd)
 
-    def _contents(
-        self, dir_fd: int, name: str, identity: tuple[int, int], prefix: bytes, depth: int
-    ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
-        try:
-            child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS | _DENIED_ERRNOS:
-                return  # gone or replaced since it was reported
-            raise
-        try:
-            st = os.fstat(child_fd)
-            if (st.st_dev, st.st_ino) != identity:
-                return  # another directory took the name since it was reported
-            yield from self.scan(child_fd, prefix, depth + 1)
-        finally:
-            os.close(child_fd)
+
+def _listing(dir_fd: int, prefix: bytes) -> list[_ScanItem]:
+    """List a directory: every entry with its lstat (one system call each), and for each
+    subdirectory a second item, ``<name>/``, where its contents fall in byte order."""
+    items: list[_ScanItem] = []
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            name = entry.name
+            rel = prefix + name.encode(_FS_ENCODING, _FS_ERRORS)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except PermissionError as exc:
+                items.append((rel, Skipped("unreadable", exc.strerror or ""), name, _REPORT))
+                continue
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                items.append((rel, st, name, _REGULAR))
+            elif stat.S_ISDIR(mode):
+                items.append((rel, st, name, _DIRECTORY))
+                items.append((rel + b"/", None, name, _CONTENTS))
+            else:
+                items.append((rel, st, name, _OTHER))
+    items.sort(key=_first)
+    return items
+
+
+def _reopen(dir_fd: int, name: str, identity: tuple[int, int]) -> int | None:
+    """Open a directory reported earlier for listing; None if it is gone or another one."""
+    try:
+        child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS | _DENIED_ERRNOS:
+            return None  # gone or replaced since it was reported
+        raise
+    st = os.fstat(child_fd)
+    if (st.st_dev, st.st_ino) != identity:
+        os.close(child_fd)
+        return None  # another directory took the name since it was reported
+    return child_fd
 
 
 # --------------------------------------------------------------------------------------

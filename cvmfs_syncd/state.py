@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cvmfs_syncd.errors import StateError
 from cvmfs_syncd.model import EntryType, Fingerprint, JournalStage, Op, OpKind
@@ -533,7 +534,9 @@ class State:
         """
         key = encode_path(under)
         sql = (
-            "SELECT source_path, path, scan_key FROM published"
+            # INDEXED BY: the planner would otherwise take the (repo, path) key for the
+            # target range and sort every row of the source for each page.
+            "SELECT source_path, path, scan_key FROM published INDEXED BY published_scan"
             " WHERE repo = ? AND source = ? AND (source_path, path) > (?, ?)"
         )
         bounds: tuple[object, ...] = ()
@@ -544,15 +547,18 @@ class State:
         held: tuple[bytes, bytes, str | None] | None = None
         after: tuple[bytes, bytes] = (b"", b"")
         while True:
-            rows = self._query(sql, (repo, source, *after, *bounds, page))
-            for source_path, path, scan in rows:
-                row = (bytes(source_path), bytes(path), None if scan is None else str(scan))  # type: ignore[call-overload]
+            # BLOBs come back as bytes, scan_key as str or None: rows are yielded as read.
+            rows = cast(
+                list[tuple[bytes, bytes, str | None]],
+                self._query(sql, (repo, source, *after, *bounds, page)),
+            )
+            for row in rows:
                 if held is not None and held[0] != row[0]:
                     yield held
                 held = row
             if len(rows) < page:
                 break
-            after = (held[0], held[1]) if held is not None else after
+            after = rows[-1][0], rows[-1][1]
         if held is not None:
             yield held
 

@@ -213,6 +213,7 @@ class StagingInput:
         gone: list[Dirty] = []
         try:
             row = next(rows, None)
+            stat_result = os.stat_result
             for rel_b, found in fsops.scan_staging(self.root):
                 while row is not None and row[0] < rel_b:
                     if mirror and row[0]:
@@ -221,6 +222,17 @@ class StagingInput:
                 live_row = None
                 if row is not None and row[0] == rel_b:
                     live_row, row = row, next(rows, None)
+                    # The common case inline: a file or directory equal to its index row.
+                    if live_row[2] is not None and type(found) is stat_result:
+                        mode = found.st_mode
+                        if live_row[2] == (
+                            file_scan_key(
+                                mode & 0o7777, found.st_size, found.st_mtime_ns, found.st_ino
+                            )
+                            if stat.S_ISREG(mode)
+                            else dir_scan_key(mode & 0o7777)
+                        ):
+                            continue  # no other rule can add a hint for what is live
                 if self._scanned_differs(rel_b, found, live_row):
                     hints.append(Dirty(self.name, os.fsdecode(rel_b), now, from_scan=True))
             while row is not None:
@@ -238,18 +250,8 @@ class StagingInput:
         found: os.stat_result | Fingerprint | fsops.Skipped,
         live_row: tuple[bytes, bytes, str | None] | None,
     ) -> bool:
-        """:meth:`_differs` for one entry of the merge, without building a Fingerprint or
-        reading the index row's fingerprint when the compact keys already say "equal"."""
-        if live_row is not None and live_row[2] is not None and isinstance(found, os.stat_result):
-            mode = found.st_mode
-            if stat.S_ISREG(mode):
-                key = file_scan_key(
-                    stat.S_IMODE(mode), found.st_size, found.st_mtime_ns, found.st_ino
-                )
-            else:
-                key = dir_scan_key(stat.S_IMODE(mode))
-            if key == live_row[2]:
-                return False  # the same as what is live: no other rule can add a hint
+        """:meth:`_differs` for one entry of the merge (the loop settles entries whose
+        compact key equals their index row's before calling this)."""
         rel = os.fsdecode(rel_b)
         fingerprint = fsops.fingerprint_of(found) if isinstance(found, os.stat_result) else found
         live = None
