@@ -17,6 +17,7 @@ import contextlib
 import enum
 import errno
 import fcntl
+import operator
 import os
 import secrets
 import shutil
@@ -383,8 +384,7 @@ def fingerprint_of(st: os.stat_result) -> Fingerprint:
     raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
 
 
-def _first(item: tuple[bytes, object, str, int]) -> bytes:
-    return item[0]
+_FIRST = operator.itemgetter(0)
 
 
 _FS_ENCODING = sys.getfilesystemencoding()
@@ -496,7 +496,7 @@ def _listing(dir_fd: int, prefix: bytes) -> list[_ScanItem]:
                 items.append((rel + b"/", None, name, _CONTENTS))
             else:
                 items.append((rel, st, name, _OTHER))
-    items.sort(key=_first)
+    items.sort(key=_FIRST)
     return items
 
 
