@@ -17,14 +17,16 @@ import contextlib
 import enum
 import errno
 import fcntl
+import operator
 import os
 import secrets
 import shutil
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from cvmfs_syncd.model import EntryType, Fingerprint
 from cvmfs_syncd.paths import TEMP_PREFIX, TEMP_SUFFIX, split_repo_path
@@ -338,6 +340,179 @@ class _Walker:
             yield from self.walk(child_fd, rel, child_names, depth + 1)
         finally:
             os.close(child_fd)
+
+
+def scan_staging(
+    root: Path, *, cross_mounts: bool = False, max_depth: int = MAX_DEPTH
+) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+    """Yield every entry below ``root`` in bytewise order of its relative path.
+
+    For a reconciliation scan that merges the tree with the index, whose paths are BLOBs
+    in ``memcmp`` order: ``a`` < ``a.b`` < ``a/b`` (``.`` sorts before ``/``), so a
+    directory's contents may come after some of its siblings. Paths are relative to
+    ``root``, as bytes. Each regular file and directory comes with its ``os.stat_result``
+    (the lstat of a file; for a directory, the fstat of the directory as opened, not
+    following symlinks; turn it into a Fingerprint with :func:`fingerprint_of`), a
+    symlink with its Fingerprint, and everything else as in :func:`walk_staging`:
+    Skipped for FIFOs, sockets, devices, entries permission checks hide, directories on
+    another file system (unless ``cross_mounts``) and directories too deep. One lstat per
+    entry; no symbolic link is followed, and no more than one descriptor per level is
+    held: a directory is opened when it is reported and again when its turn comes to be
+    listed, and skipped then if it is no longer the same directory (a watch event or the
+    next scan sees the change). Entries that vanish during the scan are left out.
+
+    Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
+    """
+    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth)
+        yield from scanner.scan(root_fd, b"", 1)
+    finally:
+        os.close(root_fd)
+
+
+def fingerprint_of(st: os.stat_result) -> Fingerprint:
+    """Return the Fingerprint of a regular file or directory :func:`scan_staging` yielded."""
+    if stat.S_ISREG(st.st_mode):
+        return Fingerprint(
+            EntryType.FILE, stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns, st.st_ino
+        )
+    if stat.S_ISDIR(st.st_mode):
+        return Fingerprint(
+            EntryType.DIRECTORY, stat.S_IMODE(st.st_mode), 0, st.st_mtime_ns, st.st_ino
+        )
+    raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
+
+
+_FIRST = operator.itemgetter(0)
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
+# What an item of a listed directory is, in :class:`_Scanner`.
+_REGULAR, _DIRECTORY, _OTHER, _REPORT, _CONTENTS = range(5)
+
+_ScanItem = tuple[bytes, os.stat_result | Skipped | None, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Scanner:
+    root_dev: int
+    cross_mounts: bool
+    max_depth: int
+
+    def scan(
+        self, root_fd: int, prefix: bytes, depth: int
+    ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+        # One generator and an explicit stack (no generator per level to pass each entry
+        # through). A frame: directory fd, its sorted items, depth, the identities of the
+        # subdirectories reported and not yet listed, whether the fd is ours to close.
+        frames: list[tuple[int, Iterator[_ScanItem], int, dict[str, tuple[int, int]], bool]] = [
+            (root_fd, iter(_listing(root_fd, prefix)), depth, {}, False)
+        ]
+        try:
+            while frames:
+                dir_fd, items, depth, opened, _ = frames[-1]
+                for rel, what, name, kind in items:
+                    if kind == _REGULAR:
+                        yield rel, what  # type: ignore[misc]
+                    elif kind == _CONTENTS:
+                        identity = opened.pop(name, None)
+                        child_fd = None if identity is None else _reopen(dir_fd, name, identity)
+                        if child_fd is not None:
+                            try:
+                                listing = _listing(child_fd, rel)
+                            except BaseException:
+                                os.close(child_fd)
+                                raise
+                            frames.append((child_fd, iter(listing), depth + 1, {}, True))
+                            break
+                    elif kind == _DIRECTORY:
+                        found = self._directory(dir_fd, name, cast(os.stat_result, what), depth)
+                        if isinstance(found, os.stat_result):
+                            opened[name] = (found.st_dev, found.st_ino)
+                        if found is not None:
+                            yield rel, found
+                    elif kind == _REPORT:
+                        yield rel, what  # type: ignore[misc]
+                    else:
+                        entry_found = _entry_at(dir_fd, name)
+                        if entry_found is not None:
+                            yield rel, entry_found
+                else:
+                    if frames.pop()[4]:
+                        os.close(dir_fd)
+        finally:
+            for dir_fd, _, _, _, owned in frames:
+                if owned:
+                    os.close(dir_fd)
+
+    def _directory(
+        self, dir_fd: int, name: str, st: os.stat_result, depth: int
+    ) -> os.stat_result | Fingerprint | Skipped | None:
+        """Return what to report for a directory (its fstat if it is to be listed)."""
+        if st.st_dev != self.root_dev and not self.cross_mounts:
+            return Skipped("mount-point", "a different file system is mounted here")
+        if depth >= self.max_depth:
+            return Skipped("too-deep", f"more than {self.max_depth} directory levels")
+        try:
+            child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in _DENIED_ERRNOS:
+                return Skipped("unreadable", exc.strerror or "permission denied")
+            if exc.errno not in _NOT_A_DIR_ERRNOS:
+                raise
+            # Replaced by a symlink or file since the lstat: report what is there now.
+            return _entry_at(dir_fd, name)
+        try:
+            return os.fstat(child_fd)
+        finally:
+            os.close(child_fd)
+
+
+def _listing(dir_fd: int, prefix: bytes) -> list[_ScanItem]:
+    """List a directory: every entry with its lstat (one system call each), and for each
+    subdirectory a second item, ``<name>/``, where its contents fall in byte order."""
+    items: list[_ScanItem] = []
+    with os.scandir(dir_fd) as it:
+        for entry in it:
+            name = entry.name
+            rel = prefix + name.encode(_FS_ENCODING, _FS_ERRORS)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            except PermissionError as exc:
+                items.append((rel, Skipped("unreadable", exc.strerror or ""), name, _REPORT))
+                continue
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                items.append((rel, st, name, _REGULAR))
+            elif stat.S_ISDIR(mode):
+                items.append((rel, st, name, _DIRECTORY))
+                items.append((rel + b"/", None, name, _CONTENTS))
+            else:
+                items.append((rel, st, name, _OTHER))
+    items.sort(key=_FIRST)
+    return items
+
+
+def _reopen(dir_fd: int, name: str, identity: tuple[int, int]) -> int | None:
+    """Open a directory reported earlier for listing; None if it is gone or another one."""
+    try:
+        child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT or exc.errno in _NOT_A_DIR_ERRNOS | _DENIED_ERRNOS:
+            return None  # gone or replaced since it was reported
+        raise
+    st = os.fstat(child_fd)
+    if (st.st_dev, st.st_ino) != identity:
+        os.close(child_fd)
+        return None  # another directory took the name since it was reported
+    return child_fd
 
 
 # --------------------------------------------------------------------------------------

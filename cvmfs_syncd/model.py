@@ -69,6 +69,30 @@ class Fingerprint:
         )
 
 
+class JournalStage(enum.StrEnum):
+    """Where a batch is in the journal; the values are the strings stored in the database.
+
+    A batch moves forward through the stages in the order listed here and ends in one of
+    ``DONE``, ``ABORTED`` or ``FAILED``.
+    """
+
+    PLANNED = "planned"
+    PREPARING = "preparing"
+    OPENING = "opening"
+    OPEN = "open"
+    APPLIED = "applied"
+    PUBLISHING = "publishing"
+    PUBLISHED = "published"
+    DONE = "done"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        """Return True for the stages a batch never leaves."""
+        return self in (JournalStage.DONE, JournalStage.ABORTED, JournalStage.FAILED)
+
+
 class OpKind(enum.StrEnum):
     """What the lane does to one path inside the repository."""
 

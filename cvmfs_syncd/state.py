@@ -13,18 +13,18 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from cvmfs_syncd.errors import StateError
-from cvmfs_syncd.model import Fingerprint, Op, OpKind
+from cvmfs_syncd.model import EntryType, Fingerprint, JournalStage, Op, OpKind
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+#: The schema every database of version 1 has (and a new database starts from); later
+#: versions are reached by the migrations in ``_MIGRATIONS``.
+_SCHEMA_1 = """
 CREATE TABLE IF NOT EXISTS batches(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     repo TEXT NOT NULL,
@@ -89,9 +89,118 @@ CREATE TABLE IF NOT EXISTS s3_objects(
 );
 """
 
+_META = "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+#: ``published.scan_key`` in SQL: a compact text that is equal for two fingerprints only
+#: if the reconciliation scan would find them equal, computed by SQLite from the stored
+#: JSON whenever a row is written (so it can never be stale). NULL where no compact form
+#: is defined (symlinks, anything unusual): the scan then compares the full fingerprints.
+#: :func:`scan_key` is its twin in Python.
+_SCAN_KEY_SQL = """CASE json_extract(fingerprint, '$.type')
+    WHEN 'dir' THEN 'd' || json_extract(fingerprint, '$.mode')
+    WHEN 'file' THEN CASE
+        WHEN json_extract(fingerprint, '$.target') = ''
+            AND json_extract(fingerprint, '$.etag') = ''
+        THEN 'f' || json_extract(fingerprint, '$.mode')
+            || ' ' || json_extract(fingerprint, '$.size')
+            || ' ' || json_extract(fingerprint, '$.mtime_ns')
+            || ' ' || json_extract(fingerprint, '$.inode')
+        END
+    END"""
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    """Add ``published.scan_key`` (stored, generated) and an index that covers a scan.
+
+    SQLite adds only virtual generated columns in place, so the table is rebuilt; its
+    rows are kept exactly.
+    """
+    db.execute(
+        f"""CREATE TABLE published_new(
+    repo TEXT NOT NULL,
+    path BLOB NOT NULL,
+    source TEXT NOT NULL,
+    source_path BLOB NOT NULL,
+    fingerprint TEXT NOT NULL,
+    revision INTEGER,
+    published_at REAL NOT NULL,
+    scan_key TEXT GENERATED ALWAYS AS ({_SCAN_KEY_SQL}) STORED,
+    PRIMARY KEY(repo, path)
+)"""
+    )
+    db.execute(
+        "INSERT INTO published_new(repo, path, source, source_path, fingerprint, revision,"
+        " published_at) SELECT repo, path, source, source_path, fingerprint, revision,"
+        " published_at FROM published ORDER BY repo, path"
+    )
+    db.execute("DROP TABLE published")
+    db.execute("ALTER TABLE published_new RENAME TO published")
+    db.execute("CREATE INDEX published_by_source ON published(source, source_path)")
+    db.execute(
+        "CREATE INDEX published_scan ON published(repo, source, source_path, path, scan_key)"
+    )
+
+
+#: Forward migrations in order: ``_MIGRATIONS[n - 1]`` turns version ``n`` into ``n + 1``.
+#: Append only; never change one that has been released.
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1_to_2,)
+
+#: The schema version this code reads and writes (stored in ``meta`` under ``schema``).
+SCHEMA_VERSION = 1 + len(_MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
+def _stored_version(db: sqlite3.Connection, path: Path) -> int:
+    """Return the database's schema version; raise StateError if this code cannot use it."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is None:
+        return 1  # a new database, or one written before the version was recorded
+    try:
+        version = int(str(row[0]))
+    except ValueError:
+        version = 0
+    if version > SCHEMA_VERSION:
+        raise StateError(
+            f"state database {path} has schema version {version}, newer than the"
+            f" {SCHEMA_VERSION} this cvmfs-syncd knows: it was written by a later"
+            " release; run that release (or restore a backup) instead"
+        )
+    if version < 1:
+        raise StateError(f"state database {path} has an invalid schema version {row[0]!r}")
+    return version
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the database to :data:`SCHEMA_VERSION` in one transaction, or refuse it."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(_META)
+        version = _stored_version(db, path)
+        if version == 1:
+            for statement in _statements(_SCHEMA_1):
+                db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(batches)")}
+            if "pgid" not in columns:  # early version 1 databases lack them
+                db.execute("ALTER TABLE batches ADD COLUMN pgid INTEGER")
+                db.execute("ALTER TABLE batches ADD COLUMN boot_id TEXT")
+        for migration in _MIGRATIONS[version - 1 :]:
+            migration(db)
+        db.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 #: Journal stages in order; a batch moves forward only.
-STAGES = ("planned", "opening", "open", "applied", "publishing", "published", "done")
-FINAL_STAGES = ("done", "aborted", "failed")
+STAGES = tuple(s for s in JournalStage if s not in (JournalStage.ABORTED, JournalStage.FAILED))
+FINAL_STAGES = tuple(s for s in JournalStage if s.final)
 
 
 def encode_path(path: str) -> bytes:
@@ -110,7 +219,7 @@ class JournalBatch:
 
     id: int
     repo: str
-    stage: str
+    stage: JournalStage
     reason: str
     summary: str
     created_at: float
@@ -139,7 +248,11 @@ class State:
     """The state database. Thread-safe: one connection guarded by a lock."""
 
     def __init__(self, state_dir: Path) -> None:
-        """Open (creating if needed) ``state_dir/state.sqlite``; raise StateError."""
+        """Open (creating if needed) ``state_dir/state.sqlite``; raise StateError.
+
+        An older database is migrated to :data:`SCHEMA_VERSION` in one transaction; a
+        newer one (written by a later release) is refused.
+        """
         self.path = state_dir / "state.sqlite"
         self._lock = threading.RLock()
         try:
@@ -147,19 +260,19 @@ class State:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+        try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(batches)")}
-            if "pgid" not in columns:  # added in schema 1 databases without it
-                self._db.execute("ALTER TABLE batches ADD COLUMN pgid INTEGER")
-                self._db.execute("ALTER TABLE batches ADD COLUMN boot_id TEXT")
-            self._db.execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES('schema', ?)", (str(SCHEMA_VERSION),)
-            )
+            _migrate(self._db, self.path)
         except (OSError, sqlite3.Error) as exc:
+            self._db.close()
             raise StateError(f"cannot open state database {self.path}: {exc}") from exc
+        except StateError:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         """Close the database."""
@@ -225,16 +338,20 @@ class State:
     def set_stage(
         self,
         batch_id: int,
-        stage: str,
+        stage: JournalStage | str,
         *,
         error: str | None = None,
         base_revision: int | None = None,
         revision: int | None = None,
         attempt: bool = False,
     ) -> None:
-        """Move a batch to ``stage`` (committed before returning)."""
+        """Move a batch to ``stage`` (committed before returning).
+
+        A plain string is accepted if it is the value of a :class:`JournalStage`; anything
+        else raises ValueError before the journal is touched.
+        """
         sets = ["stage = ?", "updated_at = ?"]
-        args: list[object] = [stage, time.time()]
+        args: list[object] = [JournalStage(stage).value, time.time()]
         if error is not None:
             sets.append("error = ?")
             args.append(error)
@@ -408,6 +525,51 @@ class State:
             args.append(source)
         return [_entry(r) for r in self._query(sql + " ORDER BY path", tuple(args))]
 
+    def scan_published(
+        self, repo: str, source: str, under: str = "", *, page: int = 5000
+    ) -> Iterator[tuple[bytes, bytes, str | None]]:
+        """Yield ``(source_path, path, scan_key)`` of a source's live entries at or below the
+        repository path ``under``, in bytewise order of ``source_path``.
+
+        For a reconciliation scan: rows are read a page at a time (keyset pagination on
+        the covering index ``published_scan``), so memory does not grow with the index, and
+        the lock is held only while a page is read. Writes between pages are seen or not,
+        as for any scan that races with a publish. Should two rows have the same
+        ``source_path`` (the target was changed), only the one with the greatest ``path``
+        is yielded, as :meth:`published_under` keyed by ``source_path`` would keep.
+        ``scan_key`` is :func:`scan_key` of the row's fingerprint (None: compare the full
+        fingerprint, :meth:`published_entry`).
+        """
+        key = encode_path(under)
+        sql = (
+            # INDEXED BY: the planner would otherwise take the (repo, path) key for the
+            # target range and sort every row of the source for each page.
+            "SELECT source_path, path, scan_key FROM published INDEXED BY published_scan"
+            " WHERE repo = ? AND source = ? AND (source_path, path) > (?, ?)"
+        )
+        bounds: tuple[object, ...] = ()
+        if key:
+            sql += " AND (path = ? OR (path >= ? AND path < ?))"
+            bounds = (key, *_subtree_range(key))
+        sql += " ORDER BY source_path, path LIMIT ?"
+        held: tuple[bytes, bytes, str | None] | None = None
+        after: tuple[bytes, bytes] = (b"", b"")
+        while True:
+            # BLOBs come back as bytes, scan_key as str or None: rows are yielded as read.
+            rows = cast(
+                list[tuple[bytes, bytes, str | None]],
+                self._query(sql, (repo, source, *after, *bounds, page)),
+            )
+            for row in rows:
+                if held is not None and held[0] != row[0]:
+                    yield held
+                held = row
+            if len(rows) < page:
+                break
+            after = rows[-1][0], rows[-1][1]
+        if held is not None:
+            yield held
+
     def count_published(self, repo: str, source: str) -> int:
         """Return how many live paths a source has in a repository."""
         rows = self._query(
@@ -528,6 +690,32 @@ class State:
             )
 
 
+def scan_key(fingerprint: Fingerprint) -> str | None:
+    """Return the compact comparison key the index stores as ``published.scan_key``.
+
+    Two fingerprints with equal keys are the same version for the reconciliation scan
+    (directories: type and mode; files: mode, size, mtime and inode). None where there is
+    no compact form (symlinks, or a fingerprint carrying a target or ETag).
+    """
+    if fingerprint.type is EntryType.DIRECTORY:
+        return dir_scan_key(fingerprint.mode)
+    if fingerprint.type is EntryType.FILE and not fingerprint.target and not fingerprint.etag:
+        return file_scan_key(
+            fingerprint.mode, fingerprint.size, fingerprint.mtime_ns, fingerprint.inode
+        )
+    return None
+
+
+def file_scan_key(mode: int, size: int, mtime_ns: int, inode: int) -> str:
+    """Return :func:`scan_key` of a staged regular file, from its stat fields."""
+    return f"f{mode} {size} {mtime_ns} {inode}"
+
+
+def dir_scan_key(mode: int) -> str:
+    """Return :func:`scan_key` of a staged directory, from its permission bits."""
+    return f"d{mode}"
+
+
 def _subtree_range(key: bytes) -> tuple[bytes, bytes]:
     """Return [low, high) bounds of every path below ``key``: the index answers a range
     (paths are BLOBs compared bytewise, and "0" follows "/"), where a prefix test would
@@ -540,7 +728,7 @@ def _batch(row: tuple[object, ...]) -> JournalBatch:
     return JournalBatch(
         id=int(str(bid)),
         repo=str(repo),
-        stage=str(stage),
+        stage=JournalStage(str(stage)),
         reason=str(reason),
         summary=str(summary),
         created_at=float(str(created)),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind
-from cvmfs_syncd.state import State
+import pytest
+
+from cvmfs_syncd.model import EntryType, Fingerprint, JournalStage, Op, OpKind
+from cvmfs_syncd.state import FINAL_STAGES, STAGES, State
 
 
 def test_journal_stages_survive_reopening(tmp_path: Path) -> None:
@@ -58,3 +60,34 @@ def test_release_is_consumed_once(tmp_path: Path) -> None:
     state.request_release("r")
     assert state.take_release("r")
     assert not state.take_release("r")
+
+
+def test_journal_stage_values_are_the_stored_strings() -> None:
+    """The enum's values are exactly the strings the journal has always stored, in order."""
+    assert [s.value for s in JournalStage] == [
+        "planned",
+        "preparing",
+        "opening",
+        "open",
+        "applied",
+        "publishing",
+        "published",
+        "done",
+        "aborted",
+        "failed",
+    ]
+    assert STAGES[-1] is JournalStage.DONE
+    assert set(FINAL_STAGES) == {"done", "aborted", "failed"}
+
+
+def test_set_stage_takes_the_enum_or_its_string(tmp_path: Path) -> None:
+    """A stage is given as the enum or its stored string; an unknown string is refused."""
+    state = State(tmp_path)
+    bid = state.create_batch("r", [], reason="quiet", summary="x")
+    state.set_stage(bid, JournalStage.PREPARING)
+    assert state.batch(bid).stage is JournalStage.PREPARING
+    state.set_stage(bid, "open")
+    assert state.batch(bid).stage is JournalStage.OPEN
+    with pytest.raises(ValueError, match="opened"):
+        state.set_stage(bid, "opened")
+    assert state.batch(bid).stage is JournalStage.OPEN

@@ -40,7 +40,7 @@ from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, count_deleted, file_op_kind
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
-from cvmfs_syncd.state import PublishedEntry, State
+from cvmfs_syncd.state import PublishedEntry, State, dir_scan_key, file_scan_key
 
 log = structlog.get_logger(__name__)
 
@@ -191,34 +191,74 @@ class StagingInput:
     # -- reconciliation --------------------------------------------------------------------
 
     def reconcile(self, now: float) -> list[Dirty]:
-        """Compare the staging tree with the index; return a hint for each difference."""
+        """Compare the staging tree with the index; return a hint for each difference.
+
+        A merge of two streams in bytewise path order, the tree (:func:`fsops.scan_staging`)
+        and this source's rows of the index (:meth:`State.scan_published`), so that memory
+        does not grow with the number of live entries and an entry that is live already
+        costs one lstat and one string comparison. The hints are those of comparing every
+        staged entry with its index row (new, changed or not yet reported entries), then,
+        in mirror mode, one for each live path no longer staged. A scan that fails part
+        way returns no hints at all: a partial tree must never look like deletions.
+        """
         if self._submit is not None:
             self._start_observer()  # the path may have appeared since start()
         target = self._target_repo_path()
-        live = {e.source_path: e for e in self.state.published_under(self.repo, target, self.name)}
-        hints: list[Dirty] = []
+        mirror = self.config.mode == "mirror"
+        rows = self.state.scan_published(self.repo, self.name, target)
         if not self.root.is_dir():
-            if self.config.mode == "mirror":
-                hints += [Dirty(self.name, rel, now, from_scan=True) for rel in live if rel]
-            return hints
-        seen: set[str] = set()
+            if not mirror:
+                return []
+            return [Dirty(self.name, os.fsdecode(r[0]), now, from_scan=True) for r in rows if r[0]]
+        hints: list[Dirty] = []
+        gone: list[Dirty] = []
         try:
-            found_entries = list(fsops.walk_staging(self.root))
+            row = next(rows, None)
+            stat_result = os.stat_result
+            for rel_b, found in fsops.scan_staging(self.root):
+                while row is not None and row[0] < rel_b:
+                    if mirror and row[0]:
+                        gone.append(Dirty(self.name, os.fsdecode(row[0]), now, from_scan=True))
+                    row = next(rows, None)
+                live_row = None
+                if row is not None and row[0] == rel_b:
+                    live_row, row = row, next(rows, None)
+                    # The common case inline: a file or directory equal to its index row.
+                    if live_row[2] is not None and type(found) is stat_result:
+                        mode = found.st_mode
+                        if live_row[2] == (
+                            file_scan_key(
+                                mode & 0o7777, found.st_size, found.st_mtime_ns, found.st_ino
+                            )
+                            if stat.S_ISREG(mode)
+                            else dir_scan_key(mode & 0o7777)
+                        ):
+                            continue  # no other rule can add a hint for what is live
+                if self._scanned_differs(rel_b, found, live_row):
+                    hints.append(Dirty(self.name, os.fsdecode(rel_b), now, from_scan=True))
+            while row is not None:
+                if mirror and row[0]:
+                    gone.append(Dirty(self.name, os.fsdecode(row[0]), now, from_scan=True))
+                row = next(rows, None)
         except OSError as exc:
             log.warning("reconciliation scan failed", source=self.name, error=str(exc))
-            return hints
-        for rel, found in found_entries:
-            seen.add(rel)
-            if not self._differs(rel, found, live.get(rel)):
-                continue
-            hints.append(Dirty(self.name, rel, now, from_scan=True))
-        if self.config.mode == "mirror":
-            hints += [
-                Dirty(self.name, rel, now, from_scan=True)
-                for rel in live
-                if rel and rel not in seen
-            ]
-        return hints
+            return []
+        return hints + gone
+
+    def _scanned_differs(
+        self,
+        rel_b: bytes,
+        found: os.stat_result | Fingerprint | fsops.Skipped,
+        live_row: tuple[bytes, bytes, str | None] | None,
+    ) -> bool:
+        """:meth:`_differs` for one entry of the merge (the loop settles entries whose
+        compact key equals their index row's before calling this)."""
+        rel = os.fsdecode(rel_b)
+        fingerprint = fsops.fingerprint_of(found) if isinstance(found, os.stat_result) else found
+        live = None
+        if live_row is not None:
+            live = self.state.published_entry(self.repo, os.fsdecode(live_row[1]))
+        return self._differs(rel, fingerprint, live)
 
     def _differs(
         self, rel: str, found: Fingerprint | fsops.Skipped, live: PublishedEntry | None
