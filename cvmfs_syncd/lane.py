@@ -34,7 +34,8 @@ from cvmfs_syncd.cvmfs.server import (
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Batch, Dirty, LaneStatus, Op, OpKind
+from cvmfs_syncd.model import Batch, Dirty, HoldReason, LaneStatus, Op, OpKind
+from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.pipeline import recovery
 from cvmfs_syncd.pipeline.prepare import Content, Preparer, PrepareResult, marker_path
 from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
@@ -285,15 +286,15 @@ class Lane(threading.Thread):
             self._release_granted = True
             self._set_hold("")
 
-    def _set_hold(self, reason: str, kind: str = "mass-delete") -> None:
+    def _set_hold(self, reason: str, kind: HoldReason = HoldReason.MASS_DELETE) -> None:
         if reason == self._held_reason:
             return
         if reason:
             self.log.error("publishing held", reason=reason)
-            self.metrics.held.labels(self.repo.name, kind).set(1)
+            self.metrics.held.labels(self.repo.name, kind.value).set(1)
         else:
-            for k in ("mass-delete", "staging-missing", "abort-failed", "whitelist-expired"):
-                self.metrics.held.labels(self.repo.name, k).set(0)
+            for k in HoldReason:
+                self.metrics.held.labels(self.repo.name, k.value).set(0)
         self._held_reason = reason
         self._set_status(held=reason)
 
@@ -363,7 +364,7 @@ class Lane(threading.Thread):
                         if guarded is not None and guarded.key not in known:
                             self._guarded.append(guarded)
                             known.add(guarded.key)
-                    self._set_hold(f"{source.name}: {plan.guard_reason}", "mass-delete")
+                    self._set_hold(f"{source.name}: {plan.guard_reason}", HoldReason.MASS_DELETE)
             ops += source_ops
             origin.update(plan.origin)
             merged.atomic_groups += plan.atomic_groups
@@ -450,13 +451,13 @@ class Lane(threading.Thread):
             self._apply_errors = 0
             ops, prepared = self._prepare(batch_id, list(batch.ops), origin)
             if not ops:
-                self.state.set_stage(batch_id, "aborted", error="nothing left to publish")
+                self.state.set_stage(batch_id, Stage.ABORTED, error="nothing left to publish")
                 self._abandon(batch_id)
                 self._back_off_after_errors()
                 return False
             if self.layout.in_transaction():
                 # A transaction appeared while the objects were written: never touch it.
-                self.state.set_stage(batch_id, "aborted", error="a foreign transaction opened")
+                self.state.set_stage(batch_id, Stage.ABORTED, error="a foreign transaction opened")
                 self._abandon(batch_id)
                 self._requeue(ops, origin)
                 return False
@@ -504,7 +505,7 @@ class Lane(threading.Thread):
         backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
         while True:
             # Journal first: after a crash, an open transaction is ours exactly when this says so.
-            self.state.set_stage(batch_id, "opening", base_revision=base_revision, attempt=True)
+            self.state.set_stage(batch_id, Stage.OPENING, base_revision=base_revision, attempt=True)
             self._open_batch = batch_id
             self._set_status(state="opening transaction")
             result = self.server.transaction(
@@ -513,7 +514,7 @@ class Lane(threading.Thread):
                 on_spawn=self._journal_command(batch_id),
             )
             if result.outcome is Outcome.OK:
-                self.state.set_stage(batch_id, "open")
+                self.state.set_stage(batch_id, Stage.OPEN)
                 self.metrics.transaction_open.labels(self.repo.name).set(1)
                 # Stuck publishes retry inside the lane, where step() does not run: the
                 # "open too long" alert needs this gauge set by the opener too.
@@ -523,11 +524,11 @@ class Lane(threading.Thread):
                 return True
             if result.outcome is Outcome.TIMEOUT and self.layout.in_transaction():
                 # The killed command may have opened it after all; the journal says it is ours.
-                self.state.set_stage(batch_id, "open")
+                self.state.set_stage(batch_id, Stage.OPEN)
                 self._abort_own(batch_id, "transaction command timed out")
                 return False
             self._open_batch = None
-            self.state.set_stage(batch_id, "aborted", error=_describe(result))
+            self.state.set_stage(batch_id, Stage.ABORTED, error=_describe(result))
             if result.outcome is Outcome.ALREADY_IN_TRANSACTION:
                 self.log.warning(
                     "repository already in a transaction the daemon did not open; waiting",
@@ -565,7 +566,7 @@ class Lane(threading.Thread):
         if not grafts or self.preparer is None:
             result = PrepareResult()
             return [self._as_copy(op) for op in ops], result
-        self.state.set_stage(batch_id, "preparing")
+        self.state.set_stage(batch_id, Stage.PREPARING)
         self._set_status(state="preparing objects")
         phase = time.monotonic()
         result = self.preparer.prepare(
@@ -717,7 +718,7 @@ class Lane(threading.Thread):
         backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
         force = False
         while True:
-            self.state.set_stage(batch_id, "publishing", attempt=True)
+            self.state.set_stage(batch_id, Stage.PUBLISHING, attempt=True)
             self._set_status(state="publishing")
             result = self.server.publish(
                 self.repo.name,
@@ -728,7 +729,7 @@ class Lane(threading.Thread):
             )
             if result.outcome is Outcome.OK:
                 revision = self._revision()
-                self.state.set_stage(batch_id, "published", revision=revision)
+                self.state.set_stage(batch_id, Stage.PUBLISHED, revision=revision)
                 if not self._guarded:  # a mass-delete hold stays until released
                     self._set_hold("")
                 return revision if revision is not None else -1
@@ -743,7 +744,7 @@ class Lane(threading.Thread):
                     revision=revision,
                     message=_describe(result),
                 )
-                self.state.set_stage(batch_id, "published", revision=revision)
+                self.state.set_stage(batch_id, Stage.PUBLISHED, revision=revision)
                 if self.layout.in_transaction():
                     self._abort_transaction_only(batch_id)
                 return revision
@@ -777,7 +778,7 @@ class Lane(threading.Thread):
                 self._open_batch = None
                 self.metrics.transaction_open.labels(self.repo.name).set(0)
                 self.state.set_stage(
-                    batch_id, "failed", error="transaction vanished: " + _describe(result)
+                    batch_id, Stage.FAILED, error="transaction vanished: " + _describe(result)
                 )
                 self._abandon(batch_id)
                 self._requeue(applied, origin)
@@ -806,7 +807,9 @@ class Lane(threading.Thread):
         self.log.warning("repaired repository mounts", outcome=result.outcome.name)
 
     def _whitelist_expired(self) -> None:
-        self._set_hold("whitelist expired: publishing resumes after resign", "whitelist-expired")
+        self._set_hold(
+            "whitelist expired: publishing resumes after resign", HoldReason.WHITELIST_EXPIRED
+        )
         if self.on_whitelist_expired is not None:
             self.on_whitelist_expired()
 
@@ -843,7 +846,7 @@ class Lane(threading.Thread):
                 self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
             )
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
-                self.state.set_stage(batch_id, "aborted", error=why)
+                self.state.set_stage(batch_id, Stage.ABORTED, error=why)
                 self._abandon(batch_id)
                 self._open_batch = None
                 self.metrics.transaction_open.labels(self.repo.name).set(0)
@@ -852,7 +855,7 @@ class Lane(threading.Thread):
                     self._set_hold("")
                 self.log.warning("aborted own transaction", batch=batch_id, why=why)
                 return True
-            self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
+            self._set_hold(f"abort failed: {_describe(result)}", HoldReason.ABORT_FAILED)
             if result.outcome is Outcome.WHITELIST_EXPIRED:
                 self._whitelist_expired()
             self.metrics.retries.labels(self.repo.name, "abort").inc()
@@ -873,7 +876,7 @@ class Lane(threading.Thread):
                     "closed the leftover transaction of a published batch", batch=batch_id
                 )
                 return
-            self._set_hold(f"abort failed: {_describe(result)}", "abort-failed")
+            self._set_hold(f"abort failed: {_describe(result)}", HoldReason.ABORT_FAILED)
             self.metrics.retries.labels(self.repo.name, "abort").inc()
             self._sleep(backoff.next_delay())
 
@@ -920,7 +923,7 @@ class Lane(threading.Thread):
                     source.published(by_source[source.name])
                 except Exception:
                     self.log.exception("post-publish step failed", source=source.name)
-        self.state.set_stage(batch_id, "done")
+        self.state.set_stage(batch_id, Stage.DONE)
         m = self.metrics
         m.publishes.labels(self.repo.name).inc()
         m.publish_duration.labels(self.repo.name).observe(max(0.0, now - started))
@@ -987,16 +990,16 @@ class Lane(threading.Thread):
         ops = [op for op, _ in self.state.batch_ops(batch.id, applied_only=True)]
         first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
         if action in (Action.MARK_ABORTED, Action.DELETE_PREPARED):
-            self.state.set_stage(batch.id, "aborted", error=rule.why)
+            self.state.set_stage(batch.id, Stage.ABORTED, error=rule.why)
             self._abandon(batch.id)
         elif action is Action.ABORT_OWN:
             self._open_batch = batch.id
             self._abort_own(batch.id, rule.why)
         elif action is Action.MARK_FAILED:
-            self.state.set_stage(batch.id, "failed", error=rule.why)
+            self.state.set_stage(batch.id, Stage.FAILED, error=rule.why)
             self._abandon(batch.id)
         elif action in (Action.FINISH, Action.ABORT_LEFTOVER_THEN_FINISH):
-            self.state.set_stage(batch.id, "published", revision=revision)
+            self.state.set_stage(batch.id, Stage.PUBLISHED, revision=revision)
             if action is Action.ABORT_LEFTOVER_THEN_FINISH:
                 # The publish went through but died before closing the transaction: what
                 # is open is ours and holds nothing new; abort it, then finish.

@@ -69,6 +69,15 @@ class Fingerprint:
         )
 
 
+class HoldReason(enum.StrEnum):
+    """Why a lane holds publishing; the values are the ``kind`` label of ``cvmfs_syncd_held``."""
+
+    MASS_DELETE = "mass-delete"
+    STAGING_MISSING = "staging-missing"
+    ABORT_FAILED = "abort-failed"
+    WHITELIST_EXPIRED = "whitelist-expired"
+
+
 class JournalStage(enum.StrEnum):
     """Where a batch is in the journal; the values are the strings stored in the database.
 
