@@ -25,10 +25,7 @@ from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.cvmfs.server import (
-    CommandResult,
     CvmfsServer,
-    Outcome,
-    boot_id,
     kill_leftover_group,
 )
 from cvmfs_syncd.errors import RepositoryConfigError
@@ -39,6 +36,7 @@ from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.pipeline import recovery
 from cvmfs_syncd.pipeline.prepare import Content, Preparer, PrepareResult, marker_path
 from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
+from cvmfs_syncd.pipeline.transaction import Transaction
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Input, Plan, cut_to_caps
 from cvmfs_syncd.state import State
 
@@ -111,7 +109,7 @@ class Lane(threading.Thread):
         self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
         self._held_reason = ""
         self._guarded: list[Pending] = []
-        self._open_batch: int | None = None
+        self.open_batch: int | None = None
         self._txn_seen_since: float | None = None
         self._foreign_seen = False
         self.exit_error = ""
@@ -150,7 +148,7 @@ class Lane(threading.Thread):
         with self._status_lock:
             return replace(self._status, details=dict(self._status.details))
 
-    def _set_status(self, **changes: Any) -> None:
+    def set_status(self, **changes: Any) -> None:
         with self._status_lock:
             for key, value in changes.items():
                 setattr(self._status, key, value)
@@ -160,6 +158,47 @@ class Lane(threading.Thread):
         """Record progress (the service's watchdog checks it)."""
         with self._status_lock:
             self._status.progress_at = self.clock()
+
+    # -- what a transaction needs from its lane (pipeline.transaction.LaneControl) --------
+
+    @property
+    def held_reason(self) -> str:
+        """The reason publishing is held now ("" when it is not)."""
+        return self._held_reason
+
+    def release_delete_hold(self) -> None:
+        """After a publish: lift a hold, unless deletions wait for ``release``."""
+        if not self._guarded:
+            self.set_hold("")
+
+    def transaction_opened(self) -> None:
+        """Our transaction is open: gauges and status."""
+        self.metrics.transaction_open.labels(self.repo.name).set(1)
+        # Stuck publishes retry inside the lane, where step() does not run: the "open too
+        # long" alert needs this gauge set by the opener too.
+        self._txn_seen_since = self._txn_seen_since or self.clock()
+        self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since)
+        self.set_status(transaction_open=True)
+
+    def transaction_closed(self) -> None:
+        """Our transaction is closed (published, aborted or gone): gauges and status."""
+        self.open_batch = None
+        self.metrics.transaction_open.labels(self.repo.name).set(0)
+        self.set_status(transaction_open=False)
+
+    def stop_now(self, why: str) -> None:
+        """If the lane is asked to stop, record ``why`` and stop."""
+        if self._stop_requested.is_set():
+            self.exit_error = why
+            raise _Stopping
+
+    def whitelist_expired(self) -> None:
+        """Hold publishing and ask for a resign."""
+        self.set_hold(
+            "whitelist expired: publishing resumes after resign", HoldReason.WHITELIST_EXPIRED
+        )
+        if self.on_whitelist_expired is not None:
+            self.on_whitelist_expired()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -180,7 +219,7 @@ class Lane(threading.Thread):
         except Exception as exc:
             self.log.exception("lane crashed")
             self.exit_error = f"lane crashed: {exc}"
-            self._set_status(state="crashed", last_error=str(exc))
+            self.set_status(state="crashed", last_error=str(exc))
         finally:
             for source in self.inputs:
                 try:
@@ -190,7 +229,7 @@ class Lane(threading.Thread):
             self.lock.release()
             if self.preparer is not None:
                 self.preparer.close()
-            self._set_status(state="stopped" if not self.exit_error else "crashed")
+            self.set_status(state="stopped" if not self.exit_error else "crashed")
             self.log.info("lane stopped", error=self.exit_error or None)
 
     def step(self, *, force_cut: bool = False) -> bool:
@@ -202,15 +241,15 @@ class Lane(threading.Thread):
         self._check_release()
         self._update_pending_metrics()
         if self._foreign_transaction_open():
-            self._set_status(state="waiting: foreign transaction", foreign_transaction=True)
+            self.set_status(state="waiting: foreign transaction", foreign_transaction=True)
             self._wait(2.0)
             return False
-        self._set_status(foreign_transaction=False)
+        self.set_status(foreign_transaction=False)
         reason = "sync" if force_cut and len(self.pending) else self.pending.due(now)
         if reason is None:
             deadline = self.pending.next_deadline(now)
             timeout = _IDLE_WAKE_SECONDS if deadline is None else max(0.0, deadline - now)
-            self._set_status(state="idle" if not len(self.pending) else "batching")
+            self.set_status(state="idle" if not len(self.pending) else "batching")
             self._wake_on_submit = not len(self.pending)
             self._wait(min(timeout, _IDLE_WAKE_SECONDS, max(0.0, self._next_rescan - now)))
             self._wake_on_submit = True
@@ -240,7 +279,7 @@ class Lane(threading.Thread):
     def _run_job(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
             return
-        self._set_status(state=f"running {job.name}", busy_since=self.clock())
+        self.set_status(state=f"running {job.name}", busy_since=self.clock())
         self.job_running = True
         try:
             with self._locked():
@@ -251,7 +290,7 @@ class Lane(threading.Thread):
             job.future.set_result(result)
         finally:
             self.job_running = False
-            self._set_status(state="idle", busy_since=None)
+            self.set_status(state="idle", busy_since=None)
 
     def _locked(self) -> _LockContext:
         return _LockContext(self)
@@ -284,9 +323,9 @@ class Lane(threading.Thread):
                 self.pending.put_back(replace(entry, held=False, not_before=0.0))
             self._guarded = []
             self._release_granted = True
-            self._set_hold("")
+            self.set_hold("")
 
-    def _set_hold(self, reason: str, kind: HoldReason = HoldReason.MASS_DELETE) -> None:
+    def set_hold(self, reason: str, kind: HoldReason = HoldReason.MASS_DELETE) -> None:
         if reason == self._held_reason:
             return
         if reason:
@@ -296,12 +335,12 @@ class Lane(threading.Thread):
             for k in HoldReason:
                 self.metrics.held.labels(self.repo.name, k.value).set(0)
         self._held_reason = reason
-        self._set_status(held=reason)
+        self.set_status(held=reason)
 
     def _update_pending_metrics(self) -> None:
         count = len(self.pending) + len(self._guarded)
         self.metrics.pending_changes.labels(self.repo.name).set(count)
-        self._set_status(pending=count)
+        self.set_status(pending=count)
 
     def _foreign_transaction_open(self) -> bool:
         open_now = self.layout.in_transaction()
@@ -310,7 +349,7 @@ class Lane(threading.Thread):
         elif not open_now:
             self._txn_seen_since = None
         self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since or 0)
-        foreign = open_now and self._open_batch is None
+        foreign = open_now and self.open_batch is None
         self.metrics.foreign_transaction.labels(self.repo.name).set(1 if foreign else 0)
         if foreign and not self._foreign_seen:
             self.log.warning(
@@ -364,7 +403,7 @@ class Lane(threading.Thread):
                         if guarded is not None and guarded.key not in known:
                             self._guarded.append(guarded)
                             known.add(guarded.key)
-                    self._set_hold(f"{source.name}: {plan.guard_reason}", HoldReason.MASS_DELETE)
+                    self.set_hold(f"{source.name}: {plan.guard_reason}", HoldReason.MASS_DELETE)
             ops += source_ops
             origin.update(plan.origin)
             merged.atomic_groups += plan.atomic_groups
@@ -374,7 +413,7 @@ class Lane(threading.Thread):
             )
         self._release_granted = False
         if not self._guarded and self._held_reason and "delete" in self._held_reason:
-            self._set_hold("")
+            self.set_hold("")
         return ops, origin, merged
 
     # -- publishing ----------------------------------------------------------------------
@@ -409,7 +448,7 @@ class Lane(threading.Thread):
         try:
             return self._publish_batch(batch, origin, first_seen)
         finally:
-            self._set_status(busy_since=None)
+            self.set_status(busy_since=None)
 
     def _requeue(self, ops: Sequence[Op], origin: dict[str, Pending]) -> None:
         for op in ops:
@@ -427,13 +466,13 @@ class Lane(threading.Thread):
         self, batch: Batch, origin: dict[str, Pending], first_seen: dict[str, float]
     ) -> bool:
         started = self.clock()
-        self._set_status(state="waiting for repository lock", busy_since=started)
+        self.set_status(state="waiting for repository lock", busy_since=started)
         with self._locked():
             if self.layout.in_transaction():
                 # Someone opened a transaction since we looked: never touch it.
                 self._requeue(batch.ops, origin)
                 return False
-            base_revision = self._revision()
+            base_revision = self.revision()
             batch_id = self.state.create_batch(
                 self.repo.name,
                 batch.ops,
@@ -452,24 +491,25 @@ class Lane(threading.Thread):
             ops, prepared = self._prepare(batch_id, list(batch.ops), origin)
             if not ops:
                 self.state.set_stage(batch_id, Stage.ABORTED, error="nothing left to publish")
-                self._abandon(batch_id)
+                self.abandon(batch_id)
                 self._back_off_after_errors()
                 return False
             if self.layout.in_transaction():
                 # A transaction appeared while the objects were written: never touch it.
                 self.state.set_stage(batch_id, Stage.ABORTED, error="a foreign transaction opened")
-                self._abandon(batch_id)
+                self.abandon(batch_id)
                 self._requeue(ops, origin)
                 return False
-            if not self._open_transaction(batch_id, base_revision):
-                self._abandon(batch_id)
+            transaction = Transaction(self, batch_id)
+            if not transaction.open(base_revision):
+                self.abandon(batch_id)
                 self._requeue(ops, origin)
                 return False
             phase = time.monotonic()
             applied = self._place(batch_id, ops, prepared, origin)
             self._timings["place"] = time.monotonic() - phase
             if not applied:
-                self._abort_own(batch_id, "nothing could be applied")
+                transaction.abort("nothing could be applied")
                 self._back_off_after_errors()
                 return False
             self._apply_backoff.reset()
@@ -480,7 +520,9 @@ class Lane(threading.Thread):
                 batch_id, [i for i, op in enumerate(batch.ops) if op.repo_path in done]
             )
             phase = time.monotonic()
-            revision = self._publish_until_done(batch_id, batch.summary(), origin, applied)
+            revision = transaction.publish(
+                batch.summary(), applied, lambda ops: self._requeue(ops, origin)
+            )
             self._timings["publish"] = time.monotonic() - phase
             if revision is None:
                 return False
@@ -492,66 +534,14 @@ class Lane(threading.Thread):
         batch after batch (or transaction/abort cycles): back off before the next try."""
         if self._apply_errors:
             self.metrics.retries.labels(self.repo.name, "apply").inc()
-            self._sleep(self._apply_backoff.next_delay())
+            self.pause(self._apply_backoff.next_delay())
 
-    def _revision(self) -> int | None:
+    def revision(self) -> int | None:
         try:
             return self.layout.manifest().revision
         except RepositoryConfigError as exc:
             self.log.warning("cannot read the manifest", error=str(exc))
             return None
-
-    def _open_transaction(self, batch_id: int, base_revision: int | None) -> bool:
-        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
-        while True:
-            # Journal first: after a crash, an open transaction is ours exactly when this says so.
-            self.state.set_stage(batch_id, Stage.OPENING, base_revision=base_revision, attempt=True)
-            self._open_batch = batch_id
-            self._set_status(state="opening transaction")
-            result = self.server.transaction(
-                self.repo.name,
-                timeout=self.config.cvmfs.transaction_timeout_seconds,
-                on_spawn=self._journal_command(batch_id),
-            )
-            if result.outcome is Outcome.OK:
-                self.state.set_stage(batch_id, Stage.OPEN)
-                self.metrics.transaction_open.labels(self.repo.name).set(1)
-                # Stuck publishes retry inside the lane, where step() does not run: the
-                # "open too long" alert needs this gauge set by the opener too.
-                self._txn_seen_since = self._txn_seen_since or self.clock()
-                self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since)
-                self._set_status(transaction_open=True)
-                return True
-            if result.outcome is Outcome.TIMEOUT and self.layout.in_transaction():
-                # The killed command may have opened it after all; the journal says it is ours.
-                self.state.set_stage(batch_id, Stage.OPEN)
-                self._abort_own(batch_id, "transaction command timed out")
-                return False
-            self._open_batch = None
-            self.state.set_stage(batch_id, Stage.ABORTED, error=_describe(result))
-            if result.outcome is Outcome.ALREADY_IN_TRANSACTION:
-                self.log.warning(
-                    "repository already in a transaction the daemon did not open; waiting",
-                )
-                return False
-            if result.outcome is Outcome.WHITELIST_EXPIRED:
-                self._whitelist_expired()
-            if result.outcome is Outcome.NOT_MOUNTED:
-                # Auto-repair is off and a mount is missing: `mount` repairs (l_stale_mount 40).
-                self._repair_mounts()
-            self.metrics.retries.labels(self.repo.name, "transaction").inc()
-            delay = backoff.next_delay()
-            self.log.warning(
-                "opening a transaction failed; retrying",
-                outcome=result.outcome.name,
-                retry_in=delay,
-                message=_describe(result),
-            )
-            self._set_status(last_error=_describe(result))
-            self._sleep(delay)
-            if self.layout.in_transaction():
-                return False
-            # The next attempt goes on in the same journal row (back to "opening").
 
     def _prepare(
         self, batch_id: int, ops: list[Op], origin: dict[str, Pending]
@@ -567,7 +557,7 @@ class Lane(threading.Thread):
             result = PrepareResult()
             return [self._as_copy(op) for op in ops], result
         self.state.set_stage(batch_id, Stage.PREPARING)
-        self._set_status(state="preparing objects")
+        self.set_status(state="preparing objects")
         phase = time.monotonic()
         result = self.preparer.prepare(
             batch_id, grafts, self._open_content, heartbeat=self.heartbeat
@@ -619,7 +609,7 @@ class Lane(threading.Thread):
         """Inside the transaction: deletions, directories, links and copies, then the
         placeholder and graft marker of every prepared file. No file content is copied
         here except for inputs that could not be prepared."""
-        self._set_status(state="placing changes")
+        self.set_status(state="placing changes")
         grafts = [op for op in ops if op.kind is OpKind.GRAFT]
         if grafts and self.preparer is not None:
             grafts = self._objects_still_there(batch_id, grafts, prepared, origin)
@@ -712,175 +702,7 @@ class Lane(threading.Thread):
         )
         self._requeue([op], origin)
 
-    def _publish_until_done(
-        self, batch_id: int, summary: str, origin: dict[str, Pending], applied: list[Op]
-    ) -> int | None:
-        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
-        force = False
-        while True:
-            self.state.set_stage(batch_id, Stage.PUBLISHING, attempt=True)
-            self._set_status(state="publishing")
-            result = self.server.publish(
-                self.repo.name,
-                message=summary,
-                force=force,
-                timeout=self.config.cvmfs.publish_timeout_seconds,
-                on_spawn=self._journal_command(batch_id),
-            )
-            if result.outcome is Outcome.OK:
-                revision = self._revision()
-                self.state.set_stage(batch_id, Stage.PUBLISHED, revision=revision)
-                if not self._guarded:  # a mass-delete hold stays until released
-                    self._set_hold("")
-                return revision if revision is not None else -1
-            revision = self._revision()
-            base = self.state.batch(batch_id).base_revision
-            if revision is not None and base is not None and revision > base:
-                # It went live, then failed late (killed at its timeout, a late step died):
-                # the batch is published; a leftover transaction holds nothing new.
-                self.log.warning(
-                    "publish reported failure after the new revision was live",
-                    batch=batch_id,
-                    revision=revision,
-                    message=_describe(result),
-                )
-                self.state.set_stage(batch_id, Stage.PUBLISHED, revision=revision)
-                if self.layout.in_transaction():
-                    self._abort_transaction_only(batch_id)
-                return revision
-            self.metrics.publish_failures.labels(self.repo.name, result.outcome.name.lower()).inc()
-            self._set_status(last_error=_describe(result))
-            self.log.warning(
-                "publish failed",
-                batch=batch_id,
-                outcome=result.outcome.name,
-                message=_describe(result),
-            )
-            if result.outcome is Outcome.OPEN_READERS and not force:
-                self.log.warning(
-                    "open read-only descriptors under the repository; publishing with -f",
-                    holders=list(result.open_file_holders),
-                )
-                force = True
-                continue
-            if result.outcome is Outcome.INVALID_GRAFT:
-                self._reject_inputs(batch_id, result, origin, applied)
-                return None
-            if result.outcome in (Outcome.NOT_MOUNTED, Outcome.CANNOT_REPAIR):
-                # Recorded: only abort helps a transaction whose union mount vanished (the
-                # written files are lost); then `mount` repairs when auto-repair is off.
-                self._abort_own(batch_id, _describe(result))
-                self._repair_mounts()
-                self._requeue(applied, origin)
-                return None
-            if not self.layout.in_transaction() or result.outcome is Outcome.NOT_IN_TRANSACTION:
-                # Our transaction is gone (aborted by someone): the changes were not published.
-                self._open_batch = None
-                self.metrics.transaction_open.labels(self.repo.name).set(0)
-                self.state.set_stage(
-                    batch_id, Stage.FAILED, error="transaction vanished: " + _describe(result)
-                )
-                self._abandon(batch_id)
-                self._requeue(applied, origin)
-                return None
-            if result.outcome is Outcome.WHITELIST_EXPIRED:
-                self._whitelist_expired()
-            # Storage unreachable, open writers, timeouts, unknown failures: the transaction
-            # stays open and a later plain publish completes it (recorded); no abort.
-            self.metrics.retries.labels(self.repo.name, "publish").inc()
-            delay = backoff.next_delay()
-            self._sleep(delay, abort_batch=batch_id)
-
-    def _journal_command(self, batch_id: int) -> Callable[[int], None]:
-        """Return a hook that journals the process group of a batch's running command."""
-        boot = boot_id()
-
-        def record(pgid: int) -> None:
-            self.state.record_command(batch_id, pgid, boot)
-
-        return record
-
-    def _repair_mounts(self) -> None:
-        result = self.server.mount(
-            self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
-        )
-        self.log.warning("repaired repository mounts", outcome=result.outcome.name)
-
-    def _whitelist_expired(self) -> None:
-        self._set_hold(
-            "whitelist expired: publishing resumes after resign", HoldReason.WHITELIST_EXPIRED
-        )
-        if self.on_whitelist_expired is not None:
-            self.on_whitelist_expired()
-
-    def _reject_inputs(
-        self, batch_id: int, result: CommandResult, origin: dict[str, Pending], applied: list[Op]
-    ) -> None:
-        """publish refused an input: abort, set the offender aside, retry the rest."""
-        bad = result.invalid_graft_path
-        offenders = [op for op in applied if bad and op.repo_path == bad.strip("/")]
-        if not self._abort_own(batch_id, "publish rejected an input: " + _describe(result)):
-            return
-        for op in offenders:
-            self.state.set_aside(
-                self.repo.name,
-                op.source,
-                op.source_path,
-                "rejected by publish: " + _describe(result),
-                op.fingerprint,
-            )
-            self.metrics.skipped.labels(self.repo.name, op.source, "rejected").inc()
-            self.log.error("input rejected by publish; set aside", path=op.source_path)
-        if not offenders:
-            self.log.error(
-                "publish rejected the batch and named no input; the batch is held for retry"
-            )
-        self._requeue([op for op in applied if op not in offenders], origin)
-
-    def _abort_own(self, batch_id: int, why: str) -> bool:
-        """Abort the transaction this batch opened; hold the lane while abort fails."""
-        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
-        while True:
-            self._set_status(state="aborting own transaction")
-            result = self.server.abort(
-                self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
-            )
-            if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
-                self.state.set_stage(batch_id, Stage.ABORTED, error=why)
-                self._abandon(batch_id)
-                self._open_batch = None
-                self.metrics.transaction_open.labels(self.repo.name).set(0)
-                self._set_status(transaction_open=False)
-                if self._held_reason.startswith("abort failed"):
-                    self._set_hold("")
-                self.log.warning("aborted own transaction", batch=batch_id, why=why)
-                return True
-            self._set_hold(f"abort failed: {_describe(result)}", HoldReason.ABORT_FAILED)
-            if result.outcome is Outcome.WHITELIST_EXPIRED:
-                self._whitelist_expired()
-            self.metrics.retries.labels(self.repo.name, "abort").inc()
-            if self._stop_requested.is_set():
-                self.exit_error = f"could not abort own transaction: {_describe(result)}"
-                raise _Stopping
-            self._sleep(backoff.next_delay())
-
-    def _abort_transaction_only(self, batch_id: int) -> None:
-        """Abort a leftover transaction of an already published batch (journal unchanged)."""
-        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
-        while True:
-            result = self.server.abort(
-                self.repo.name, timeout=self.config.cvmfs.command_timeout_seconds
-            )
-            if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
-                self.log.warning(
-                    "closed the leftover transaction of a published batch", batch=batch_id
-                )
-                return
-            self._set_hold(f"abort failed: {_describe(result)}", HoldReason.ABORT_FAILED)
-            self.metrics.retries.labels(self.repo.name, "abort").inc()
-            self._sleep(backoff.next_delay())
-
-    def _abandon(self, batch_id: int) -> None:
+    def abandon(self, batch_id: int) -> None:
         """Delete the objects an abandoned batch created (never ones it found stored)."""
         created = self.state.created_objects(batch_id)
         if not created:
@@ -891,14 +713,14 @@ class Lane(threading.Thread):
         self.preparer.delete_objects(created)
         self.state.forget_created_objects(batch_id)
 
-    def _sleep(self, delay: float, abort_batch: int | None = None) -> None:
+    def pause(self, delay: float, abort_batch: int | None = None) -> None:
         """Wait for a retry; on stop, abort our open transaction (if any) and stop."""
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
             self.heartbeat()
             if self._stop_requested.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
                 if abort_batch is not None:
-                    self._abort_own(abort_batch, "daemon stopping while publish retries")
+                    Transaction(self, abort_batch).abort("daemon stopping while publish retries")
                 raise _Stopping
 
     def _finish(
@@ -910,7 +732,7 @@ class Lane(threading.Thread):
         started: float,
     ) -> None:
         now = self.clock()
-        self._open_batch = None
+        self.open_batch = None
         self.metrics.transaction_open.labels(self.repo.name).set(0)
         self.state.apply_published(self.repo.name, ops, revision if revision >= 0 else None)
         self.state.forget_created_objects(batch_id)
@@ -937,7 +759,7 @@ class Lane(threading.Thread):
             m.drop_latency.labels(self.repo.name).observe(
                 max(0.0, now - first_seen.get(op.repo_path, now))
             )
-        self._set_status(
+        self.set_status(
             state="idle",
             last_publish_at=now,
             last_revision=revision if revision >= 0 else None,
@@ -981,7 +803,7 @@ class Lane(threading.Thread):
             stage=batch.stage,
             transaction_open=in_txn,
         )
-        revision = self._revision()
+        revision = self.revision()
         rule = recovery.rule_for(
             batch.stage, in_txn, recovery.revision_advanced(batch.base_revision, revision)
         )
@@ -991,26 +813,26 @@ class Lane(threading.Thread):
         first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
         if action in (Action.MARK_ABORTED, Action.DELETE_PREPARED):
             self.state.set_stage(batch.id, Stage.ABORTED, error=rule.why)
-            self._abandon(batch.id)
+            self.abandon(batch.id)
         elif action is Action.ABORT_OWN:
-            self._open_batch = batch.id
-            self._abort_own(batch.id, rule.why)
+            self.open_batch = batch.id
+            Transaction(self, batch.id).abort(rule.why)
         elif action is Action.MARK_FAILED:
             self.state.set_stage(batch.id, Stage.FAILED, error=rule.why)
-            self._abandon(batch.id)
+            self.abandon(batch.id)
         elif action in (Action.FINISH, Action.ABORT_LEFTOVER_THEN_FINISH):
             self.state.set_stage(batch.id, Stage.PUBLISHED, revision=revision)
             if action is Action.ABORT_LEFTOVER_THEN_FINISH:
                 # The publish went through but died before closing the transaction: what
                 # is open is ours and holds nothing new; abort it, then finish.
-                self._open_batch = batch.id
-                self._abort_transaction_only(batch.id)
+                self.open_batch = batch.id
+                Transaction(self, batch.id).abort_leftover()
             final = revision if revision is not None else -1
             self._finish(batch.id, ops, final, first_seen, batch.created_at)
         else:  # PUBLISH_THEN_FINISH: every op is in the open transaction
-            self._open_batch = batch.id
+            self.open_batch = batch.id
             self.metrics.transaction_open.labels(self.repo.name).set(1)
-            new_revision = self._publish_until_done(batch.id, batch.summary, {}, ops)
+            new_revision = Transaction(self, batch.id).publish(batch.summary, ops, lambda _: None)
             if new_revision is not None:
                 self._finish(batch.id, ops, new_revision, first_seen, batch.created_at)
 
@@ -1066,11 +888,3 @@ class _LockContext:
 
     def __exit__(self, *exc: object) -> None:
         self.lane.lock.release()
-
-
-def _describe(result: CommandResult) -> str:
-    reason = result.reason
-    if not reason:
-        text = (result.stderr.strip() or result.stdout.strip()).splitlines()
-        reason = next((line for line in text if line.strip()), "")
-    return f"{result.outcome.name.lower()} (exit {result.exit_code}): {reason[:300]}"
