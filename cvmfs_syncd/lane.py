@@ -19,11 +19,10 @@ from typing import Any
 
 import structlog
 
-from cvmfs_syncd import fsops
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
-from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
+from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.server import (
     CvmfsServer,
     kill_leftover_group,
@@ -34,10 +33,11 @@ from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Batch, Dirty, HoldReason, LaneStatus, Op, OpKind
 from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.pipeline import recovery
-from cvmfs_syncd.pipeline.prepare import Content, Preparer, PrepareResult, marker_path
+from cvmfs_syncd.pipeline.place import BatchWork
+from cvmfs_syncd.pipeline.prepare import Preparer
 from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
 from cvmfs_syncd.pipeline.transaction import Transaction
-from cvmfs_syncd.planner import Applied, ApplyOutcome, Input, Plan, cut_to_caps
+from cvmfs_syncd.planner import Input, Plan, cut_to_caps
 from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
@@ -105,7 +105,6 @@ class Lane(threading.Thread):
         self._next_rescan = 0.0
         self._release_granted = False
         self._timings: dict[str, float] = {}
-        self._apply_errors = 0
         self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
         self._held_reason = ""
         self._guarded: list[Pending] = []
@@ -456,7 +455,8 @@ class Lane(threading.Thread):
             if entry is not None:
                 self.pending.put_back(replace(entry, not_before=0.0))
 
-    def _source_of(self, op: Op) -> Input | None:
+    def source_of(self, op: Op) -> Input | None:
+        """The input an op came from (None if a reload removed it)."""
         for source in self.inputs:
             if source.name == op.source:
                 return source
@@ -487,12 +487,13 @@ class Lane(threading.Thread):
                 ops=len(batch.ops),
                 bytes=batch.bytes,
             )
-            self._apply_errors = 0
-            ops, prepared = self._prepare(batch_id, list(batch.ops), origin)
+            work = BatchWork(self, lambda ops: self._requeue(ops, origin))
+            ops, prepared = work.prepare(batch_id, list(batch.ops))
+            self._timings.update(work.timings)
             if not ops:
                 self.state.set_stage(batch_id, Stage.ABORTED, error="nothing left to publish")
                 self.abandon(batch_id)
-                self._back_off_after_errors()
+                self._back_off_after_errors(work.errors)
                 return False
             if self.layout.in_transaction():
                 # A transaction appeared while the objects were written: never touch it.
@@ -506,11 +507,11 @@ class Lane(threading.Thread):
                 self._requeue(ops, origin)
                 return False
             phase = time.monotonic()
-            applied = self._place(batch_id, ops, prepared, origin)
+            applied = work.place(batch_id, ops, prepared)
             self._timings["place"] = time.monotonic() - phase
             if not applied:
                 transaction.abort("nothing could be applied")
-                self._back_off_after_errors()
+                self._back_off_after_errors(work.errors)
                 return False
             self._apply_backoff.reset()
             # One commit for the whole batch: a crash before it leaves the stage at "open",
@@ -529,10 +530,10 @@ class Lane(threading.Thread):
             self._finish(batch_id, applied, revision, first_seen, started)
             return True
 
-    def _back_off_after_errors(self) -> None:
+    def _back_off_after_errors(self, errors: int) -> None:
         """A persistent error (EIO on an input, ENOSPC in the union directory) must not spin
         batch after batch (or transaction/abort cycles): back off before the next try."""
-        if self._apply_errors:
+        if errors:
             self.metrics.retries.labels(self.repo.name, "apply").inc()
             self.pause(self._apply_backoff.next_delay())
 
@@ -542,165 +543,6 @@ class Lane(threading.Thread):
         except RepositoryConfigError as exc:
             self.log.warning("cannot read the manifest", error=str(exc))
             return None
-
-    def _prepare(
-        self, batch_id: int, ops: list[Op], origin: dict[str, Pending]
-    ) -> tuple[list[Op], PrepareResult]:
-        """Write the objects of the batch's GRAFT ops, before the transaction opens.
-
-        Returns the ops still in the batch (an op whose input changed goes back to
-        pending, a refused one is set aside, one this host cannot store is copied) and
-        what was prepared.
-        """
-        grafts = [op for op in ops if op.kind is OpKind.GRAFT]
-        if not grafts or self.preparer is None:
-            result = PrepareResult()
-            return [self._as_copy(op) for op in ops], result
-        self.state.set_stage(batch_id, Stage.PREPARING)
-        self.set_status(state="preparing objects")
-        phase = time.monotonic()
-        result = self.preparer.prepare(
-            batch_id, grafts, self._open_content, heartbeat=self.heartbeat
-        )
-        self._timings["prepare"] = time.monotonic() - phase
-        self._apply_errors += result.errors
-        dropped = {op.repo_path for op, _ in result.failed}
-        for op, outcome in result.failed:
-            self._not_applied(op, outcome, origin)
-        fallback = {op.repo_path for op in result.fallback}
-        kept: list[Op] = []
-        for op in ops:
-            if op.repo_path in dropped:
-                continue
-            if op.repo_path in fallback:
-                kept.append(self._as_copy(op))
-                continue
-            if op.kind is OpKind.GRAFT:
-                source = self._source_of(op)
-                if source is None or not source.still_current(op):
-                    # Changed after it was read: the newer version goes in a later batch.
-                    self._requeue([op], origin)
-                    continue
-            kept.append(op)
-        self.log.info(
-            "objects prepared",
-            batch=batch_id,
-            files=len(result.prepared),
-            created=len(result.created),
-            reused=len(result.reused),
-            bytes=result.bytes,
-            seconds=round(result.seconds, 3),
-        )
-        return kept, result
-
-    @staticmethod
-    def _as_copy(op: Op) -> Op:
-        return replace(op, kind=OpKind.COPY_FILE) if op.kind is OpKind.GRAFT else op
-
-    def _open_content(self, op: Op) -> Content | Applied:
-        source = self._source_of(op)
-        if source is None:
-            return Applied(ApplyOutcome.VANISHED)
-        return source.open_content(op)
-
-    def _place(
-        self, batch_id: int, ops: Sequence[Op], prepared: PrepareResult, origin: dict[str, Pending]
-    ) -> list[Op]:
-        """Inside the transaction: deletions, directories, links and copies, then the
-        placeholder and graft marker of every prepared file. No file content is copied
-        here except for inputs that could not be prepared."""
-        self.set_status(state="placing changes")
-        grafts = [op for op in ops if op.kind is OpKind.GRAFT]
-        if grafts and self.preparer is not None:
-            grafts = self._objects_still_there(batch_id, grafts, prepared, origin)
-        applied = self._apply([op for op in ops if op.kind is not OpKind.GRAFT], origin)
-        placed: list[Op] = []
-        try:
-            with fsops.UnionWriter(self.layout.union_dir) as writer:
-                for op in grafts:
-                    item = prepared.prepared[op.repo_path]
-                    writer.write(marker_path(op.repo_path), item.graft.encode(), mode=0o644)
-                    writer.write(op.repo_path, b"", mode=item.mode, mtime_ns=item.mtime_ns)
-                    placed.append(op)
-        except (OSError, ValueError) as exc:
-            self.log.warning("placing grafts failed", error=str(exc))
-            self._apply_errors += 1
-            self._requeue([op for op in grafts if op not in placed], origin)
-        return applied + placed
-
-    def _objects_still_there(
-        self, batch_id: int, grafts: list[Op], prepared: PrepareResult, origin: dict[str, Pending]
-    ) -> list[Op]:
-        """Write again what a gc removed since preparing; drop what cannot be."""
-        assert self.preparer is not None  # noqa: S101 (checked by the caller)
-        if self.preparer.settings_changed(self._current_layout()):
-            self.log.warning("server.conf changed since the objects were prepared; re-queued")
-            self._requeue(grafts, origin)
-            return []
-        gone = set(self.preparer.missing(prepared))
-        if not gone:
-            return grafts
-        again = self.preparer.prepare(
-            batch_id, [op for op in grafts if op.repo_path in gone], self._open_content
-        )
-        prepared.prepared.update(again.prepared)
-        kept = [op for op in grafts if op.repo_path not in gone or op.repo_path in again.prepared]
-        self._requeue([op for op in grafts if op not in kept], origin)
-        return kept
-
-    def _current_layout(self) -> RepositoryLayout:
-        try:
-            return load_layout(self.config.cvmfs.config_dir, self.repo.name)
-        except RepositoryConfigError:
-            return self.layout
-
-    def _apply(self, ops: Sequence[Op], origin: dict[str, Pending]) -> list[Op]:
-        applied: list[Op] = []
-        union = self.layout.union_dir
-        for op in ops:
-            self.heartbeat()
-            source = self._source_of(op)
-            if source is None:
-                continue
-            try:
-                result = source.apply(op, union)
-            except OSError as exc:
-                self.log.warning("applying a change failed", path=op.repo_path, error=str(exc))
-                self._apply_errors += 1
-                self._requeue([op], origin)
-                continue
-            except ValueError as exc:
-                # An unsafe name that slipped past planning: refuse it, keep the batch.
-                self._not_applied(op, Applied(ApplyOutcome.REFUSED, f"unsafe: {exc}"), origin)
-                continue
-            except Exception:
-                # One input must not take the lane (and its open transaction) down.
-                self.log.exception("applying a change failed unexpectedly", path=op.repo_path)
-                self._apply_errors += 1
-                self._requeue([op], origin)
-                continue
-            if result.outcome is ApplyOutcome.APPLIED:
-                applied.append(op)
-            else:
-                self._not_applied(op, result, origin)
-        return applied
-
-    def _not_applied(self, op: Op, result: Applied, origin: dict[str, Pending]) -> None:
-        """Set aside a refused input; re-queue one that changed or vanished."""
-        if result.outcome is ApplyOutcome.REFUSED:
-            self.state.set_aside(
-                self.repo.name, op.source, op.source_path, result.reason, op.fingerprint
-            )
-            self.metrics.skipped.labels(self.repo.name, op.source, "refused").inc()
-            self.log.warning("input refused", path=op.source_path, reason=result.reason)
-            return
-        self.log.info(
-            "input changed while being read; re-queued",
-            path=op.source_path,
-            outcome=result.outcome.value,
-            reason=result.reason or None,
-        )
-        self._requeue([op], origin)
 
     def abandon(self, batch_id: int) -> None:
         """Delete the objects an abandoned batch created (never ones it found stored)."""
