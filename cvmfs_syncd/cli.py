@@ -25,6 +25,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_TIMEOUT = 3
+#: ``sync --timeout`` expired with a batch unfinished (distinct from "not in sync": held).
+EXIT_DEADLINE = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     with_config("run", "run the daemon in the foreground")
     p = with_config("sync", "one pass: publish everything pending, exit 0 when in sync")
     p.add_argument("--repository", action="append", help="only this repository (repeatable)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="give up after S seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="a deadline for everything, retries and lock waits included (exit 4 when it "
+        "expires with a batch unfinished)",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -141,6 +149,8 @@ def _sync(args: argparse.Namespace) -> int:
     metrics = Metrics()
     server = make_server(config)
     failures = []
+    expired = False
+    end = time.monotonic() + args.timeout
     for repo in config.repositories:
         if repo.name not in wanted:
             continue
@@ -149,8 +159,9 @@ def _sync(args: argparse.Namespace) -> int:
         except RepositoryConfigError as exc:
             failures.append(f"{repo.name}: {exc}")
             continue
-        ok, why = lane.sync_once(args.timeout)
+        ok, why = lane.sync_once(max(0.0, end - time.monotonic()))
         lane.lock.release()
+        expired = expired or bool(lane.deadline_report)
         status = lane.status()
         if ok:
             print(f"{repo.name}: in sync (revision {status.last_revision or 'unchanged'})")
@@ -159,6 +170,8 @@ def _sync(args: argparse.Namespace) -> int:
     state.close()
     for failure in failures:
         print(f"cvmfs-syncd: {failure}", file=sys.stderr)
+    if expired:
+        return EXIT_DEADLINE
     return EXIT_FAILED if failures else EXIT_OK
 
 

@@ -23,10 +23,7 @@ from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import (
-    CvmfsServer,
-    kill_leftover_group,
-)
+from cvmfs_syncd.cvmfs.server import CvmfsServer, Outcome, kill_leftover_group
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
@@ -36,7 +33,7 @@ from cvmfs_syncd.pipeline import recovery
 from cvmfs_syncd.pipeline.place import BatchWork
 from cvmfs_syncd.pipeline.prepare import Preparer
 from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
-from cvmfs_syncd.pipeline.transaction import Transaction
+from cvmfs_syncd.pipeline.transaction import Transaction, describe
 from cvmfs_syncd.planner import Input, Plan, cut_to_caps
 from cvmfs_syncd.state import State
 
@@ -57,6 +54,15 @@ class _Job:
 
 class _Stopping(Exception):
     """The lane was asked to stop while waiting."""
+
+
+class _DeadlineExpired(_Stopping):
+    """A one-shot ``sync`` ran out of time (``--timeout``)."""
+
+
+#: A command started near a deadline may run this much past it (a short command must not
+#: be killed for being a moment late; a hanging one is killed and recovered like F9).
+DEADLINE_GRACE_SECONDS = 5.0
 
 
 class Lane(threading.Thread):
@@ -112,6 +118,11 @@ class Lane(threading.Thread):
         self._txn_seen_since: float | None = None
         self._foreign_seen = False
         self.exit_error = ""
+        #: ``time.monotonic()`` by which a one-shot ``sync`` must end (None: no deadline).
+        self.deadline: float | None = None
+        #: Set when the deadline ended a ``sync``: what was left unfinished.
+        self.deadline_report = ""
+        self._in_flight = 0
         #: True while a maintenance job (gc) runs: it may take hours under its own timeout.
         self.job_running = False
         self.on_whitelist_expired: Callable[[], None] | None = None
@@ -184,6 +195,18 @@ class Lane(threading.Thread):
         self.open_batch = None
         self.metrics.transaction_open.labels(self.repo.name).set(0)
         self.set_status(transaction_open=False)
+
+    def command_timeout(self, configured: float) -> float:
+        """The timeout for a command: ``configured``, or the time left before the deadline
+        of a one-shot ``sync`` plus a grace period."""
+        if self.deadline is None:
+            return configured
+        left = self.deadline - time.monotonic()
+        return max(1.0, min(configured, left + DEADLINE_GRACE_SECONDS))
+
+    def _check_deadline(self, wait: float = 0.0) -> None:
+        if self.deadline is not None and time.monotonic() + wait > self.deadline:
+            raise _DeadlineExpired
 
     def stop_now(self, why: str) -> None:
         """If the lane is asked to stop, record ``why`` and stop."""
@@ -444,10 +467,14 @@ class Lane(threading.Thread):
         first_seen = {
             o.repo_path: origin[o.repo_path].first_at for o in taken if o.repo_path in origin
         }
+        # Counted until the batch returns: a deadline that ends it reports them pending.
+        self._in_flight = len(taken)
         try:
-            return self._publish_batch(batch, origin, first_seen)
+            published = self._publish_batch(batch, origin, first_seen)
         finally:
             self.set_status(busy_since=None)
+        self._in_flight = 0
+        return published
 
     def _requeue(self, ops: Sequence[Op], origin: dict[str, Pending]) -> None:
         for op in ops:
@@ -556,7 +583,9 @@ class Lane(threading.Thread):
         self.state.forget_created_objects(batch_id)
 
     def pause(self, delay: float, abort_batch: int | None = None) -> None:
-        """Wait for a retry; on stop, abort our open transaction (if any) and stop."""
+        """Wait for a retry; on stop, abort our open transaction (if any) and stop. A wait
+        that would pass the deadline of a one-shot ``sync`` ends it at once."""
+        self._check_deadline(delay)
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
             self.heartbeat()
@@ -683,12 +712,27 @@ class Lane(threading.Thread):
     def sync_once(self, timeout: float) -> tuple[bool, str]:
         """Recover, reconcile, publish everything pending; return (in sync, why not).
 
-        Runs in the caller's thread (for ``cvmfs-syncd sync``).
+        Runs in the caller's thread (for ``cvmfs-syncd sync``). ``timeout`` is a deadline
+        for everything, retries and waits for locks included: each command gets at most the
+        time left plus :data:`DEADLINE_GRACE_SECONDS`. When it expires, our own open
+        transaction is aborted if its failure allows, ``deadline_report`` says what is left
+        unfinished, and (False, that) is returned.
         """
-        deadline = time.monotonic() + timeout
+        self.deadline = time.monotonic() + timeout
+        self.deadline_report = ""
+        try:
+            return self._sync_until_deadline(timeout)
+        except _DeadlineExpired:
+            self.deadline_report = self._expire()
+            return False, self.deadline_report
+        finally:
+            self.deadline = None
+
+    def _sync_until_deadline(self, timeout: float) -> tuple[bool, str]:
         self.recover()
         self._reconcile(self.clock())
-        while time.monotonic() < deadline:
+        while True:
+            self._check_deadline()
             self._drain_inbox()
             self._check_release()
             if self._foreign_transaction_open():
@@ -710,10 +754,42 @@ class Lane(threading.Thread):
                 return False, f"{len(items)} inputs wait for their ready marker"
             if not any(p.not_before <= now for p in items if not p.held):
                 wait = (self.pending.next_deadline(now) or now) - now
-                time.sleep(min(max(wait, 0.01), max(0.0, deadline - time.monotonic())))
+                left = (self.deadline or 0.0) - time.monotonic()
+                if wait >= left:
+                    return False, (
+                        f"not in sync after {timeout:.0f}s ({len(self.pending)} changes pending)"
+                    )
+                time.sleep(max(wait, 0.01))
                 continue
             self.publish_pending("sync", now)
-        return False, f"not in sync after {timeout:.0f}s ({len(self.pending)} changes pending)"
+
+    def _expire(self) -> str:
+        """The deadline passed: abort our own transaction where that loses nothing, and
+        say which batch is unfinished."""
+        self.deadline = None
+        batch = self.state.unfinished_batch(self.repo.name)
+        if batch is None:
+            return (
+                f"deadline reached with {len(self.pending) + self._in_flight} changes pending "
+                f"({self.status().last_error or 'waiting'}); nothing is left half-done"
+            )
+        where = f"batch {batch.id} ({batch.summary}) is unfinished at stage {batch.stage}"
+        if self.open_batch is not None and self.layout.in_transaction():
+            if batch.stage in (Stage.OPEN, Stage.OPENING, Stage.PUBLISHING):
+                # Nothing of it is live (a live revision is recorded as published): an
+                # abort loses nothing, and the changes are found again by the next run.
+                result = self.server.abort(self.repo.name, timeout=60.0)
+                if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
+                    self.state.set_stage(batch.id, Stage.ABORTED, error="deadline reached")
+                    self.abandon(batch.id)
+                    self.transaction_closed()
+                    return f"deadline reached; {where}: its transaction was aborted"
+                return (
+                    f"deadline reached; {where}: its transaction is still open "
+                    f"(abort failed: {describe(result)}); the next run finishes it"
+                )
+            return f"deadline reached; {where}: its transaction is left open for the next run"
+        return f"deadline reached; {where}; the next run recovers it"
 
 
 class _LockContext:
@@ -725,6 +801,7 @@ class _LockContext:
         while not lane.lock.acquire(timeout=5.0, stop=lane._stop_requested):
             if lane._stop_requested.is_set():
                 raise _Stopping
+            lane._check_deadline()
             lane.log.info("waiting for the repository lock", path=str(lane.lock.path))
             lane.heartbeat()
 

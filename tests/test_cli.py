@@ -207,3 +207,20 @@ def test_sync_dry_run_prints_the_plan_and_changes_nothing(
     assert "1 revision(s)" in text
     assert "21 bytes to prepare" in text
     writing.close()
+
+
+def test_sync_exits_4_when_its_deadline_expires_with_a_batch_unfinished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sync --timeout bounds publish retries; the exit code (4) differs from 'not in sync'
+    (1) so that cron and CI can tell a deadline from a held batch."""
+    from cvmfs_syncd.cli import EXIT_DEADLINE
+
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    path = _config(tmp_path, stratum0)
+    (tmp_path / "staging" / "f").write_text("f")
+    stratum0.inject_fault("publish", "fail")
+    assert main(["sync", "-c", str(path), "--timeout", "2"]) == EXIT_DEADLINE == 4
+    assert "deadline reached" in capsys.readouterr().err
+    assert not stratum0.in_transaction(REPO)

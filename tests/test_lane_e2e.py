@@ -560,3 +560,63 @@ def test_mass_deletion_hold_survives_unrelated_publishes(
     )
     assert held == 1
     assert len(lane._guarded) == 15
+
+
+def test_sync_timeout_is_a_deadline_for_publish_retries(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A publish that keeps failing (storage unreachable) is retried only until the
+    deadline: sync returns soon after it, aborts our own transaction (nothing of it is
+    live) and says which batch is unfinished; the next run publishes it."""
+    import time
+
+    (staging / "a").write_text("a")
+    stratum0.inject_fault("publish", "fail")
+    lane = lane_factory()
+    started = time.monotonic()
+    ok, why = lane.sync_once(3)
+    elapsed = time.monotonic() - started
+    assert not ok
+    assert "deadline reached" in why and "batch" in why and "aborted" in why, why
+    assert lane.deadline_report == why
+    assert elapsed < 3 + 10  # retries stopped at the deadline (grace and one command aside)
+    assert not stratum0.in_transaction(REPO)
+    stratum0.clear_faults()
+    _sync(lane)
+    assert published(stratum0)["a"][2] == b"a"
+
+
+def test_sync_timeout_while_no_transaction_can_open_names_what_is_pending(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """With storage unreachable no transaction opens: the deadline ends the retries and
+    the message says how many changes wait and why."""
+    (staging / "a").write_text("a")
+    stratum0.inject_fault("storage", "unreachable")
+    lane = lane_factory()
+    ok, why = lane.sync_once(2)
+    assert not ok
+    assert "deadline reached with 1 changes pending" in why, why
+    assert "whitelist" in why
+    assert not stratum0.in_transaction(REPO)
+
+
+def test_sync_timeout_bounds_a_hanging_publish(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A publish that hangs is killed at the deadline plus the grace period, not at the
+    configured 1800 s publish timeout; its transaction is left to recovery or aborted."""
+    import time
+
+    from cvmfs_syncd.lane import DEADLINE_GRACE_SECONDS
+
+    (staging / "a").write_text("a")
+    stratum0.inject_fault("publish", "hang", times=1)
+    lane = lane_factory()
+    started = time.monotonic()
+    ok, why = lane.sync_once(2)
+    assert not ok
+    assert "deadline reached" in why, why
+    assert time.monotonic() - started < 2 + DEADLINE_GRACE_SECONDS + 10
+    _sync(lane)
+    assert published(stratum0)["a"][2] == b"a"

@@ -67,6 +67,9 @@ class LaneControl(Protocol):
     def revision(self) -> int | None:
         """The repository's published revision (None if unreadable)."""
 
+    def command_timeout(self, configured: float) -> float:
+        """The timeout for a command: ``configured``, or less when a deadline is near."""
+
 
 class Transaction:
     """The commands of one batch's transaction."""
@@ -106,7 +109,7 @@ class Transaction:
             lane.set_status(state="opening transaction")
             result = lane.server.transaction(
                 lane.repo.name,
-                timeout=lane.config.cvmfs.transaction_timeout_seconds,
+                timeout=lane.command_timeout(lane.config.cvmfs.transaction_timeout_seconds),
                 on_spawn=self._journal_command(),
             )
             if result.outcome is Outcome.OK:
@@ -162,7 +165,7 @@ class Transaction:
                 lane.repo.name,
                 message=summary,
                 force=force,
-                timeout=lane.config.cvmfs.publish_timeout_seconds,
+                timeout=lane.command_timeout(lane.config.cvmfs.publish_timeout_seconds),
                 on_spawn=self._journal_command(),
             )
             if result.outcome is Outcome.OK:
@@ -257,9 +260,7 @@ class Transaction:
         backoff = self._backoff()
         while True:
             lane.set_status(state="aborting own transaction")
-            result = lane.server.abort(
-                lane.repo.name, timeout=lane.config.cvmfs.command_timeout_seconds
-            )
+            result = lane.server.abort(lane.repo.name, timeout=_command_timeout(lane))
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
                 self._stage(JournalStage.ABORTED, error=why)
                 lane.abandon(self.batch_id)
@@ -280,9 +281,7 @@ class Transaction:
         lane = self.lane
         backoff = self._backoff()
         while True:
-            result = lane.server.abort(
-                lane.repo.name, timeout=lane.config.cvmfs.command_timeout_seconds
-            )
+            result = lane.server.abort(lane.repo.name, timeout=_command_timeout(lane))
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
                 lane.log.warning(
                     "closed the leftover transaction of a published batch", batch=self.batch_id
@@ -293,9 +292,15 @@ class Transaction:
             lane.pause(backoff.next_delay())
 
 
+def _command_timeout(lane: LaneControl) -> float:
+    return lane.command_timeout(lane.config.cvmfs.command_timeout_seconds)
+
+
 def repair_mounts(lane: LaneControl) -> None:
     """Run ``cvmfs_server mount`` (the repair when auto-repair is off)."""
-    result = lane.server.mount(lane.repo.name, timeout=lane.config.cvmfs.command_timeout_seconds)
+    result = lane.server.mount(
+        lane.repo.name, timeout=lane.command_timeout(lane.config.cvmfs.command_timeout_seconds)
+    )
     lane.log.warning("repaired repository mounts", outcome=result.outcome.name)
 
 
