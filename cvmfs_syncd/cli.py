@@ -19,6 +19,7 @@ from typing import Any
 
 from cvmfs_syncd import __version__
 from cvmfs_syncd import config as config_mod
+from cvmfs_syncd.cvmfs.server import COMMAND_UMASK
 from cvmfs_syncd.errors import ConfigError, RepositoryConfigError, SyncdError
 
 EXIT_OK = 0
@@ -96,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return graft_cli.run_graft(args_list[1:], sys.stdin.buffer, sys.stdout, sys.stderr)
     args = _parser().parse_args(args_list)
+    # Objects, directories and commands must be world-readable whatever the caller's
+    # umask (a hardened root shell's 027 breaks publishing: faults.md F4).
+    os.umask(COMMAND_UMASK)
     handlers = {
         "run": _run,
         "sync": _sync,

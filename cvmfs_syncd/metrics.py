@@ -113,6 +113,13 @@ class Metrics:
             repo,
             registry=r,
         )
+        self.unreadable_objects = Gauge(
+            "cvmfs_syncd_storage_unreadable_objects",
+            "Data objects not world-readable in the start-up sample of local storage "
+            "(written under a restrictive umask: clients get HTTP 403).",
+            repo,
+            registry=r,
+        )
         self.held = Gauge(
             "cvmfs_syncd_lane_held",
             "1 while the lane holds publishing and needs an operator, by reason.",
@@ -214,6 +221,7 @@ class Metrics:
             self.transaction_open_since,
             self.published_bytes,
             self.grafted_files,
+            self.unreadable_objects,
         ):
             metric.labels(repo)
         self.publish_duration.labels(repo)

@@ -20,8 +20,9 @@ import structlog
 
 from cvmfs_syncd import config as config_mod
 from cvmfs_syncd.config import Config, RepositoryConfig
-from cvmfs_syncd.cvmfs.repo import load_layout
+from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
+from cvmfs_syncd.cvmfs.storage import unreadable_objects
 from cvmfs_syncd.errors import ConfigError, RepositoryConfigError
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.maintenance import RepositoryMaintenance
@@ -86,6 +87,7 @@ def build_lane(
             why=preparer.problem,
         )
     content = ContentPolicy(writable=not preparer.problem, small_limit=preparer.small_limit)
+    _report_unreadable_objects(layout, metrics)
     inputs = build_inputs(repo, state, metrics, content)
     metrics.init_repository(repo.name, [i.name for i in inputs])
     return Lane(
@@ -99,6 +101,24 @@ def build_lane(
         preparer=preparer,
         clock=clock,
     )
+
+
+def _report_unreadable_objects(layout: RepositoryLayout, metrics: Metrics) -> None:
+    """Sample a local storage for objects clients cannot read (never chmods them)."""
+    root = layout.local_storage
+    if root is None:
+        return
+    seen, bad = unreadable_objects(root)
+    metrics.unreadable_objects.labels(layout.name).set(len(bad))
+    if bad:
+        log.error(
+            "objects in the repository's storage are not world-readable; clients get HTTP "
+            "403 for them (written under a restrictive umask?). Fix with chmod o+r",
+            repository=layout.name,
+            unreadable=len(bad),
+            sampled=seen,
+            examples=bad[:5],
+        )
 
 
 class Service:

@@ -870,6 +870,9 @@ class CvmfsServer:
                 env=self._env,
                 start_new_session=True,
                 close_fds=True,
+                # Whatever the caller's umask: objects the tool writes must be readable by
+                # the web server, or publish fails at tagging with the transaction open (F4).
+                umask=COMMAND_UMASK,
             )
         except OSError as exc:
             raise CvmfsCommandError(f"cannot start {argv[0]!r}: {exc}") from exc
@@ -962,6 +965,10 @@ class CvmfsServer:
             log.info("cvmfs command", **fields)
         else:
             log.warning("cvmfs command failed", **fields)
+
+
+#: The umask every command runs with, and the daemon's own (faults.md F4).
+COMMAND_UMASK = 0o022
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:

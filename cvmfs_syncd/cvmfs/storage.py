@@ -692,6 +692,35 @@ class S3ObjectStore:
 # --------------------------------------------------------------------------- opening
 
 
+def unreadable_objects(root: Path, *, sample: int = 1024) -> tuple[int, list[str]]:
+    """Look at up to ``sample`` objects of a local storage; return (looked at, the names of
+    those not world-readable). Reads metadata only and changes nothing: an operator
+    decides whether to chmod (objects written under a restrictive umask, faults.md F4)."""
+    data = root / "data"
+    try:
+        prefixes = sorted(p for p in os.listdir(data) if len(p) == 2)
+    except OSError:
+        return 0, []
+    per_prefix = max(1, sample // max(1, len(prefixes)))
+    seen = 0
+    bad: list[str] = []
+    for prefix in prefixes:
+        try:
+            with os.scandir(data / prefix) as entries:
+                for count, entry in enumerate(entries):
+                    if count >= per_prefix or seen >= sample:
+                        break
+                    info = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    seen += 1
+                    if not info.st_mode & stat.S_IROTH:
+                        bad.append(f"data/{prefix}/{entry.name}")
+        except OSError:
+            continue
+    return seen, bad
+
+
 def open_storage(upstream: str, repo_name: str, *, durable: bool = True) -> ObjectStore:
     """Return the store a ``CVMFS_UPSTREAM_STORAGE`` value describes.
 
