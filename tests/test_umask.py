@@ -45,7 +45,7 @@ def test_a_sync_from_a_027_shell_leaves_every_object_world_readable(tmp_path: Pa
         staging=staging,
         metrics_address="",
     )
-    result = subprocess.run(  # noqa: S603 (fixed argv)
+    result = subprocess.run(
         [
             "/bin/sh",
             "-c",
