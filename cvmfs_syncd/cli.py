@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -273,7 +274,11 @@ def _http_get(config: config_mod.Config, path: str, timeout: float = 5.0) -> tup
 
 def _status(args: argparse.Namespace) -> int:
     config = config_mod.load(args.config)
-    _, body = _http_get(config, "/status")
+    try:
+        _, body = _http_get(config, "/status")
+    except SyncdError as exc:
+        # No daemon (e.g. a host that publishes with `sync` from cron): the journal knows.
+        return _status_from_journal(config, str(exc), as_json=args.json)
     if args.json:
         print(json.dumps(body, indent=2))
         return EXIT_OK
@@ -299,6 +304,43 @@ def _status(args: argparse.Namespace) -> int:
         print(f"{name}: whitelist valid until {when}")
         for problem in maint.get("problems", []):
             print(f"  MAINTENANCE: {problem}")
+    return EXIT_OK
+
+
+def _status_from_journal(config: config_mod.Config, why: str, *, as_json: bool) -> int:
+    from cvmfs_syncd.pipeline.dry_run import snapshot_state
+    from cvmfs_syncd.state import State
+
+    report: dict[str, Any] = {"daemon": why, "repositories": {}}
+    with tempfile.TemporaryDirectory(prefix="cvmfs-syncd-status-") as tmp:
+        snapshot_state(config.daemon.state_dir, Path(tmp))  # read-only: writes nothing
+        state = State(Path(tmp))
+        try:
+            for repo in config.repositories:
+                last = state.last_publish(repo.name)
+                unfinished = state.unfinished_batch(repo.name)
+                report["repositories"][repo.name] = {
+                    "last_publish_at": last[0] if last else None,
+                    "last_revision": last[1] if last else None,
+                    "unfinished_batch": (
+                        {"id": unfinished.id, "stage": str(unfinished.stage)}
+                        if unfinished
+                        else None
+                    ),
+                }
+        finally:
+            state.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(f"no daemon answering ({why}); from the journal:")
+    for name, info in sorted(report["repositories"].items()):
+        last = info["last_publish_at"]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
+        print(f"{name}: last publish {when} (revision {info['last_revision'] or '-'})")
+        if info["unfinished_batch"]:
+            batch = info["unfinished_batch"]
+            print(f"  batch {batch['id']} unfinished at stage {batch['stage']}")
     return EXIT_OK
 
 

@@ -108,6 +108,9 @@ class Lane(threading.Thread):
         self._drain = threading.Event()
         self._status_lock = threading.Lock()
         self._status = LaneStatus(repo=repo.name, progress_at=clock())
+        last = state.last_publish(repo.name)  # a restart (or a cron sync) published before
+        if last is not None:
+            self._status.last_publish_at, self._status.last_revision = last
         self._next_rescan = 0.0
         self._release_granted = False
         self._timings: dict[str, float] = {}

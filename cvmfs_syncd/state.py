@@ -408,6 +408,18 @@ class State:
             raise StateError(f"no batch {batch_id} in the journal")
         return _batch(rows[0])
 
+    def last_publish(self, repo: str) -> tuple[float, int | None] | None:
+        """Return (when, revision) of the repository's last published batch, or None."""
+        rows = self._query(
+            "SELECT updated_at, revision FROM batches WHERE repo = ? AND stage = 'done'"
+            " ORDER BY id DESC LIMIT 1",
+            (repo,),
+        )
+        if not rows:
+            return None
+        when, revision = rows[0]
+        return float(str(when)), int(str(revision)) if revision is not None else None
+
     def recent_batches(self, repo: str, limit: int = 10) -> list[JournalBatch]:
         """Return the newest batches of a repository, newest first."""
         rows = self._query(

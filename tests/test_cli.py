@@ -224,3 +224,45 @@ def test_sync_exits_4_when_its_deadline_expires_with_a_batch_unfinished(
     assert main(["sync", "-c", str(path), "--timeout", "2"]) == EXIT_DEADLINE == 4
     assert "deadline reached" in capsys.readouterr().err
     assert not stratum0.in_transaction(REPO)
+
+
+def test_status_without_a_daemon_reports_the_last_publish_from_the_journal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a host that publishes with a cron `sync`, status says when the last publish was
+    (from the journal), not "never", and writes nothing under state_dir."""
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    path = _config(tmp_path, stratum0)
+    (tmp_path / "staging" / "f").write_text("f")
+    assert main(["sync", "-c", str(path), "--timeout", "60"]) == 0
+    capsys.readouterr()
+    before = _tree_snapshot(tmp_path / "state")
+    assert main(["status", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no daemon answering" in out
+    assert f"{REPO}: last publish" in out and "never" not in out
+    assert f"(revision {stratum0.revision(REPO)})" in out
+    assert _tree_snapshot(tmp_path / "state") == before
+
+
+def test_a_restarted_lane_reports_its_last_publish(tmp_path: Path) -> None:
+    """/status of a freshly started daemon shows the journal's last publish."""
+    from cvmfs_syncd import config as config_mod
+    from cvmfs_syncd.metrics import Metrics
+    from cvmfs_syncd.service import build_lane, make_server
+
+    stratum0 = FakeStratum0(tmp_path / "root")
+    stratum0.mkfs(REPO)
+    path = _config(tmp_path, stratum0)
+    (tmp_path / "staging" / "f").write_text("f")
+    assert main(["sync", "-c", str(path), "--timeout", "60"]) == 0
+    config = config_mod.load(path)
+    state = State(config.daemon.state_dir)
+    try:
+        lane = build_lane(config, config.repositories[0], state, Metrics(), make_server(config))
+        status = lane.status()
+        assert status.last_publish_at is not None
+        assert status.last_revision == stratum0.revision(REPO)
+    finally:
+        state.close()
