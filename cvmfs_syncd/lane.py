@@ -9,6 +9,8 @@ between batches, under the same lock.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import queue
 import threading
 import time
@@ -23,7 +25,7 @@ from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import CvmfsServer, Outcome, kill_leftover_group
+from cvmfs_syncd.cvmfs.server import CvmfsServer, Outcome, stop_tagged
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
@@ -101,6 +103,9 @@ class Lane(threading.Thread):
             )
         )
         self.lock = RepositoryLock(config.daemon.state_dir, repo.name)
+        self._instance = hashlib.sha1(
+            os.fsencode(os.path.abspath(config.daemon.state_dir)), usedforsecurity=False
+        ).hexdigest()[:12]
         self._inbox: queue.SimpleQueue[Dirty | _Job | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._wake_on_submit = True
@@ -653,6 +658,26 @@ class Lane(threading.Thread):
 
     # -- recovery ------------------------------------------------------------------------
 
+    def command_tag(self, batch_id: int) -> str:
+        """The tag in the environment of every process of a batch's commands: this state
+        directory (two daemons on a host never touch each other's) and the batch."""
+        return f"{self._instance}:{batch_id}"
+
+    def _stop_orphans(self, batch_id: int) -> None:
+        """Stop every process a killed daemon's command left (found by its tag, in any
+        session or group, whatever its name: F7, F8). Never go on beside a live one: while
+        one survives, publishing is held and the stop is tried again."""
+        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
+        while survivors := stop_tagged(self.command_tag(batch_id)):
+            self.set_hold(
+                f"a command of batch {batch_id} left by the previous run survives SIGKILL "
+                f"(pids {', '.join(map(str, survivors))}); recovery waits for it",
+                HoldReason.ORPHANED_COMMAND,
+            )
+            self.pause(backoff.next_delay())
+        if self._held_reason.startswith("a command of batch"):
+            self.set_hold("")
+
     def recover(self) -> None:
         """Finish or roll back what a previous run left, using the journal and the spool."""
         with self._locked():
@@ -664,11 +689,7 @@ class Lane(threading.Thread):
         batch = self.state.unfinished_batch(self.repo.name)
         if batch is None:
             return
-        if batch.pgid is not None and not kill_leftover_group(batch.pgid, batch.boot_id):
-            self.log.error(
-                "a command of the previous run is still running and could not be stopped",
-                pgid=batch.pgid,
-            )
+        self._stop_orphans(batch.id)
         # Only now, with no command of ours left to change it, is the spool's word final.
         in_txn = self.layout.in_transaction()
         self.log.warning(
@@ -781,7 +802,9 @@ class Lane(threading.Thread):
             if batch.stage in (Stage.OPEN, Stage.OPENING, Stage.PUBLISHING):
                 # Nothing of it is live (a live revision is recorded as published): an
                 # abort loses nothing, and the changes are found again by the next run.
-                result = self.server.abort(self.repo.name, timeout=60.0)
+                result = self.server.abort(
+                    self.repo.name, timeout=60.0, tag=self.command_tag(batch.id)
+                )
                 if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
                     self.state.set_stage(batch.id, Stage.ABORTED, error="deadline reached")
                     self.abandon(batch.id)

@@ -76,6 +76,7 @@ class HoldReason(enum.StrEnum):
     STAGING_MISSING = "staging-missing"
     ABORT_FAILED = "abort-failed"
     WHITELIST_EXPIRED = "whitelist-expired"
+    ORPHANED_COMMAND = "orphaned-command"
 
 
 class JournalStage(enum.StrEnum):

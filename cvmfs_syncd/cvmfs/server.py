@@ -684,6 +684,7 @@ class CvmfsServer:
         path: str | None = None,
         timeout: float | None = None,
         on_spawn: Callable[[int], None] | None = None,
+        tag: str | None = None,
     ) -> CommandResult:
         """Open a transaction on ``repo`` (``transaction R`` or ``transaction R/path``).
 
@@ -691,7 +692,7 @@ class CvmfsServer:
         comes back at once and the caller retries.  A path scope does not restrict
         what is published; its parent must exist (:attr:`Outcome.PATH_SCOPE_MISSING`).
         """
-        return self._server(("transaction", _scoped(repo, path)), timeout, on_spawn)
+        return self._server(("transaction", _scoped(repo, path)), timeout, on_spawn, tag)
 
     def publish(
         self,
@@ -701,6 +702,7 @@ class CvmfsServer:
         force: bool = False,
         timeout: float | None = None,
         on_spawn: Callable[[int], None] | None = None,
+        tag: str | None = None,
     ) -> CommandResult:
         """Publish the open transaction of ``repo`` with ``message`` (``publish [-f] [-m M] R``).
 
@@ -718,11 +720,13 @@ class CvmfsServer:
         text = _message(message)
         if text:
             args += ("-m", text)
-        return self._server((*args, _repo(repo)), timeout, on_spawn)
+        return self._server((*args, _repo(repo)), timeout, on_spawn, tag)
 
-    def abort(self, repo: str, *, timeout: float | None = None) -> CommandResult:
+    def abort(
+        self, repo: str, *, timeout: float | None = None, tag: str | None = None
+    ) -> CommandResult:
         """Discard the open transaction of ``repo`` (``abort -f R``); never prompts."""
-        return self._server(("abort", "-f", _repo(repo)), timeout)
+        return self._server(("abort", "-f", _repo(repo)), timeout, None, tag)
 
     # -- signatures
 
@@ -838,8 +842,9 @@ class CvmfsServer:
         args: tuple[str, ...],
         timeout: float | None,
         on_spawn: Callable[[int], None] | None = None,
+        tag: str | None = None,
     ) -> CommandResult:
-        return self._execute(self.server_command, args, timeout, on_spawn)
+        return self._execute(self.server_command, args, timeout, on_spawn, tag)
 
     def _execute(
         self,
@@ -847,8 +852,14 @@ class CvmfsServer:
         args: tuple[str, ...],
         timeout: float | None,
         on_spawn: Callable[[int], None] | None = None,
+        tag: str | None = None,
     ) -> CommandResult:
         """Run ``prefix + args`` under the rules of this module and return its result.
+
+        ``tag`` goes into the command's environment as :data:`COMMAND_TAG_VARIABLE`; every
+        process the command starts inherits it, also one in a session of its own, so that
+        a later run can find and stop what a killed daemon left running
+        (:func:`stop_tagged`).
 
         ``on_spawn(pgid)`` is called with the command's process group as soon as it runs
         (the caller journals it: a group that outlives a killed daemon can be stopped at
@@ -867,7 +878,7 @@ class CvmfsServer:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.cwd,
-                env=self._env,
+                env=self._env if tag is None else {**self._env, COMMAND_TAG_VARIABLE: tag},
                 start_new_session=True,
                 close_fds=True,
                 # Whatever the caller's umask: objects the tool writes must be readable by
@@ -967,6 +978,9 @@ class CvmfsServer:
             log.warning("cvmfs command failed", **fields)
 
 
+#: The environment variable that tags every process of a batch's command (faults.md F7-F9).
+COMMAND_TAG_VARIABLE = "CVMFS_SYNCD_BATCH"
+
 #: The umask every command runs with, and the daemon's own (faults.md F4).
 COMMAND_UMASK = 0o022
 
@@ -981,61 +995,51 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         log.exception("cannot signal cvmfs command group", pgid=pgid, signal=signum.name)
 
 
+def tagged_processes(tag: str) -> list[int]:
+    """Return the processes whose environment carries ``tag`` (a command a daemon started,
+    and every child of it: ``sync``, ``jq``, a ``publish`` in its own session)."""
+    needle = f"{COMMAND_TAG_VARIABLE}={tag}".encode()
+    found = []
+    own = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == own:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            continue  # gone, or a kernel thread
+        if needle in environ.split(b"\0"):
+            found.append(int(entry))
+    return found
+
+
+def stop_tagged(tag: str, *, term_seconds: float = 30.0, kill_seconds: float = 10.0) -> list[int]:
+    """Stop every process carrying ``tag``: SIGTERM, then SIGKILL what is left after
+    ``term_seconds`` (a flushing ``sync`` takes seconds, F7), then wait ``kill_seconds``.
+    Return the processes still alive (none, normally; a process stuck in the kernel may
+    survive SIGKILL for a while)."""
+    pids = tagged_processes(tag)
+    if not pids:
+        return []
+    log.warning("stopping commands left by the previous run", tag=tag, pids=pids)
+    for signum, wait in ((signal.SIGTERM, term_seconds), (signal.SIGKILL, kill_seconds)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + wait
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = tagged_processes(tag)
+        if not pids:
+            return []
+    return pids
+
+
 def boot_id() -> str:
     """Return this boot's identity (process ids are only meaningful within one boot)."""
     try:
         with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as handle:
             return handle.read().strip()
-    except OSError:
-        return ""
-
-
-def kill_leftover_group(pgid: int, recorded_boot: str, timeout: float = 10.0) -> bool:
-    """Stop what is left of a command group a previous daemon started (it was killed).
-
-    A killed daemon leaves its command running (its own session): a ``transaction`` may
-    still open the transaction later (recorded, b_double_transaction 4). The group is
-    SIGKILLed only if this is the same boot and its processes are CernVM-FS commands, so a
-    reused process id is never hit. Return True once no process of the group is left.
-    """
-    if pgid <= 1 or not recorded_boot or recorded_boot != boot_id():
-        return True
-    members = _group_members(pgid)
-    if not members:
-        return True
-    if not all("cvmfs" in _cmdline(pid) for pid in members):
-        log.warning("not stopping a process group that is not a cvmfs command", pgid=pgid)
-        return False
-    log.warning("stopping a command left by the previous run", pgid=pgid, pids=members)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while _group_members(pgid):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after the command name: state, ppid, pgrp, ...; zombies are gone for us.
-        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
-    return members
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
     except OSError:
         return ""

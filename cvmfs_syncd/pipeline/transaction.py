@@ -70,6 +70,9 @@ class LaneControl(Protocol):
     def command_timeout(self, configured: float) -> float:
         """The timeout for a command: ``configured``, or less when a deadline is near."""
 
+    def command_tag(self, batch_id: int) -> str:
+        """The tag in the environment of every process of the batch's commands."""
+
 
 class Transaction:
     """The commands of one batch's transaction."""
@@ -111,6 +114,7 @@ class Transaction:
                 lane.repo.name,
                 timeout=lane.command_timeout(lane.config.cvmfs.transaction_timeout_seconds),
                 on_spawn=self._journal_command(),
+                tag=lane.command_tag(self.batch_id),
             )
             if result.outcome is Outcome.OK:
                 self._stage(JournalStage.OPEN)
@@ -167,6 +171,7 @@ class Transaction:
                 force=force,
                 timeout=lane.command_timeout(lane.config.cvmfs.publish_timeout_seconds),
                 on_spawn=self._journal_command(),
+                tag=lane.command_tag(self.batch_id),
             )
             if result.outcome is Outcome.OK:
                 revision = lane.revision()
@@ -260,7 +265,9 @@ class Transaction:
         backoff = self._backoff()
         while True:
             lane.set_status(state="aborting own transaction")
-            result = lane.server.abort(lane.repo.name, timeout=_command_timeout(lane))
+            result = lane.server.abort(
+                lane.repo.name, timeout=_command_timeout(lane), tag=lane.command_tag(self.batch_id)
+            )
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
                 self._stage(JournalStage.ABORTED, error=why)
                 lane.abandon(self.batch_id)
@@ -281,7 +288,9 @@ class Transaction:
         lane = self.lane
         backoff = self._backoff()
         while True:
-            result = lane.server.abort(lane.repo.name, timeout=_command_timeout(lane))
+            result = lane.server.abort(
+                lane.repo.name, timeout=_command_timeout(lane), tag=lane.command_tag(self.batch_id)
+            )
             if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
                 lane.log.warning(
                     "closed the leftover transaction of a published batch", batch=self.batch_id
