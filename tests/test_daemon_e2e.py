@@ -318,4 +318,4 @@ def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
     daemon.start()
     daemon.wait_converged()
     assert not daemon.stratum0.orphans()
-    assert "stopping a command left by the previous run" in daemon.log()
+    assert "stopping commands left by the previous run" in daemon.log()
