@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 Tree = dict[str, tuple[str, int, bytes]]
 
 
@@ -128,3 +130,22 @@ def reference_dir() -> Path:
         return Path(explicit)
     beside = Path(__file__).resolve().parent.parent.parent / "shared" / "cvmfs-reference"
     return beside if beside.is_dir() else Path("/work/shared/cvmfs-reference")
+
+
+def require(available: object, why: str) -> None:
+    """Skip the calling test when ``available`` is falsy — but fail it under CI
+    (``CI=true``): there ``.ci/run`` installs every checker and the recordings are laid
+    beside the checkout, so a missing one is a broken set-up, not a reason to skip."""
+    if available:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"required under CI: {why}")
+    pytest.skip(why)
+
+
+def needs(available: object, why: str) -> pytest.MarkDecorator:
+    """A module's ``pytestmark``: skip its tests when ``available`` is falsy, except under
+    CI, where a missing input (the recordings) stops the run at collection instead."""
+    if not available and os.environ.get("CI", "").lower() == "true":
+        raise RuntimeError(f"required under CI: {why}")
+    return pytest.mark.skipif(not available, reason=why)

@@ -18,7 +18,7 @@ import pytest
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.service import Service
 from tests.fake_cvmfs.stratum0 import FakeStratum0
-from tests.support import wait_for
+from tests.support import require, wait_for
 from tests.test_maintenance import REPO, load_config, maintenance_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +34,8 @@ MISSING = (
 def promtool() -> str:
     """The promtool executable; skip (saying which package provides it) when absent."""
     path = shutil.which("promtool")
-    if path is None:
-        pytest.skip(MISSING)
+    require(path, MISSING)
+    assert path is not None
     return path
 
 

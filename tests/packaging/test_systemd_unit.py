@@ -8,9 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from cvmfs_syncd.config import DaemonConfig
+from tests.support import require
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "cvmfs-syncd.service"
 
@@ -73,8 +72,8 @@ def daemon_command() -> str:
 def test_systemd_analyze_verify_accepts_unit(tmp_path: Path) -> None:
     """systemd-analyze verify reports no problem with the unit (ExecStart pointed here)."""
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not found; install the Debian package 'systemd'")
+    require(analyze, "systemd-analyze not found; install the Debian package 'systemd'")
+    assert analyze is not None
     text = UNIT.read_text()
     text, count = re.subn(r"(?m)^ExecStart=.*$", f"ExecStart={daemon_command()}", text)
     assert count == 1

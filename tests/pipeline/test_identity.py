@@ -18,7 +18,7 @@ from cvmfs_syncd.pipeline.identity import (
     parse_vectors,
     zlib_matches_cvmfs,
 )
-from tests.support import reference_dir
+from tests.support import needs, reference_dir
 
 VECTORS_FILE = reference_dir() / "graft" / "vectors.jsonl"
 
@@ -123,7 +123,7 @@ def test_shipped_vectors_cover_the_kinds_of_input() -> None:
     assert any(v.size >= 150 * 1024 and v.kind == "text" for v in vectors)
 
 
-@pytest.mark.skipif(not VECTORS_FILE.exists(), reason=f"no reference vectors at {VECTORS_FILE}")
+@needs(VECTORS_FILE.exists(), f"no reference vectors at {VECTORS_FILE}")
 def test_shipped_vectors_are_copied_from_the_recording() -> None:
     """Each shipped vector is an unchunked ``-Z zlib`` recording whose checksum covers the
     whole level-6 stream, with the same input, algorithm and checksum."""
