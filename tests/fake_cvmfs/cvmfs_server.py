@@ -2448,18 +2448,28 @@ def parse_timespan(text: str) -> float | None:
 
 
 def _finish_union(repo: Repo, catalog: Catalog, current: dict[str, StatInfo]) -> None:
-    """After a publish: drop graft markers, show grafted content, snapshot the union."""
+    """After a publish: drop graft markers, show grafted content, snapshot the union.
+
+    The snapshot is ``current`` (the scan the catalog was built from) with the removed
+    paths left out and the paths changed here (grafted files, directories) stat'ed
+    again; the real union is read-only from here on, so anything else that changed
+    since the scan is a change outside the transaction.
+    """
     union = str(repo.union)
+    snap = dict(current)
     consumed: set[str] = set()
     leftover: list[str] = []
+    changed: list[str] = []
     for path, entry in catalog.entries.items():
         if entry.graft:
             parent, _, base = path.rpartition("/")
             marker = f"{parent}/.cvmfsgraft-{base}"
             if _graft_into_marker(repo, union + marker, union + path, entry):
                 consumed.add(marker)
+                del snap[marker]
             else:
                 leftover.append(path)
+            changed.append(path)
     for path, info in current.items():
         kind = info[0]
         if path in consumed:
@@ -2469,14 +2479,21 @@ def _finish_union(repo: Repo, catalog: Catalog, current: dict[str, StatInfo]) ->
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(union + path)
+            del snap[path]
     for path in leftover:
         with contextlib.suppress(OSError):
             _materialise(repo, Path(union + path), catalog.entries[path])
-    for path in sorted((p for p, e in catalog.entries.items() if e.kind == "dir"), reverse=True):
+    directories = sorted((p for p, e in catalog.entries.items() if e.kind == "dir"), reverse=True)
+    for path in directories:
         mtime = catalog.entries[path].mtime
         with contextlib.suppress(OSError):
             os.utime(union if path == "/" else union + path, (mtime, mtime))
-    save_snapshot(repo, scan_tree(repo.union))
+    for path in itertools.chain(changed, directories):
+        try:
+            snap[path] = _stat_info(os.lstat(union if path == "/" else union + path), "")
+        except FileNotFoundError:
+            snap.pop(path, None)
+    save_snapshot(repo, snap)
 
 
 def _graft_into_marker(repo: Repo, marker: str, dest: str, entry: CatalogEntry) -> bool:

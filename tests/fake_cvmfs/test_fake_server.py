@@ -1412,6 +1412,32 @@ def test_grafted_files_show_their_content_and_stay_unchanged(fake: FakeStratum0)
     assert fake.violations() == []
 
 
+def test_publish_snapshot_is_the_union_as_published(fake: FakeStratum0) -> None:
+    """The stat snapshot a publish leaves equals a fresh scan of the union directory."""
+    data = b"grafted\n"
+    fake.put_object(REPO, sha1(data), data)
+    fake.check_run("transaction", REPO)
+    union = fake.union_dir(REPO)
+    (union / "d" / "e").mkdir(parents=True)
+    (union / "d" / "copied.txt").write_text("copied\n")
+    (union / "d" / "link").symlink_to("copied.txt")
+    os.mkfifo(union / "d" / "e" / "fifo")
+    (union / ".cvmfsgraft-lone").write_text(f"size=1\nchecksum={'c' * 40}\n")
+    fake.write_graft(REPO, "d/e/g.bin", size=len(data), checksum=sha1(data))
+    fake.check_run("publish", REPO)
+    repo = fake.repository(REPO)
+    assert engine.load_snapshot(repo) == engine.scan_tree(union)
+    assert sorted(engine.scan_tree(union)) == [
+        "/",
+        "/d",
+        "/d/copied.txt",
+        "/d/e",
+        "/d/e/g.bin",
+        "/d/link",
+        "/new_repository",
+    ]
+
+
 def test_graft_links_outside_the_union_keep_their_content(
     fake: FakeStratum0, tmp_path: Path
 ) -> None:
