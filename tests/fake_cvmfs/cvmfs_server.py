@@ -701,6 +701,12 @@ class Repo:
         return self.conf.get("CVMFS_STRATUM0", "")
 
     # -- configuration --------------------------------------------------------------
+    def reload_conf(self) -> None:
+        """Forget the parsed server.conf and the locations derived from it."""
+        self._conf = None
+        self._data_dir = None
+        self._staging_dir = None
+
     def exists(self) -> bool:
         """Whether the repository has been created (its server.conf exists)."""
         return bool(REPO_NAME_RE.match(self.name)) and self.server_conf.is_file()
@@ -739,6 +745,12 @@ class Repo:
         """Path of a storage object."""
         return object_path(self.data, name)
 
+    def data_dir(self) -> str:
+        """The storage's ``data`` directory as a string (cached: object paths are hot)."""
+        if self._data_dir is None:
+            self._data_dir = str(self.data)
+        return self._data_dir
+
     def store_object(self, payload: bytes, suffix: str = "") -> str:
         """Store ``payload`` content-addressed (via ``data/txn``) and return its name.
 
@@ -747,12 +759,11 @@ class Repo:
         """
         algorithm = self.hash_algorithm
         name = hash_hex(algorithm, payload) + algorithm_suffix(algorithm) + suffix
-        if self._data_dir is None or self._staging_dir is None:
-            self._data_dir = str(self.data)
+        if self._staging_dir is None:
             staging = self.spool / "tmp" if self.is_s3 else self.data / "txn"
             staging.mkdir(parents=True, exist_ok=True)
             self._staging_dir = str(staging)
-        target = f"{self._data_dir}/{name[:2]}/{name[2:]}"
+        target = f"{self.data_dir()}/{name[:2]}/{name[2:]}"
         if os.path.exists(target):
             return name
         tmp = f"{self._staging_dir}/{name}.{os.getpid()}"
@@ -772,7 +783,8 @@ class Repo:
 
     def read_object(self, name: str) -> bytes:
         """Read a storage object's bytes as stored."""
-        return self.object_file(name).read_bytes()
+        with open(f"{self.data_dir()}/{name[:2]}/{name[2:]}", "rb") as handle:
+            return handle.read()
 
     def load_json_object(self, name: str) -> Any:
         """Read a zlib-compressed JSON object (catalog, history, meta-info)."""
@@ -920,15 +932,15 @@ StatInfo = tuple[str, int, int, int, int, int, str]
 
 def _stat_info(st: os.stat_result, target: str) -> StatInfo:
     mode = st.st_mode
-    if stat.S_ISDIR(mode):
+    if stat.S_ISREG(mode):
+        kind = "file"
+    elif stat.S_ISDIR(mode):
         kind = "dir"
     elif stat.S_ISLNK(mode):
         kind = "symlink"
-    elif stat.S_ISREG(mode):
-        kind = "file"
     else:
         kind = "other"
-    return (kind, stat.S_IMODE(mode), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, target)
+    return (kind, mode & 0o7777, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, target)
 
 
 def scan_tree(top: Path) -> dict[str, StatInfo]:
@@ -939,6 +951,7 @@ def scan_tree(top: Path) -> dict[str, StatInfo]:
     except FileNotFoundError:
         return result
     pending: list[tuple[str, str]] = [(str(top), "")]
+    is_reg = stat.S_ISREG
     while pending:
         directory, rel = pending.pop()
         try:
@@ -952,8 +965,21 @@ def scan_tree(top: Path) -> dict[str, StatInfo]:
                     st = item.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
+                mode = st.st_mode
+                if is_reg(mode):
+                    # the common case, without a call per entry
+                    result[path] = (
+                        "file",
+                        mode & 0o7777,
+                        st.st_size,
+                        st.st_mtime_ns,
+                        st.st_ino,
+                        st.st_ctime_ns,
+                        "",
+                    )
+                    continue
                 target = ""
-                if stat.S_ISLNK(st.st_mode):
+                if stat.S_ISLNK(mode):
                     with contextlib.suppress(OSError):
                         target = str(Path(item.path).readlink())
                 info = _stat_info(st, target)
@@ -1729,7 +1755,7 @@ def cmd_mkfs(ctx: Context, args: list[str]) -> None:
     )
     (repo.repo_conf_dir / "client.conf").write_text(_client_conf_text(repo, stratum0))
     repo.server_conf.write_text(conf_text)
-    repo._conf = None
+    repo.reload_conf()
     ctx.out("Creating Configuration Files... done\n")
     _write_keys(repo)
     ctx.out("Creating CernVM-FS Master Key and Self-Signed Certificate... done\n")
@@ -2147,11 +2173,12 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     job.copied = len(todo)
     ctx.out(PUBLISH_STEPS_BEFORE_UPLOAD[1])
     half = len(todo) // 2
+    ingester = Ingester(job)
     for index, (path, st_info) in enumerate(todo):
         if index == half:
             ctx.fault("upload", lambda rule: _upload_failure(ctx, job, rule))
         try:
-            entries[path] = _ingest_file(repo, union + path, st_info, job)
+            entries[path] = ingester.ingest(union + path, st_info)
         except OSError as exc:
             ctx.err(f"Failed to read {union + path}: {exc.strerror}\nSynchronization failed\n")
             raise CommandExit(1) from None
@@ -2223,6 +2250,7 @@ def _plan_catalog(
     todo: list[tuple[str, StatInfo]] = []
     uid = os.getuid()
     gid = os.getgid()
+    grafting = GraftReader(ctx, job)
     for path in sorted(current):
         info = current[path]
         kind, mode, size, mtime_ns = info[0], info[1], info[2], info[3]
@@ -2239,7 +2267,7 @@ def _plan_catalog(
         else:
             marker = f"{path.rsplit('/', 1)[0]}/.cvmfsgraft-{base}"
             if marker in current and current[marker][0] == "file":
-                entries[path] = _graft_entry(ctx, job, path, marker, info)
+                entries[path] = grafting.entry(path, marker, info)
                 job.grafts += 1
                 continue
             old = previous.entries.get(path)
@@ -2259,17 +2287,49 @@ def _plan_catalog(
     return entries, todo
 
 
-def _graft_entry(
-    ctx: Context, job: PublishJob, path: str, marker: str, info: StatInfo
-) -> CatalogEntry:
-    repo = job.repo
-    marker_file = repo.union / marker[1:]
-    scratch_marker = f"{repo.spool}/scratch/current{marker}"
-    try:
-        text = marker_file.read_text(errors="replace")
-        size, bulk, compression, chunks = parse_graft(text, repo.compression, scratch_marker)
-    except (GraftError, OSError) as exc:
-        detail = exc.detail if isinstance(exc, GraftError) else None
+class GraftReader:
+    """Turns placeholders with a ``.cvmfsgraft-*`` marker into catalog entries.
+
+    One publish may read thousands of markers, so the locations are worked out once and
+    the markers are opened by string path.
+    """
+
+    def __init__(self, ctx: Context, job: PublishJob) -> None:
+        self.ctx = ctx
+        self.job = job
+        self.union = str(job.repo.union)
+        self.scratch = f"{job.repo.spool}/scratch/current"
+        self.compression = job.repo.compression
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    def entry(self, path: str, marker: str, info: StatInfo) -> CatalogEntry:
+        """The graft entry for placeholder ``path`` (PANIC like the real tool when invalid)."""
+        try:
+            with open(self.union + marker, "rb") as handle:
+                text = handle.read().decode(errors="replace")
+            size, bulk, compression, chunks = parse_graft(
+                text, self.compression, self.scratch + marker
+            )
+        except (GraftError, OSError) as exc:
+            self.fail(path, exc.detail if isinstance(exc, GraftError) else None)
+        return CatalogEntry(
+            "file",
+            info[1],
+            size,
+            info[3] // 1_000_000_000,
+            self.uid,
+            self.gid,
+            hash=bulk,
+            compression=compression,
+            chunks=chunks,
+            graft=True,
+        )
+
+    def fail(self, path: str, detail: str | None) -> NoReturn:
+        """The real tool's PANIC about invalid grafting information; the transaction stays."""
+        ctx = self.ctx
+        job = self.job
         if detail:
             ctx.out(detail + "\n")
         ctx.err(
@@ -2278,22 +2338,10 @@ def _graft_entry(
             f"Encountered a grafted file ({path[1:]}) with invalid grafting information; "
             "check contents of .cvmfsgraft-* file.  Aborting publish.\n"
             "Killed\nSynchronization failed\n\nExecuted Command:\n"
-            + swissknife_command(repo, job.manifest.root_hash, job.tag_name, job.message)
+            + swissknife_command(job.repo, job.manifest.root_hash, job.tag_name, job.message)
             + "\n"
         )
-        raise CommandExit(1) from None
-    return CatalogEntry(
-        "file",
-        info[1],
-        size,
-        info[3] // 1_000_000_000,
-        os.getuid(),
-        os.getgid(),
-        hash=bulk,
-        compression=compression,
-        chunks=chunks,
-        graft=True,
-    )
+        raise CommandExit(1)
 
 
 def _upload_failure(ctx: Context, job: PublishJob, rule: dict[str, Any]) -> NoReturn:
@@ -2317,38 +2365,51 @@ def _upload_failure(ctx: Context, job: PublishJob, rule: dict[str, Any]) -> NoRe
     )
 
 
-def _ingest_file(repo: Repo, path: str, info: StatInfo, job: PublishJob) -> CatalogEntry:
-    """Compress and store one regular file (chunked when larger than the average chunk)."""
-    chunk_size = int(repo.conf.get("CVMFS_AVG_CHUNK_SIZE", "8388608"))
-    chunking = repo.flag("CVMFS_USE_FILE_CHUNKING", default=True)
-    compress = repo.compression == "zlib"
-    entry = CatalogEntry(
-        "file",
-        info[1],
-        0,
-        info[3] // 1_000_000_000,
-        os.getuid(),
-        os.getgid(),
-        compression=repo.compression,
-    )
-    with open(path, "rb") as handle:
-        if not chunking or info[2] <= chunk_size:
-            data = handle.read()
-            entry.size = len(data)
-            entry.hash = repo.store_object(zlib.compress(data) if compress else data)
-            job.uploaded.append(entry.hash)
-            return entry
-        offset = 0
-        while True:
-            piece = handle.read(chunk_size)
-            if not piece:
-                break
-            name = repo.store_object(zlib.compress(piece) if compress else piece, "P")
-            job.uploaded.append(name)
-            entry.chunks.append((name[:-1], offset, len(piece)))
-            offset += len(piece)
-        entry.size = offset
-    return entry
+class Ingester:
+    """Compresses and stores regular files for one publish (settings looked up once)."""
+
+    def __init__(self, job: PublishJob) -> None:
+        repo = job.repo
+        self.job = job
+        self.repo = repo
+        self.chunk_size = int(repo.conf.get("CVMFS_AVG_CHUNK_SIZE", "8388608"))
+        self.chunking = repo.flag("CVMFS_USE_FILE_CHUNKING", default=True)
+        self.compression = repo.compression
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+
+    def ingest(self, path: str, info: StatInfo) -> CatalogEntry:
+        """Store one regular file (chunked when larger than the average chunk)."""
+        repo = self.repo
+        compress = self.compression == "zlib"
+        uploaded = self.job.uploaded
+        entry = CatalogEntry(
+            "file",
+            info[1],
+            0,
+            info[3] // 1_000_000_000,
+            self.uid,
+            self.gid,
+            compression=self.compression,
+        )
+        with open(path, "rb") as handle:
+            if not self.chunking or info[2] <= self.chunk_size:
+                data = handle.read()
+                entry.size = len(data)
+                entry.hash = repo.store_object(zlib.compress(data) if compress else data)
+                uploaded.append(entry.hash)
+                return entry
+            offset = 0
+            while True:
+                piece = handle.read(self.chunk_size)
+                if not piece:
+                    break
+                name = repo.store_object(zlib.compress(piece) if compress else piece, "P")
+                uploaded.append(name)
+                entry.chunks.append((name[:-1], offset, len(piece)))
+                offset += len(piece)
+            entry.size = offset
+        return entry
 
 
 def _publish_tags(repo: Repo, job: PublishJob, record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -2387,22 +2448,98 @@ def parse_timespan(text: str) -> float | None:
 
 
 def _finish_union(repo: Repo, catalog: Catalog, current: dict[str, StatInfo]) -> None:
-    """After a publish: drop graft markers, show grafted content, snapshot the union."""
-    union = repo.union
-    for path, info in current.items():
-        base = path.rsplit("/", 1)[1]
-        is_marker = info[0] == "file" and base.startswith(".cvmfsgraft-")
-        if is_marker or (info[0] not in ("file", "dir", "symlink") and path != "/"):
-            (union / path[1:]).unlink(missing_ok=True)
+    """After a publish: drop graft markers, show grafted content, snapshot the union.
+
+    The snapshot is ``current`` (the scan the catalog was built from) with the removed
+    paths left out and the paths changed here (grafted files, directories) stat'ed
+    again; the real union is read-only from here on, so anything else that changed
+    since the scan is a change outside the transaction.
+    """
+    union = str(repo.union)
+    snap = dict(current)
+    consumed: set[str] = set()
+    leftover: list[str] = []
+    changed: list[str] = []
     for path, entry in catalog.entries.items():
         if entry.graft:
-            with contextlib.suppress(OSError):
-                _materialise(repo, union / path[1:], entry)
-    for path in sorted((p for p, e in catalog.entries.items() if e.kind == "dir"), reverse=True):
-        entry = catalog.entries[path]
+            parent, _, base = path.rpartition("/")
+            marker = f"{parent}/.cvmfsgraft-{base}"
+            if _graft_into_marker(repo, union + marker, union + path, entry):
+                consumed.add(marker)
+                del snap[marker]
+            else:
+                leftover.append(path)
+            changed.append(path)
+    for path, info in current.items():
+        kind = info[0]
+        if path in consumed:
+            continue
+        if (kind == "file" and path.rpartition("/")[2].startswith(".cvmfsgraft-")) or (
+            kind not in ("file", "dir", "symlink") and path != "/"
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(union + path)
+            del snap[path]
+    for path in leftover:
         with contextlib.suppress(OSError):
-            os.utime(union if path == "/" else union / path[1:], (entry.mtime, entry.mtime))
-    save_snapshot(repo, scan_tree(union))
+            _materialise(repo, Path(union + path), catalog.entries[path])
+    directories = sorted((p for p, e in catalog.entries.items() if e.kind == "dir"), reverse=True)
+    for path in directories:
+        mtime = catalog.entries[path].mtime
+        with contextlib.suppress(OSError):
+            os.utime(union if path == "/" else union + path, (mtime, mtime))
+    for path in itertools.chain(changed, directories):
+        try:
+            snap[path] = _stat_info(os.lstat(union if path == "/" else union + path), "")
+        except FileNotFoundError:
+            snap.pop(path, None)
+    save_snapshot(repo, snap)
+
+
+def _graft_into_marker(repo: Repo, marker: str, dest: str, entry: CatalogEntry) -> bool:
+    """Show a grafted file's content at ``dest`` by turning its marker into the file.
+
+    The marker is rewritten with the content (unreadable content leaves it empty, as
+    ``_materialise`` does), given the entry's mode and mtime and renamed over the
+    placeholder: the union ends up as after ``_materialise`` plus removing the marker, but
+    the marker's storage is reused instead of freed and allocated again, which on some
+    file systems is by far the dearest part of a publish of many small grafts. Returns
+    False when the marker cannot be reused (not a single-link regular file, or any
+    error before the rename); the caller then removes it and materialises.
+    """
+    try:
+        fd = os.open(marker, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return False
+        written = 0
+        try:
+            for piece in iter_file_content(repo, entry):
+                view = memoryview(piece)
+                while view:
+                    done = os.pwrite(fd, view, written)
+                    written += done
+                    view = view[done:]
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                return False
+            written = 0
+        if written < st.st_size:
+            os.ftruncate(fd, written)
+        os.fchmod(fd, entry.mode)
+        os.utime(fd, (entry.mtime, entry.mtime))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    try:
+        os.rename(marker, dest)
+    except OSError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------

@@ -1370,6 +1370,96 @@ def test_rmd160_graft_object_keeps_its_suffix(fake: FakeStratum0) -> None:
     assert fake.run("check", "-i", REPO).returncode == 0
 
 
+def test_grafted_files_show_their_content_and_stay_unchanged(fake: FakeStratum0) -> None:
+    """After publish the union shows each grafted file with its content, mode and mtime
+    (an unreadable one empty); the next publish keeps the graft entries and nothing counts
+    as a change made outside the transaction."""
+    data = os.urandom(6000)
+    stored = zlib.compress(data)
+    fake.put_object(REPO, sha1(stored), stored)
+    fake.check_run("transaction", REPO)
+    fake.write_graft(
+        REPO,
+        "g/z.bin",
+        size=len(data),
+        checksum=sha1(stored),
+        compression="zlib",
+        placeholder=b"a stale placeholder longer than nothing",
+        mode=0o750,
+    )
+    fake.write_graft(REPO, "g/missing.bin", size=10, checksum="b" * 40, mode=0o600)
+    union = fake.union_dir(REPO)
+    for name in ("z.bin", "missing.bin"):
+        os.utime(union / "g" / name, (1_600_000_000, 1_600_000_000))
+    fake.check_run("publish", REPO)
+    assert sorted(p.name for p in (union / "g").iterdir()) == ["missing.bin", "z.bin"]
+    shown = (union / "g" / "z.bin").stat()
+    assert (union / "g" / "z.bin").read_bytes() == data
+    assert (shown.st_mode & 0o7777, int(shown.st_mtime)) == (0o750, 1_600_000_000)
+    empty = (union / "g" / "missing.bin").stat()
+    assert (empty.st_size, empty.st_mode & 0o7777, int(empty.st_mtime)) == (
+        0,
+        0o600,
+        1_600_000_000,
+    )
+    first = fake.catalog(REPO).entries
+    assert fake.scan_violations(REPO) == []
+    fake.check_run("transaction", REPO)
+    fake.check_run("publish", REPO)
+    second = fake.catalog(REPO).entries
+    assert second["/g/z.bin"] == first["/g/z.bin"]
+    assert second["/g/z.bin"].graft and second["/g/missing.bin"].graft
+    assert fake.violations() == []
+
+
+def test_publish_snapshot_is_the_union_as_published(fake: FakeStratum0) -> None:
+    """The stat snapshot a publish leaves equals a fresh scan of the union directory."""
+    data = b"grafted\n"
+    fake.put_object(REPO, sha1(data), data)
+    fake.check_run("transaction", REPO)
+    union = fake.union_dir(REPO)
+    (union / "d" / "e").mkdir(parents=True)
+    (union / "d" / "copied.txt").write_text("copied\n")
+    (union / "d" / "link").symlink_to("copied.txt")
+    os.mkfifo(union / "d" / "e" / "fifo")
+    (union / ".cvmfsgraft-lone").write_text(f"size=1\nchecksum={'c' * 40}\n")
+    fake.write_graft(REPO, "d/e/g.bin", size=len(data), checksum=sha1(data))
+    fake.check_run("publish", REPO)
+    repo = fake.repository(REPO)
+    assert engine.load_snapshot(repo) == engine.scan_tree(union)
+    assert sorted(engine.scan_tree(union)) == [
+        "/",
+        "/d",
+        "/d/copied.txt",
+        "/d/e",
+        "/d/e/g.bin",
+        "/d/link",
+        "/new_repository",
+    ]
+
+
+def test_graft_links_outside_the_union_keep_their_content(
+    fake: FakeStratum0, tmp_path: Path
+) -> None:
+    """A marker or placeholder that has a second name elsewhere is not written through:
+    the other name keeps the marker text or the placeholder bytes."""
+    data = b"grafted content\n" * 50
+    fake.put_object(REPO, sha1(data), data)
+    fake.check_run("transaction", REPO)
+    fake.write_graft(REPO, "a.bin", size=len(data), checksum=sha1(data), placeholder=b"old a")
+    fake.write_graft(REPO, "b.bin", size=len(data), checksum=sha1(data), placeholder=b"old b")
+    union = fake.union_dir(REPO)
+    marker_text = (union / ".cvmfsgraft-a.bin").read_bytes()
+    os.link(union / ".cvmfsgraft-a.bin", tmp_path / "marker-link")
+    os.link(union / "b.bin", tmp_path / "placeholder-link")
+    fake.check_run("publish", REPO)
+    assert (union / "a.bin").read_bytes() == data
+    assert (union / "b.bin").read_bytes() == data
+    assert not (union / ".cvmfsgraft-a.bin").exists()
+    assert (tmp_path / "marker-link").read_bytes() == marker_text
+    assert (tmp_path / "placeholder-link").read_bytes() == b"old b"
+
+
 # -- stale mounts ------------------------------------------------------------------------------
 
 
