@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvmfs_syncd import fsops
-from cvmfs_syncd.config import StagingConfig
+from cvmfs_syncd.config import SourceMode, StagingConfig
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import repo_path
@@ -136,7 +136,7 @@ def test_the_merge_finds_exactly_what_a_dict_comparison_finds(
     kinds: list[str],
     choices: list[str],
     extra: list[list[bytes]],
-    mode: str,
+    mode: SourceMode,
     marker: str,
     reported: set[int],
     aside: set[int],
