@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvmfs_syncd.batching import Pending
@@ -428,6 +428,7 @@ def staged_observations(draw: st.DrawFn) -> StagedObservation:
     )
 
 
+@settings(max_examples=300)
 @given(
     observations=st.lists(staged_observations(), max_size=12, unique_by=lambda o: o.entry.rel_path),
     marker=st.sampled_from(["", ".ready"]),
@@ -458,3 +459,11 @@ def test_every_staged_entry_ends_up_in_exactly_one_place(
     assert all(op.kind is OpKind.DELETE for op in planned.plan.guarded)
     for group in planned.plan.atomic_groups:
         assert set(group) <= {op.repo_path for op in planned.plan.ops}
+    if marker:  # a marked directory goes whole: nothing of it published while some waits
+        waiting = {e.rel_path.partition("/")[0] for e in planned.plan.deferred if "/" in e.rel_path}
+        published = {
+            op.source_path.partition("/")[0]
+            for op in planned.plan.ops
+            if "/" in op.source_path and op.kind is not OpKind.DELETE
+        }
+        assert not waiting & published
