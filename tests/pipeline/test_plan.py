@@ -390,19 +390,18 @@ def test_same_staged_compares_directories_by_mode() -> None:
 _RELS = st.sampled_from(
     ["a", "b", "d", "d/x", "d/y", "d/.ready", "e/z", "x.tmp", ".cvmfsdirtab", "e", ""]
 )
-_FOUND = st.one_of(
-    st.none(),
+_PRESENT = st.one_of(
     st.builds(file_fp, size=st.integers(0, 10 * MIB), inode=st.integers(1, 3)),
     st.just(DIR_FP),
     st.just(LINK_FP),
 )
+_FOUND = st.none() | _PRESENT
 
 
 @st.composite
-def staged_observations(draw: st.DrawFn) -> StagedObservation:
-    rel = draw(_RELS)
+def staged_observation(draw: st.DrawFn, rel: str) -> StagedObservation:
     found = draw(_FOUND)
-    live = draw(st.one_of(st.none(), _FOUND.filter(lambda f: f is not None)))
+    live = draw(_FOUND)
     entry = Pending(
         SOURCE,
         rel,
@@ -430,14 +429,16 @@ def staged_observations(draw: st.DrawFn) -> StagedObservation:
 
 @settings(max_examples=300)
 @given(
-    observations=st.lists(staged_observations(), max_size=12, unique_by=lambda o: o.entry.rel_path),
+    observations=st.lists(_RELS, unique=True).flatmap(
+        lambda rels: st.tuples(*(staged_observation(r) for r in rels))
+    ),
     marker=st.sampled_from(["", ".ready"]),
     mirror=st.booleans(),
     live_count=st.integers(0, 20),
     root_problem=st.sampled_from(["", "missing"]),
 )
 def test_every_staged_entry_ends_up_in_exactly_one_place(
-    observations: list[StagedObservation],
+    observations: tuple[StagedObservation, ...],
     marker: str,
     mirror: bool,
     live_count: int,
