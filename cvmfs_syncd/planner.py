@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from cvmfs_syncd.batching import Pending
-from cvmfs_syncd.model import Dirty, Op, OpKind, SetAside
+from cvmfs_syncd.model import Dirty, HoldReason, Op, OpKind, SetAside
 
 if TYPE_CHECKING:
     from cvmfs_syncd.pipeline.prepare import Content
@@ -51,6 +51,8 @@ class Plan:
     #: deletions withheld by the mass-deletion guard, and why
     guarded: list[Op] = field(default_factory=list)
     guard_reason: str = ""
+    #: what kind of hold the guard decided (a mass deletion, a missing staging path)
+    guard_kind: HoldReason | None = None
     set_aside: list[SetAside] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (reason, path)
     #: repo paths that must be published together, whatever the caps (ready-marker dirs)

@@ -1,17 +1,27 @@
 """plan: pure decisions about what a batch does with each observed input.
 
+A source observes (stats, index look-ups, the ready marker, the writer check) and
+records what it saw in one observation per pending entry; the functions here decide.
 No I/O, no clock: every function takes what it needs (observations, the policy, ``now``)
 and returns a decision, so it is tested without files, sleeps or a repository.
+
+This module holds what every source shares and the staging directories' planning
+(:func:`plan_staged`); S3 prefixes are planned by :mod:`cvmfs_syncd.pipeline.plan_s3`.
 """
 
 from __future__ import annotations
 
+import enum
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
-from cvmfs_syncd.model import OpKind
+from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, Op, OpKind, SetAside
+from cvmfs_syncd.paths import is_ignored, reserved_name
+from cvmfs_syncd.planner import Plan, deletion_guard
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,3 +71,295 @@ def count_deleted(subtrees: Iterable[Iterable[str]]) -> int:
     for subtree in subtrees:
         seen.update(subtree)
     return len(seen)
+
+
+# --------------------------------------------------------------------------- shared
+
+
+class Fate(enum.Enum):
+    """Where one pending entry goes, decided before settling and the writer check."""
+
+    IGNORED = "ignored"  # the target itself, an ignored name, a ready marker
+    REFUSED = "refused"  # an unsafe or reserved name: set aside
+    WAITING = "waiting"  # its directory's ready marker is missing
+    SKIPPED = "skipped"  # exists but cannot be published (FIFO, device, unreadable, …)
+    GONE = "gone"  # absent and nothing of this source live there
+    DELETE = "delete"  # absent, live from this source, mirror mode
+    ASIDE = "aside"  # this very version was set aside before
+    UNCHANGED = "unchanged"  # equal to what is live
+    CHANGED = "changed"  # to be published (a file once settled and without a writer)
+
+
+class Verdict(NamedTuple):
+    """A fate, with the reason an operator reads for REFUSED and SKIPPED."""
+
+    fate: Fate
+    reason: str = ""
+
+
+@dataclass
+class Planned:
+    """A plan, with what the source must remember or record because of it."""
+
+    plan: Plan = field(default_factory=Plan)
+    #: pending keys whose settle record is dropped (gone, deleted, equal to what is live)
+    forget: list[tuple[str, str]] = field(default_factory=list)
+    #: paths (staging) or keys (S3) whose set-aside record no longer applies
+    clear_set_aside: list[str] = field(default_factory=list)
+    #: path -> reason refused or skipped in this plan (reported once per reason)
+    reported: dict[str, str] = field(default_factory=dict)
+
+
+def hold_deletes(plan: Plan, why: str, kind: HoldReason) -> None:
+    """Withhold every DELETE op of ``plan`` (the guard said ``why``)."""
+    plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE]
+    plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
+    plan.guard_reason = why
+    plan.guard_kind = kind
+
+
+def _add(plan: Plan, entry: Pending, op: Op) -> None:
+    plan.ops.append(op)
+    plan.origin[op.repo_path] = entry
+
+
+def _report(result: Planned, entry: Pending, verdict: Verdict, reported: str) -> None:
+    """Refuse or skip an entry, unless that was reported already for the same reason."""
+    if verdict.reason == reported:
+        return
+    result.reported[entry.rel_path] = verdict.reason
+    if verdict.fate is Fate.REFUSED:
+        result.plan.set_aside.append(SetAside(entry.source, entry.rel_path, verdict.reason))
+    else:
+        result.plan.skipped.append((verdict.reason, entry.rel_path))
+
+
+# --------------------------------------------------------------------------- staging
+
+
+@dataclass(frozen=True, slots=True)
+class StagingPolicy:
+    """What a staging source's configuration says about planning (``StagingConfig``)."""
+
+    source: str
+    mirror: bool = True
+    content: ContentPolicy = COPY_ONLY
+    settle_seconds: float = 2.0
+    ready_marker: str = ""
+    ignore: tuple[str, ...] = ()
+    allow_reserved_names: bool = False
+    prepare: bool = True
+    graft_at: int = 0
+    max_delete_share: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class StagedObservation:
+    """What the staging source saw of one pending entry.
+
+    The source looks in the order of the decision and stops where the decision is made
+    (:func:`staged_name_verdict`, then the marker, then :func:`staged_content_verdict`):
+    what it did not look at keeps its default.
+
+    ``repo_path``/``unmappable``: the mapped repository path, or why there is none.
+    ``reported``: the reason this path was last refused or skipped for ("" if none).
+    ``marker``: whether the ready marker of the entry's top-level directory exists (None
+    when no marker applies: none configured, or a top-level entry that is no directory).
+    ``found``: the staged entry (None when absent, or ``skipped`` says why it cannot be
+    published). ``live``/``live_source``: the index entry at ``repo_path``; ``live_below``:
+    the live paths of this source at and below it (for deletions). ``set_aside``: a
+    set-aside record exists, ``aside`` its fingerprint. ``settle_at``: 0.0 once the file
+    is settled, else when to look again (``batching.Settler``). ``writers``: whether a
+    process has the file open for writing (None: the kernel cannot say).
+    """
+
+    entry: Pending
+    repo_path: str = ""
+    unmappable: str = ""
+    reported: str = ""
+    marker: bool | None = None
+    found: Fingerprint | None = None
+    skipped: str = ""
+    live: Fingerprint | None = None
+    live_source: str = ""
+    live_below: tuple[str, ...] = ()
+    set_aside: bool = False
+    aside: Fingerprint | None = None
+    settle_at: float = 0.0
+    writers: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StagingView:
+    """What the staging source saw of itself, looked at only when a plan deletes.
+
+    ``root_problem``: why the staging path cannot be trusted ("" when it can);
+    ``live_count``: the paths this source has live.
+    """
+
+    root_problem: str = ""
+    live_count: int = 0
+
+
+def same_staged(found: Fingerprint, live: Fingerprint) -> bool:
+    """Return True if a staged entry equals what is live.
+
+    Directories compare by type and mode only: their mtime moves with every child.
+    """
+    if found.type is EntryType.DIRECTORY:
+        return live.type is EntryType.DIRECTORY and found.mode == live.mode
+    if found.type is EntryType.FILE and found.inode != live.inode:
+        # A file renamed over the old one (tar, rsync -t, a build with a fixed mtime) may
+        # keep size, mode and mtime: a new inode means new content until proven otherwise.
+        return False
+    return found.same_content(live)
+
+
+def reserved_in(rel: str) -> str | None:
+    """Return why some component of ``rel`` is reserved by CernVM-FS, or None."""
+    for part in rel.split("/"):
+        why = reserved_name(part)
+        if why:
+            return why
+    return None
+
+
+def staged_name_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdict | None:
+    """Decide by the name alone (nothing of the staging directory read), or return None."""
+    rel = obs.entry.rel_path
+    if not rel or is_ignored(rel, policy.ignore):
+        return Verdict(Fate.IGNORED)  # the target directory exists in the repository already
+    if obs.unmappable:
+        return Verdict(Fate.REFUSED, f"unsafe name: {obs.unmappable}")
+    refused = None if policy.allow_reserved_names else reserved_in(rel)
+    if refused:
+        return Verdict(Fate.REFUSED, refused)
+    if policy.ready_marker and rel.partition("/")[2] == policy.ready_marker:
+        return Verdict(Fate.IGNORED)  # the marker itself is never published
+    return None
+
+
+def staged_content_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdict:
+    """Decide by what is staged, live and set aside (the name and marker allowed it)."""
+    found = obs.found
+    mine = obs.live is not None and obs.live_source == policy.source
+    if found is None:
+        if obs.skipped:
+            return Verdict(Fate.SKIPPED, obs.skipped)
+        return Verdict(Fate.DELETE if policy.mirror and mine else Fate.GONE)
+    if obs.set_aside and obs.aside is not None and same_staged(found, obs.aside):
+        return Verdict(Fate.ASIDE)
+    if mine and obs.live is not None and same_staged(found, obs.live):
+        return Verdict(Fate.UNCHANGED)
+    return Verdict(Fate.CHANGED)
+
+
+def staged_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdict:
+    """Where an entry goes, before settling and the writer check."""
+    by_name = staged_name_verdict(obs, policy)
+    if by_name is not None:
+        return by_name
+    if obs.marker is False:
+        return Verdict(Fate.WAITING)
+    return staged_content_verdict(obs, policy)
+
+
+def writer_gone(entry: Pending, writers: bool | None, now: float, settle_seconds: float) -> bool:
+    """Return True if no process has the settled file open for writing.
+
+    Asked of the kernel for every file, whatever the hint said: a writer that pauses
+    longer than settle_seconds must not get a half-written file published, and a scan
+    (after a restart, or when a watch event was lost) cannot tell. Where the kernel cannot
+    say (``writers`` None), a file seen modified without a close waits for a long quiet
+    time (60 s, or ten settle periods); one with no such sign is taken once settled.
+    """
+    if writers is not None:
+        return not writers
+    if not entry.writing:
+        return True
+    return now - entry.last_at >= max(60.0, 10 * settle_seconds)
+
+
+def plan_staged(
+    observations: Sequence[StagedObservation],
+    policy: StagingPolicy,
+    now: float,
+    view: StagingView = StagingView(),
+) -> Planned:
+    """Decide what a batch does with each observed staged entry.
+
+    Unsettled files, and files a process still writes, are deferred; entries of a
+    ready-marker directory without its marker wait for it, and such a directory goes
+    live whole (if one of its files is deferred, all of them are); deletions of a mirror
+    source pass the mass-deletion guard or are all held.
+    """
+    result = Planned()
+    plan = result.plan
+    groups: dict[str, list[str]] = {}
+    deleted: list[tuple[str, ...]] = []
+    later = now + policy.settle_seconds
+    for obs in observations:
+        entry = obs.entry
+        rel = entry.rel_path
+        verdict = staged_verdict(obs, policy)
+        fate = verdict.fate
+        if fate in (Fate.REFUSED, Fate.SKIPPED):
+            _report(result, entry, verdict, obs.reported)
+            continue
+        if fate is Fate.WAITING:
+            plan.waiting_for_marker.append(entry)
+            continue
+        if fate in (Fate.GONE, Fate.DELETE, Fate.UNCHANGED):
+            result.forget.append(entry.key)
+        if fate is Fate.DELETE:
+            deleted.append(obs.live_below)
+            _add(plan, entry, Op(OpKind.DELETE, obs.repo_path, policy.source, rel))
+        found = obs.found
+        if found is not None and obs.set_aside and fate is not Fate.ASIDE:
+            result.clear_set_aside.append(rel)
+        if fate is not Fate.CHANGED or found is None:
+            continue
+        if found.type is EntryType.FILE:
+            if obs.settle_at:
+                plan.deferred.append(entry.deferred_until(obs.settle_at))
+                continue
+            if not writer_gone(entry, obs.writers, now, policy.settle_seconds):
+                plan.deferred.append(entry.deferred_until(later))
+                continue
+            kind = file_op_kind(
+                rel.rsplit("/", 1)[-1],
+                found.size,
+                policy.content,
+                prepare=policy.prepare,
+                graft_at=policy.graft_at,
+            )
+        elif found.type is EntryType.DIRECTORY:
+            kind = OpKind.MAKE_DIR
+        else:
+            kind = OpKind.MAKE_SYMLINK
+        _add(plan, entry, Op(kind, obs.repo_path, policy.source, rel, found))
+        top, _, inner = rel.partition("/")
+        if policy.ready_marker and inner:
+            groups.setdefault(top, []).append(obs.repo_path)
+    if policy.ready_marker:
+        # A ready-marker directory goes live whole: if any of its files must wait
+        # (settling, still written), the whole directory waits with it.
+        waiting = {e.rel_path.partition("/")[0] for e in plan.deferred if "/" in e.rel_path}
+        for top in waiting & set(groups):
+            held = set(groups.pop(top))
+            plan.deferred += [
+                plan.origin.pop(o.repo_path).deferred_until(later)
+                for o in plan.ops
+                if o.repo_path in held
+            ]
+            plan.ops = [o for o in plan.ops if o.repo_path not in held]
+    plan.atomic_groups = [paths for paths in groups.values() if paths]
+    deletes = count_deleted(deleted)
+    if policy.mirror and deletes:
+        if view.root_problem:
+            hold_deletes(plan, view.root_problem, HoldReason.STAGING_MISSING)
+        else:
+            why = deletion_guard(deletes, view.live_count, policy.max_delete_share)
+            if why:
+                hold_deletes(plan, why, HoldReason.MASS_DELETE)
+    return result

@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,9 +56,21 @@ from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import KeyRefused, repo_path, resolve_key_collisions
-from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, file_op_kind
+from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
+from cvmfs_syncd.pipeline.plan_s3 import (
+    DIR_MODE,
+    Listed,
+    ListedObservation,
+    ListingPolicy,
+    ListingView,
+    listed_deletes,
+    listed_ready,
+    listed_unchanged,
+    listing_waits,
+    plan_listed,
+)
 from cvmfs_syncd.pipeline.prepare import Content
-from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
+from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
 from cvmfs_syncd.state import PublishedEntry, State
 
 if TYPE_CHECKING:
@@ -69,8 +81,6 @@ log = structlog.get_logger(__name__)
 
 #: Mode of every file published from S3 (objects carry no permissions).
 FILE_MODE = 0o644
-#: Mode of the directories implied by keys.
-DIR_MODE = 0o755
 #: Keys per ListObjectsV2 page (the S3 maximum).
 LIST_PAGE_SIZE = 1000
 #: Bytes per read of a downloaded object.
@@ -81,7 +91,6 @@ _BULK_LOOKUP = 256
 _MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
 _CHANGED = frozenset({"PreconditionFailed", "412"})
 _REFUSED = frozenset({"AccessDenied", "403", "InvalidObjectState"})
-_DIRECTORY = Fingerprint(EntryType.DIRECTORY, DIR_MODE)
 
 ClientFactory = Callable[[S3Config], "S3Client"]
 
@@ -500,10 +509,8 @@ class S3Input:
         return winners, refused, frozenset(markers)
 
     def _ready(self, rel: str, obj: ListedObject, markers: frozenset[str]) -> bool:
-        top, sep, _ = rel.partition("/")
-        if self.config.ready_marker and sep:
-            return top in markers
-        return obj.stable
+        top = rel.partition("/")[0]
+        return listed_ready(rel, obj.stable, top in markers, self.config.ready_marker)
 
     def _report_refusals(self, listing: Listing) -> None:
         """Log and count each refused key once per version (not at every poll)."""
@@ -658,85 +665,92 @@ class S3Input:
     def plan(self, entries: Sequence[Pending], now: float) -> Plan:
         """Turn pending paths into ops from the latest listing.
 
-        Defers everything while the source is down or backing off after a failed
-        download; defers objects not yet stable (until the next listing) and holds those
-        whose ready marker is missing.
+        Observes the source and every entry, lets :func:`plan_listed` decide (defer
+        everything while the source is down or backing off after a failed download;
+        defer objects not yet stable until the next listing, hold those whose ready
+        marker is missing), then clears the set-aside records that no longer apply.
         """
-        plan = Plan()
+        policy = self._policy()
+        view, listing = self._view(now)
+        observations = [ListedObservation(e) for e in entries]
+        if listing is not None and not listing_waits(view, now):
+            live_of = self._live_lookup(len(entries))
+            observations = [self._observe(e, listing, live_of, policy) for e in entries]
+            if any(listed_deletes(o, policy) for o in observations):
+                view = replace(view, live_count=self.state.count_published(self.repo, self.name))
+        result = plan_listed(observations, view, policy, now)
+        for key in result.clear_set_aside:
+            self.state.clear_set_aside(self.repo, self.name, key)
+        return result.plan
+
+    def _policy(self) -> ListingPolicy:
+        config = self.config
+        return ListingPolicy(
+            source=self.name,
+            mirror=config.mode == "mirror",
+            content=self.content,
+            ready_marker=config.ready_marker,
+            prepare=config.prepare,
+            copy_below=config.copy_below,
+            poll_seconds=config.poll_seconds,
+            max_delete_share=config.max_delete_share,
+            where=f"s3://{config.bucket}/{self.full_prefix}",
+            full_prefix=self.full_prefix,
+        )
+
+    def _view(self, now: float) -> tuple[ListingView, Listing | None]:
+        """The listing to plan from (None if there is none) and what it says of the source."""
         try:
             listing = self._current(now)
         except SourceError:
             listing = None
         with self._lock:
-            down = not self._status.up
+            up = self._status.up
             retry_at = self._status.retry_at
-        if listing is None or down or now < retry_at:
-            later = max(retry_at, now + min(self.config.poll_seconds, 30.0))
-            plan.deferred = [e.deferred_until(later) for e in entries]
-            return plan
-        live_of = self._live_lookup(len(entries))
-        marker = self.config.ready_marker
-        groups: dict[str, list[str]] = {}
-        deletes = 0
-        next_listing = max(listing.listed_at + self.config.poll_seconds, now + 1.0)
-        for entry in entries:
-            rel = entry.rel_path
-            if not rel:
-                continue
-            try:
-                path = repo_path(self.config.target, rel)
-            except ValueError:
-                continue  # hints carry mapped paths only; nothing else can be published
-            live = live_of(path)
-            mine = live is not None and live.source == self.name
-            top, sep, _ = rel.partition("/")
-            key = listing.winners.get(rel)
-            if key is not None:
-                obj = listing.objects[key]
-                fp = obj.fingerprint()
-                if mine and live is not None and live.fingerprint.same_content(fp):
-                    continue
-                aside = self.state.set_aside_entry(self.repo, self.name, key)
-                if aside is not None:
-                    if aside[1] is not None and aside[1].same_content(fp):
-                        continue
-                    self.state.clear_set_aside(self.repo, self.name, key)
-                if marker and sep and top not in listing.markers:
-                    plan.waiting_for_marker.append(entry)
-                    continue
-                if not self._ready(rel, obj, listing.markers) or self._is_stale(key):
-                    plan.deferred.append(entry.deferred_until(next_listing))
-                    continue
-                kind = self._kind(rel, obj.size)
-                self._add(plan, entry, Op(kind, path, self.name, key, fp))
-            elif rel in listing.dirs:
-                if live is not None and live.fingerprint.type is EntryType.DIRECTORY:
-                    continue
-                if rel not in listing.ready_dirs:
-                    if marker and top not in listing.markers:
-                        plan.waiting_for_marker.append(entry)
-                    else:
-                        plan.deferred.append(entry.deferred_until(next_listing))
-                    continue
-                source_path = self.full_prefix + rel + "/"
-                self._add(
-                    plan, entry, Op(OpKind.MAKE_DIR, path, self.name, source_path, _DIRECTORY)
-                )
-            elif mine and live is not None and self.config.mode == "mirror":
-                # Counted once per path: every live path below a vanished directory is
-                # hinted too (no index scan per deletion, which is quadratic for a
-                # prefix of 100 000 keys that was emptied).
-                deletes += 1
-                self._add(plan, entry, Op(OpKind.DELETE, path, self.name, live.source_path))
-                continue
-            else:
-                continue
-            if marker and (sep or rel in listing.dirs):  # the top directory too
-                groups.setdefault(top, []).append(path)
-        plan.atomic_groups = [paths for paths in groups.values() if paths]
-        if deletes:
-            self._guard(plan, listing, deletes)
-        return plan
+        if listing is None:
+            return ListingView(usable=False, retry_at=retry_at), None
+        view = ListingView(
+            usable=up, listed_at=listing.listed_at, retry_at=retry_at, empty=not listing.winners
+        )
+        return view, listing
+
+    def _observe(
+        self,
+        entry: Pending,
+        listing: Listing,
+        live_of: Callable[[str], PublishedEntry | None],
+        policy: ListingPolicy,
+    ) -> ListedObservation:
+        """Look up one pending path in the listing, the index and the set-aside records."""
+        rel = entry.rel_path
+        if not rel:
+            return ListedObservation(entry)
+        try:
+            path = repo_path(self.config.target, rel)
+        except ValueError as exc:
+            return ListedObservation(entry, unmappable=str(exc))
+        live = live_of(path)
+        key = listing.winners.get(rel)
+        listed = None
+        if key is not None:
+            obj = listing.objects[key]
+            listed = Listed(key, obj.fingerprint(), obj.stable, self._is_stale(key))
+        obs = ListedObservation(
+            entry,
+            repo_path=path,
+            listed=listed,
+            directory=rel in listing.dirs,
+            dir_ready=rel in listing.ready_dirs,
+            marker=rel.partition("/")[0] in listing.markers,
+            live=live.fingerprint if live is not None else None,
+            live_source=live.source if live is not None else "",
+            live_source_path=live.source_path if live is not None else "",
+        )
+        if key is not None and not listed_unchanged(obs, policy):
+            aside = self.state.set_aside_entry(self.repo, self.name, key)
+            if aside is not None:
+                obs = replace(obs, set_aside=True, aside=aside[1])
+        return obs
 
     def _is_stale(self, key: str) -> bool:
         with self._lock:
@@ -749,36 +763,6 @@ class S3Input:
             e.path: e for e in self.state.published_under(self.repo, self.target_path, self.name)
         }
         return everything.get
-
-    def _guard(self, plan: Plan, listing: Listing, deletes: int) -> None:
-        live = self.state.count_published(self.repo, self.name)
-        # "Empty" means no publishable key: folder markers ("dir/"), refused keys and ready
-        # markers left behind in an emptied prefix must not disarm the guard.
-        if not listing.winners and live:
-            why = (
-                f"the listing of s3://{self.config.bucket}/{self.full_prefix} is empty while "
-                f"{live} paths from it are live (emptied or wrong prefix?); "
-                "run 'cvmfs-syncd release' to confirm"
-            )
-        else:
-            why = deletion_guard(deletes, live, self.config.max_delete_share)
-        if why:
-            plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE]
-            plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
-            plan.guard_reason = why
-
-    def _add(self, plan: Plan, entry: Pending, op: Op) -> None:
-        plan.ops.append(op)
-        plan.origin[op.repo_path] = entry
-
-    def _kind(self, rel: str, size: int) -> OpKind:
-        return file_op_kind(
-            rel.rsplit("/", 1)[-1],
-            size,
-            self.content,
-            prepare=self.config.prepare,
-            graft_at=self.config.copy_below,
-        )
 
     # -- applying --------------------------------------------------------------------------
 

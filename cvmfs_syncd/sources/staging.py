@@ -13,6 +13,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -35,11 +36,22 @@ from cvmfs_syncd import fsops
 from cvmfs_syncd.batching import Pending, Settler
 from cvmfs_syncd.config import StagingConfig
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind, SetAside
-from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
-from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, count_deleted, file_op_kind
+from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.paths import is_ignored, repo_path
+from cvmfs_syncd.pipeline.plan import (
+    COPY_ONLY,
+    ContentPolicy,
+    Fate,
+    StagedObservation,
+    StagingPolicy,
+    StagingView,
+    plan_staged,
+    staged_content_verdict,
+    staged_name_verdict,
+)
+from cvmfs_syncd.pipeline.plan import same_staged as _same
 from cvmfs_syncd.pipeline.prepare import Content
-from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
+from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
 from cvmfs_syncd.state import PublishedEntry, State, dir_scan_key, file_scan_key
 
 log = structlog.get_logger(__name__)
@@ -322,132 +334,91 @@ class StagingInput:
         return ""
 
     def plan(self, entries: Sequence[Pending], now: float) -> Plan:
-        """Turn pending paths into ops; defer unsettled files, hold marker-less directories."""
-        plan = Plan()
-        marker = self.config.ready_marker
-        groups: dict[str, list[str]] = {}
-        deleted: list[list[str]] = []
-        for entry in self._expand(entries):
-            rel = entry.rel_path
-            if rel == "":
-                continue  # the target directory itself exists in the repository already
-            name = rel.rsplit("/", 1)[-1]
-            if is_ignored(name, self.config.ignore):
-                continue
-            try:
-                rp = repo_path(self.config.target, rel)
-            except ValueError as exc:
-                self._refuse(plan, entry, f"unsafe name: {exc}")
-                continue
-            refused = None if self.config.allow_reserved_names else _reserved_in(rel)
-            if refused:
-                self._refuse(plan, entry, refused)
-                continue
-            top, _, inner = rel.partition("/")
-            if marker and (inner or (self.root / top).is_dir()):
-                if name == marker and inner == marker:
-                    continue  # the marker itself is never published
-                if not (self.root / top / marker).exists():
-                    plan.waiting_for_marker.append(entry)
-                    continue
-            found = self._stat(rel)
-            live = self.state.published_entry(self.repo, rp)
-            if found is None:
-                if self.config.mode == "mirror" and live is not None and live.source == self.name:
-                    below = self.state.published_under(self.repo, rp, self.name)
-                    deleted.append([e.path for e in below])
-                    self._add(plan, entry, Op(OpKind.DELETE, rp, self.name, rel))
-                self.settler.forget(entry.key)
-                continue
-            if isinstance(found, fsops.Skipped):
-                self._skip(plan, rel, found.reason)
-                continue
+        """Turn pending paths into ops; defer unsettled files, hold marker-less directories.
+
+        Observes every entry (:meth:`_observe`), lets :func:`plan_staged` decide, then
+        records what the decision implies for this source's own memory.
+        """
+        policy = self._policy()
+        markers: dict[str, bool] = {}
+        observations = [self._observe(e, policy, now, markers) for e in self._expand(entries)]
+        view = StagingView()
+        if self.config.mode == "mirror" and any(o.live_below for o in observations):
+            view = StagingView(
+                self._root_problem(), self.state.count_published(self.repo, self.name)
+            )
+        result = plan_staged(observations, policy, now, view)
+        for key in result.forget:
+            self.settler.forget(key)
+        for rel in result.clear_set_aside:
+            self.state.clear_set_aside(self.repo, self.name, rel)
+        self._reported.update(result.reported)
+        return result.plan
+
+    def _policy(self) -> StagingPolicy:
+        config = self.config
+        return StagingPolicy(
+            source=self.name,
+            mirror=config.mode == "mirror",
+            content=self.content,
+            settle_seconds=config.settle_seconds,
+            ready_marker=config.ready_marker,
+            ignore=config.ignore,
+            allow_reserved_names=config.allow_reserved_names,
+            prepare=config.prepare,
+            graft_at=config.graft_threshold,
+            max_delete_share=config.max_delete_share,
+        )
+
+    def _observe(
+        self, entry: Pending, policy: StagingPolicy, now: float, markers: dict[str, bool]
+    ) -> StagedObservation:
+        """Look at one pending entry as far as the decision about it needs.
+
+        In the decision's order, stopping where it is made: the name, the ready marker
+        (``markers`` caches it per top-level directory), the staged entry with its index
+        and set-aside records, then for a changed file the settle time and, once settled,
+        the writer check; for a deletion the live paths below.
+        """
+        rel = entry.rel_path
+        obs = StagedObservation(entry, reported=self._reported.get(rel, ""))
+        try:
+            obs = replace(obs, repo_path=repo_path(self.config.target, rel))
+        except ValueError as exc:
+            obs = replace(obs, unmappable=str(exc))
+        if staged_name_verdict(obs, policy) is not None:
+            return obs
+        marker = policy.ready_marker
+        top, _, inner = rel.partition("/")
+        if marker and (inner or (self.root / top).is_dir()):
+            if top not in markers:
+                markers[top] = (self.root / top / marker).exists()
+            obs = replace(obs, marker=markers[top])
+            if not markers[top]:
+                return obs
+        found = self._stat(rel)
+        live = self.state.published_entry(self.repo, obs.repo_path)
+        obs = replace(
+            obs,
+            found=found if isinstance(found, Fingerprint) else None,
+            skipped=found.reason if isinstance(found, fsops.Skipped) else "",
+            live=live.fingerprint if live is not None else None,
+            live_source=live.source if live is not None else "",
+        )
+        if isinstance(found, Fingerprint):
             aside = self.state.set_aside_entry(self.repo, self.name, rel)
             if aside is not None:
-                if aside[1] is not None and _same(found, aside[1]):
-                    continue
-                self.state.clear_set_aside(self.repo, self.name, rel)
-            if live is not None and live.source == self.name and _same(found, live.fingerprint):
-                self.settler.forget(entry.key)
-                continue
-            if found.type is EntryType.FILE:
-                ready_at = self.settler.observe(entry.key, found, now, self.config.settle_seconds)
-                if ready_at:
-                    plan.deferred.append(entry.deferred_until(ready_at))
-                    continue
-                if not self._writer_gone(entry, found, now):
-                    plan.deferred.append(entry.deferred_until(now + self.config.settle_seconds))
-                    continue
-                kind = file_op_kind(
-                    name,
-                    found.size,
-                    self.content,
-                    prepare=self.config.prepare,
-                    graft_at=self.config.graft_threshold,
-                )
-            elif found.type is EntryType.DIRECTORY:
-                kind = OpKind.MAKE_DIR
-            else:
-                kind = OpKind.MAKE_SYMLINK
-            self._add(plan, entry, Op(kind, rp, self.name, rel, found))
-            if marker and inner:
-                groups.setdefault(top, []).append(rp)
-        if marker:
-            # A ready-marker directory goes live whole: if any of its files must wait
-            # (settling, still written), the whole directory waits with it.
-            waiting = {e.rel_path.partition("/")[0] for e in plan.deferred if "/" in e.rel_path}
-            for top in waiting & set(groups):
-                held = set(groups.pop(top))
-                plan.deferred += [
-                    plan.origin.pop(o.repo_path).deferred_until(now + self.config.settle_seconds)
-                    for o in plan.ops
-                    if o.repo_path in held
-                ]
-                plan.ops = [o for o in plan.ops if o.repo_path not in held]
-        plan.atomic_groups = [paths for paths in groups.values() if paths]
-        deletes = count_deleted(deleted)
-        if self.config.mode == "mirror" and deletes:
-            why = self._root_problem() or deletion_guard(
-                deletes,
-                self.state.count_published(self.repo, self.name),
-                self.config.max_delete_share,
-            )
-            if why:
-                plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE]
-                plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
-                plan.guard_reason = why
-        return plan
-
-    def _writer_gone(self, entry: Pending, found: Fingerprint, now: float) -> bool:
-        """Return True if no process has the settled file open for writing.
-
-        Asked of the kernel for every file, whatever the hint said: a writer that pauses
-        longer than settle_seconds must not get a half-written file published, and a scan
-        (after a restart, or when a watch event was lost) cannot tell. Where the kernel
-        cannot say (no lease support), a file seen modified without a close waits for a
-        long quiet time; one with no such sign is taken once settled."""
-        writers = fsops.has_writers(self.root, entry.rel_path, found)
-        if writers is not None:
-            return not writers
-        if not entry.writing:
-            return True
-        return now - entry.last_at >= max(60.0, 10 * self.config.settle_seconds)
-
-    def _add(self, plan: Plan, entry: Pending, op: Op) -> None:
-        plan.ops.append(op)
-        plan.origin[op.repo_path] = entry
-
-    def _refuse(self, plan: Plan, entry: Pending, reason: str) -> None:
-        if self._reported.get(entry.rel_path) == reason:
-            return
-        self._reported[entry.rel_path] = reason
-        plan.set_aside.append(SetAside(self.name, entry.rel_path, reason))
-
-    def _skip(self, plan: Plan, rel: str, reason: str) -> None:
-        if self._reported.get(rel) == reason:
-            return
-        self._reported[rel] = reason
-        plan.skipped.append((reason, rel))
+                obs = replace(obs, set_aside=True, aside=aside[1])
+        fate = staged_content_verdict(obs, policy).fate
+        if fate is Fate.DELETE:
+            below = self.state.published_under(self.repo, obs.repo_path, self.name)
+            return replace(obs, live_below=tuple(e.path for e in below))
+        if fate is not Fate.CHANGED or obs.found is None or obs.found.type is not EntryType.FILE:
+            return obs
+        settle_at = self.settler.observe(entry.key, obs.found, now, policy.settle_seconds)
+        if settle_at:
+            return replace(obs, settle_at=settle_at)
+        return replace(obs, writers=fsops.has_writers(self.root, rel, obs.found))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -575,28 +546,6 @@ class _StagedContent:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _same(found: Fingerprint, live: Fingerprint) -> bool:
-    """Return True if a staged entry equals what is live.
-
-    Directories compare by type and mode only: their mtime moves with every child.
-    """
-    if found.type is EntryType.DIRECTORY:
-        return live.type is EntryType.DIRECTORY and found.mode == live.mode
-    if found.type is EntryType.FILE and found.inode != live.inode:
-        # A file renamed over the old one (tar, rsync -t, a build with a fixed mtime) may
-        # keep size, mode and mtime: a new inode means new content until proven otherwise.
-        return False
-    return found.same_content(live)
-
-
-def _reserved_in(rel: str) -> str | None:
-    for part in rel.split("/"):
-        why = reserved_name(part)
-        if why:
-            return why
-    return None
 
 
 def _child(entry: Pending, rel: str) -> Pending:

@@ -1,13 +1,34 @@
-"""Pure planning decisions: how a file's content reaches the repository, deletion counts."""
+"""Pure planning decisions: how a file's content reaches the repository, deletion counts,
+and the whole plan of a staging source from hand-built observations (no files)."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
-from cvmfs_syncd.model import OpKind
-from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, count_deleted, file_op_kind
+from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, OpKind
+from cvmfs_syncd.paths import reserved_name
+from cvmfs_syncd.pipeline.plan import (
+    COPY_ONLY,
+    ContentPolicy,
+    Fate,
+    Planned,
+    StagedObservation,
+    StagingPolicy,
+    StagingView,
+    count_deleted,
+    file_op_kind,
+    plan_staged,
+    same_staged,
+    staged_verdict,
+    writer_gone,
+)
 
 MIB = 1024 * 1024
 WRITABLE = ContentPolicy(writable=True, small_limit=4 * MIB)
@@ -55,3 +76,395 @@ def test_each_live_path_counts_once() -> None:
     subtrees = [tree[i:] for i in range(len(tree))] + [["a"]]
     assert count_deleted(subtrees) == 6
     assert count_deleted([]) == 0
+
+
+# --------------------------------------------------------------------------- staging
+
+SOURCE = "drop"
+NOW = 1000.0
+MIRROR = StagingPolicy(SOURCE, mirror=True, settle_seconds=2.0)
+
+
+def pending(rel: str, *, writing: bool = False, last_at: float = NOW - 5) -> Pending:
+    return Pending(SOURCE, rel, first_at=NOW - 10, last_at=last_at, writing=writing)
+
+
+def file_fp(size: int = 10, inode: int = 7, mtime_ns: int = 5 * 10**9) -> Fingerprint:
+    return Fingerprint(EntryType.FILE, 0o644, size, mtime_ns, inode)
+
+
+DIR_FP = Fingerprint(EntryType.DIRECTORY, 0o755)
+LINK_FP = Fingerprint(EntryType.SYMLINK, 0o777, target="elsewhere")
+
+
+def seen(rel: str, found: Fingerprint | None = None, **fields: Any) -> StagedObservation:
+    """A staged entry that was looked at (by default a new file, settled, no writer)."""
+    values: dict[str, Any] = {"repo_path": "t/" + rel, "found": found or file_fp()}
+    if "/" in rel:
+        values["marker"] = True
+    values.update(fields)
+    entry = values.pop("entry", None) or pending(rel)
+    return StagedObservation(entry, **values)
+
+
+def gone(rel: str, below: Sequence[str] = (), **fields: Any) -> StagedObservation:
+    """A staged entry that vanished while this source has it live."""
+    path = "t/" + rel
+    return StagedObservation(
+        pending(rel),
+        repo_path=path,
+        live=file_fp(),
+        live_source=SOURCE,
+        live_below=(path, *below),
+        **fields,
+    )
+
+
+def where(planned: Planned) -> dict[str, str]:
+    """Where each entry went: ops (by op kind), deferred, waiting, guarded, refused, skipped."""
+    plan = planned.plan
+    found: dict[str, str] = {}
+
+    def put(rel: str, bucket: str) -> None:
+        assert rel not in found, f"{rel} is in {found[rel]} and {bucket}"
+        found[rel] = bucket
+
+    for op in plan.ops:
+        put(plan.origin[op.repo_path].rel_path, op.kind.value)
+    for op in plan.guarded:
+        put(plan.origin[op.repo_path].rel_path, "guarded")
+    for entry in plan.deferred:
+        put(entry.rel_path, "deferred")
+    for entry in plan.waiting_for_marker:
+        put(entry.rel_path, "waiting")
+    for aside in plan.set_aside:
+        put(aside.rel_path, "refused")
+    for _, rel in plan.skipped:
+        put(rel, "skipped")
+    return found
+
+
+def test_a_file_waits_until_settled_then_goes() -> None:
+    settling = plan_staged([seen("f", settle_at=NOW + 1.5)], MIRROR, NOW)
+    assert where(settling) == {"f": "deferred"}
+    assert settling.plan.deferred[0].not_before == NOW + 1.5
+    settled = plan_staged([seen("f")], MIRROR, NOW)
+    assert where(settled) == {"f": "copy"}
+    op = settled.plan.ops[0]
+    assert (op.repo_path, op.source, op.source_path, op.fingerprint) == (
+        "t/f",
+        SOURCE,
+        "f",
+        file_fp(),
+    )
+
+
+def test_a_writer_defers_a_settled_file_by_one_settle_period() -> None:
+    held = plan_staged([seen("f", writers=True)], MIRROR, NOW)
+    assert where(held) == {"f": "deferred"}
+    assert held.plan.deferred[0].not_before == NOW + MIRROR.settle_seconds
+    assert where(plan_staged([seen("f", writers=False)], MIRROR, NOW)) == {"f": "copy"}
+
+
+def test_without_leases_a_file_seen_written_waits_sixty_quiet_seconds() -> None:
+    """writers None: the kernel cannot say. A file seen closed goes once settled; one seen
+    modified without a close goes after 60 s without events (or ten settle periods)."""
+    closed = seen("f", entry=pending("f", writing=False, last_at=NOW - 1))
+    assert where(plan_staged([closed], MIRROR, NOW)) == {"f": "copy"}
+    for quiet, bucket in ((59.9, "deferred"), (60.0, "copy")):
+        open_ = seen("f", entry=pending("f", writing=True, last_at=NOW - quiet))
+        assert where(plan_staged([open_], MIRROR, NOW)) == {"f": bucket}
+    slow = replace(MIRROR, settle_seconds=10.0)
+    for quiet, bucket in ((99.0, "deferred"), (100.0, "copy")):
+        open_ = seen("f", entry=pending("f", writing=True, last_at=NOW - quiet))
+        assert where(plan_staged([open_], slow, NOW)) == {"f": bucket}
+    # A definite answer from the kernel wins over the hint.
+    open_ = seen("f", entry=pending("f", writing=True, last_at=NOW), writers=False)
+    assert where(plan_staged([open_], MIRROR, NOW)) == {"f": "copy"}
+
+
+def test_writer_gone_rule() -> None:
+    entry = pending("f", writing=True, last_at=NOW - 30)
+    assert writer_gone(entry, False, NOW, 2.0)
+    assert not writer_gone(entry, True, NOW, 2.0)
+    assert not writer_gone(entry, None, NOW, 2.0)
+    assert writer_gone(entry, None, NOW + 30, 2.0)
+    assert writer_gone(replace(entry, writing=False), None, NOW, 2.0)
+
+
+MARKED = replace(MIRROR, ready_marker=".ready")
+
+
+def test_entries_of_a_directory_without_its_marker_wait() -> None:
+    planned = plan_staged(
+        [
+            seen("d", DIR_FP, marker=False),
+            seen("d/a", marker=False),
+            seen("d/.ready", marker=False),
+            seen("top-file"),
+        ],
+        MARKED,
+        NOW,
+    )
+    assert where(planned) == {"d": "waiting", "d/a": "waiting", "top-file": "copy"}
+    assert planned.plan.atomic_groups == []
+
+
+def test_a_marked_directory_goes_live_whole() -> None:
+    planned = plan_staged(
+        [seen("d", DIR_FP, marker=True), seen("d/a"), seen("d/sub", DIR_FP), seen("d/.ready")],
+        MARKED,
+        NOW,
+    )
+    assert where(planned) == {"d": "mkdir", "d/a": "copy", "d/sub": "mkdir"}
+    assert planned.plan.atomic_groups == [["t/d/a", "t/d/sub"]]
+
+
+def test_one_unsettled_file_defers_its_whole_marked_directory() -> None:
+    planned = plan_staged(
+        [
+            seen("d/a"),
+            seen("d/b", settle_at=NOW + 1),
+            seen("d/c", writers=True),
+            seen("e/x"),
+            seen("loose", settle_at=NOW + 1),
+        ],
+        MARKED,
+        NOW,
+    )
+    assert where(planned) == {
+        "d/a": "deferred",
+        "d/b": "deferred",
+        "d/c": "deferred",
+        "e/x": "copy",
+        "loose": "deferred",
+    }
+    assert planned.plan.atomic_groups == [["t/e/x"]]
+    after = {e.rel_path: e.not_before for e in planned.plan.deferred}
+    assert after == {"d/a": NOW + 2, "d/b": NOW + 1, "d/c": NOW + 2, "loose": NOW + 1}
+    assert "t/d/a" not in planned.plan.origin
+
+
+def test_small_deletions_pass_the_guard() -> None:
+    planned = plan_staged([gone("a"), gone("b")], MIRROR, NOW, StagingView(live_count=3))
+    assert where(planned) == {"a": "delete", "b": "delete"}
+    assert planned.plan.guard_kind is None
+    assert sorted(planned.forget) == [(SOURCE, "a"), (SOURCE, "b")]
+
+
+def test_a_deep_tree_counts_each_live_path_once() -> None:
+    """A deleted directory with 5 live paths, each hinted with what is below it, and one
+    file, of 13 live: 6 deletions (not 16), under the guard's minimum."""
+    tree = ["n", "n/d", "n/d/x", "n/d/x/y", "n/d/x/y/z"]
+    observations = [gone(rel, ["t/" + r for r in tree[i + 1 :]]) for i, rel in enumerate(tree)]
+    observations.append(gone("a"))
+    planned = plan_staged(observations, MIRROR, NOW, StagingView(live_count=13))
+    assert not planned.plan.guarded
+    assert len(planned.plan.ops) == 6
+    # Five more files make 11 distinct paths of 13: held, and the reason counts 11.
+    observations += [gone(f"f{i}") for i in range(5)]
+    held = plan_staged(observations, MIRROR, NOW, StagingView(live_count=13))
+    assert not held.plan.ops
+    assert len(held.plan.guarded) == 11
+    assert "delete 11 of 13 live paths" in held.plan.guard_reason
+    assert held.plan.guard_kind is HoldReason.MASS_DELETE
+
+
+def test_the_guard_holds_deletions_only() -> None:
+    observations = [gone(f"f{i}") for i in range(10)] + [seen("new")]
+    planned = plan_staged(observations, MIRROR, NOW, StagingView(live_count=12))
+    assert [o.repo_path for o in planned.plan.ops] == ["t/new"]
+    assert {o.kind for o in planned.plan.guarded} == {OpKind.DELETE}
+    assert len(planned.plan.guarded) == 10
+    share = replace(MIRROR, max_delete_share=0.9)
+    passed = plan_staged(observations, share, NOW, StagingView(live_count=12))
+    assert not passed.plan.guarded
+    assert len(passed.plan.ops) == 11
+
+
+def test_a_missing_staging_path_holds_any_deletion() -> None:
+    view = StagingView(root_problem="staging path /x is missing", live_count=1000)
+    planned = plan_staged([gone("a")], MIRROR, NOW, view)
+    assert where(planned) == {"a": "guarded"}
+    assert planned.plan.guard_reason == "staging path /x is missing"
+    assert planned.plan.guard_kind is HoldReason.STAGING_MISSING
+
+
+def test_inbox_mode_never_deletes() -> None:
+    inbox = replace(MIRROR, mirror=False)
+    planned = plan_staged([gone("a")], inbox, NOW, StagingView(root_problem="gone"))
+    assert where(planned) == {}
+    assert planned.forget == [(SOURCE, "a")]
+
+
+def test_op_kinds() -> None:
+    policy = replace(MIRROR, content=WRITABLE, graft_at=64 * MIB)
+    observations = [
+        seen("small", file_fp(size=10)),
+        seen("medium", file_fp(size=8 * MIB)),
+        seen("large", file_fp(size=64 * MIB)),
+        seen("dir", DIR_FP),
+        seen("link", LINK_FP),
+        seen("n" * 250, file_fp(size=10)),
+    ]
+    planned = plan_staged(observations, policy, NOW)
+    assert where(planned) == {
+        "small": "graft",
+        "medium": "copy",
+        "large": "graft",
+        "dir": "mkdir",
+        "link": "symlink",
+        "n" * 250: "copy",
+    }
+    unprepared = plan_staged(observations[:1], replace(policy, prepare=False), NOW)
+    assert where(unprepared) == {"small": "copy"}
+
+
+def test_unsafe_and_reserved_names_are_refused_once() -> None:
+    observations = [
+        StagedObservation(pending("a/../b"), unmappable="'..' is not allowed"),
+        seen(".cvmfscatalog"),
+        seen("d/.cvmfsgraft-x"),
+    ]
+    planned = plan_staged(observations, MIRROR, NOW)
+    assert where(planned) == {
+        "a/../b": "refused",
+        ".cvmfscatalog": "refused",
+        "d/.cvmfsgraft-x": "refused",
+    }
+    reasons = {a.rel_path: a.reason for a in planned.plan.set_aside}
+    assert reasons["a/../b"] == "unsafe name: '..' is not allowed"
+    assert reasons[".cvmfscatalog"] == reserved_name(".cvmfscatalog")
+    assert planned.reported == reasons
+    again = [replace(o, reported=reasons[o.entry.rel_path]) for o in observations]
+    assert where(plan_staged(again, MIRROR, NOW)) == {}
+    allowed = plan_staged(observations[1:], replace(MIRROR, allow_reserved_names=True), NOW)
+    assert where(allowed) == {".cvmfscatalog": "copy", "d/.cvmfsgraft-x": "copy"}
+
+
+def test_skipped_ignored_and_root_entries() -> None:
+    policy = replace(MIRROR, ignore=("*.tmp",))
+    observations = [
+        StagedObservation(pending("fifo"), repo_path="t/fifo", skipped="fifo"),
+        seen("x.tmp"),
+        seen(".x.abc123"),
+        StagedObservation(pending(""), repo_path="t"),
+    ]
+    planned = plan_staged(observations, policy, NOW)
+    assert where(planned) == {"fifo": "skipped"}
+    assert planned.plan.skipped == [("fifo", "fifo")]
+    assert planned.reported == {"fifo": "fifo"}
+    assert where(plan_staged([replace(observations[0], reported="fifo")], policy, NOW)) == {}
+
+
+def test_unchanged_and_set_aside_versions_are_left_alone() -> None:
+    fp = file_fp()
+    observations = [
+        seen("same", fp, live=fp, live_source=SOURCE),
+        seen("theirs", fp, live=fp, live_source="other"),
+        seen("new-inode", fp, live=replace(fp, inode=8), live_source=SOURCE),
+        seen("aside", fp, set_aside=True, aside=fp),
+        seen("aside-old", fp, set_aside=True, aside=replace(fp, size=1)),
+        seen("refused-no-fp", fp, set_aside=True, aside=None),
+        seen("dir", replace(DIR_FP), live=replace(DIR_FP, size=4096), live_source=SOURCE),
+    ]
+    planned = plan_staged(observations, MIRROR, NOW)
+    assert where(planned) == {
+        "theirs": "copy",
+        "new-inode": "copy",
+        "aside-old": "copy",
+        "refused-no-fp": "copy",
+    }
+    assert sorted(planned.clear_set_aside) == ["aside-old", "refused-no-fp"]
+    assert sorted(planned.forget) == [(SOURCE, "dir"), (SOURCE, "same")]
+
+
+def test_same_staged_compares_directories_by_mode() -> None:
+    assert same_staged(DIR_FP, replace(DIR_FP, mtime_ns=1))
+    assert not same_staged(DIR_FP, replace(DIR_FP, mode=0o700))
+    assert not same_staged(DIR_FP, file_fp())
+    assert not same_staged(file_fp(), file_fp(inode=1))
+    assert same_staged(LINK_FP, replace(LINK_FP, inode=3))
+
+
+_RELS = st.sampled_from(
+    ["a", "b", "d", "d/x", "d/y", "d/.ready", "e/z", "x.tmp", ".cvmfsdirtab", "e", ""]
+)
+_PRESENT = st.one_of(
+    st.builds(file_fp, size=st.integers(0, 10 * MIB), inode=st.integers(1, 3)),
+    st.just(DIR_FP),
+    st.just(LINK_FP),
+)
+_FOUND = st.none() | _PRESENT
+
+
+@st.composite
+def staged_observation(draw: st.DrawFn, rel: str) -> StagedObservation:
+    found = draw(_FOUND)
+    live = draw(_FOUND)
+    entry = Pending(
+        SOURCE,
+        rel,
+        first_at=NOW - 100,
+        last_at=draw(st.floats(NOW - 100, NOW)),
+        writing=draw(st.booleans()),
+    )
+    return StagedObservation(
+        entry,
+        repo_path="t/" + rel if rel else "t",
+        unmappable=draw(st.sampled_from(["", "", "", "bad"])),
+        reported=draw(st.sampled_from(["", "fifo", "unsafe name: bad"])),
+        marker=draw(st.sampled_from([True, True, None, False])),
+        found=found,
+        skipped=draw(st.sampled_from(["", "", "fifo"])) if found is None else "",
+        live=live,
+        live_source=draw(st.sampled_from([SOURCE, "other"])) if live else "",
+        live_below=tuple(draw(st.lists(st.sampled_from(["t/p", "t/q", "t/" + rel])))),
+        set_aside=draw(st.booleans()),
+        aside=draw(_FOUND),
+        settle_at=draw(st.sampled_from([0.0, NOW + 1])),
+        writers=draw(st.sampled_from([None, True, False])),
+    )
+
+
+@settings(max_examples=300)
+@given(
+    observations=st.lists(_RELS, unique=True).flatmap(
+        lambda rels: st.tuples(*(staged_observation(r) for r in rels))
+    ),
+    marker=st.sampled_from(["", ".ready"]),
+    mirror=st.booleans(),
+    live_count=st.integers(0, 20),
+    root_problem=st.sampled_from(["", "missing"]),
+)
+def test_every_staged_entry_ends_up_in_exactly_one_place(
+    observations: tuple[StagedObservation, ...],
+    marker: str,
+    mirror: bool,
+    live_count: int,
+    root_problem: str,
+) -> None:
+    """ops, deferred, waiting, guarded, refused, skipped, or nothing to do — exactly one."""
+    policy = replace(MIRROR, ready_marker=marker, mirror=mirror, ignore=("*.tmp",))
+    planned = plan_staged(observations, policy, NOW, StagingView(root_problem, live_count))
+    placed = where(planned)  # asserts that no entry is in two places
+    assert len(planned.plan.origin) == len(planned.plan.ops) + len(planned.plan.guarded)
+    for obs in observations:
+        verdict = staged_verdict(obs, policy)
+        nothing = verdict.fate in (Fate.IGNORED, Fate.GONE, Fate.ASIDE, Fate.UNCHANGED) or (
+            verdict.fate in (Fate.REFUSED, Fate.SKIPPED) and verdict.reason == obs.reported
+        )
+        assert (obs.entry.rel_path not in placed) == nothing, (verdict, placed)
+    for op in planned.plan.ops + planned.plan.guarded:
+        assert (op.kind is OpKind.DELETE) == (op in planned.plan.guarded or op.fingerprint is None)
+    assert all(op.kind is OpKind.DELETE for op in planned.plan.guarded)
+    for group in planned.plan.atomic_groups:
+        assert set(group) <= {op.repo_path for op in planned.plan.ops}
+    if marker:  # a marked directory goes whole: nothing of it published while some waits
+        waiting = {e.rel_path.partition("/")[0] for e in planned.plan.deferred if "/" in e.rel_path}
+        published = {
+            op.source_path.partition("/")[0]
+            for op in planned.plan.ops
+            if "/" in op.source_path and op.kind is not OpKind.DELETE
+        }
+        assert not waiting & published
