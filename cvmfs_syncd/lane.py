@@ -433,7 +433,10 @@ class Lane(threading.Thread):
                         if guarded is not None and guarded.key not in known:
                             self._guarded.append(guarded)
                             known.add(guarded.key)
-                    self.set_hold(f"{source.name}: {plan.guard_reason}", HoldReason.MASS_DELETE)
+                    self.set_hold(
+                        f"{source.name}: {plan.guard_reason}",
+                        plan.guard_kind or HoldReason.MASS_DELETE,
+                    )
             ops += source_ops
             origin.update(plan.origin)
             merged.atomic_groups += plan.atomic_groups

@@ -307,6 +307,10 @@ def test_missing_staging_path_never_wipes_the_repository(
     assert not ok
     assert "missing" in why
     assert set(published(stratum0)) == {"a"}
+    held = lane.metrics.registry.get_sample_value(
+        "cvmfs_syncd_lane_held", {"repository": REPO, "reason": "staging-missing"}
+    )
+    assert held == 1
 
 
 def test_foreign_transaction_is_never_aborted(
