@@ -81,11 +81,6 @@ class RepositoryMaintenance:
         self._check = Check(ctx)
         self._repair_findings: list[str] = []
 
-    @property
-    def expires_at(self) -> float | None:
-        """The whitelist's expiry as last read (None: unknown or unreadable)."""
-        return self._resign.expires_at
-
     def refresh(self) -> None:
         """Re-read the whitelist, the master key and the repository's last gc; set metrics."""
         self._resign.read()
