@@ -1,7 +1,7 @@
 """When maintenance runs: crontab schedules and the scheduler that wakes the tasks up.
 
 The scheduler (APScheduler 3.x ``BackgroundScheduler``, memory job store) only decides
-*when*; what a task does, and whether a resign is due, is decided in ``maintenance.py``.
+*when*; what a task does, and whether a resign is due, is decided in ``maintenance/``.
 Jobs submit work and return quickly: gc goes into the repository's lane (between
 batches, under the publishing lock); resign and check run in the scheduler's worker
 threads because they must not wait behind a publish.
@@ -19,7 +19,7 @@ import re
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
@@ -32,8 +32,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-if TYPE_CHECKING:
-    from cvmfs_syncd.maintenance import RepositoryMaintenance
+from cvmfs_syncd.config import MaintenanceConfig
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +132,30 @@ def next_fire_time(trigger: Any, after: datetime) -> datetime | None:
     return fire
 
 
+class Tasks(Protocol):
+    """The maintenance tasks of one repository, as the scheduler wakes them."""
+
+    @property
+    def name(self) -> str:
+        """The repository's name."""
+
+    @property
+    def settings(self) -> MaintenanceConfig:
+        """The repository's maintenance settings (``gc_schedule``, ``check_schedule``)."""
+
+    def resign_check(self) -> object:
+        """Re-sign the whitelist if due (hourly, and at once)."""
+
+    def submit_gc(self) -> object:
+        """Queue a gc in the repository's lane."""
+
+    def check(self) -> object:
+        """Check the repository."""
+
+    def missed(self, task: str) -> None:
+        """A scheduled run of ``task`` was skipped because it was late."""
+
+
 class MaintenanceScheduler:
     """Wakes every repository's maintenance tasks: resign check hourly, gc and check by cron.
 
@@ -164,7 +187,8 @@ class MaintenanceScheduler:
             options["timezone"] = timezone
         self._scheduler = BackgroundScheduler(**options)
         self._scheduler.add_listener(self._on_skipped, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
-        self._tasks: dict[str, RepositoryMaintenance] = {}
+        self._tasks: dict[str, Tasks] = {}
+        self._problems: dict[str, list[str]] = {}
         self._running = 0
         self._idle = threading.Condition()
 
@@ -196,18 +220,17 @@ class MaintenanceScheduler:
 
     # -- repositories --------------------------------------------------------------------
 
-    def add(self, maint: RepositoryMaintenance) -> list[str]:
+    def add(self, maint: Tasks) -> list[str]:
         """Schedule the tasks of one repository (replacing what was scheduled for it).
 
         The resign check is always scheduled. A gc or check schedule that is not a valid
-        crontab expression is not scheduled; return those problems (also logged).
+        crontab expression is not scheduled; return those problems (also logged, and
+        kept for :meth:`problems`).
         """
         name = maint.name
         settings = maint.settings
         self.remove(name)
         self._tasks[name] = maint
-        maint.run_soon = self.run_soon
-        maint.next_run = self.next_run
         self._scheduler.add_job(
             self._guard(name, "resign", maint.resign_check),
             IntervalTrigger(seconds=self.resign_check_seconds, timezone=self.timezone),
@@ -239,11 +262,17 @@ class MaintenanceScheduler:
                 name=f"{task} of {name}",
                 replace_existing=True,
             )
+        self._problems[name] = problems
         return problems
+
+    def problems(self, repo: str) -> list[str]:
+        """Return the schedules of ``repo`` that could not be used."""
+        return list(self._problems.get(repo, ()))
 
     def remove(self, repo: str) -> None:
         """Unschedule every task of ``repo``."""
         self._tasks.pop(repo, None)
+        self._problems.pop(repo, None)
         for job in self._scheduler.get_jobs():
             if job.id.startswith(f"{repo}:"):
                 with contextlib.suppress(JobLookupError):

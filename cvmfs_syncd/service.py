@@ -121,6 +121,33 @@ def _report_unreadable_objects(layout: RepositoryLayout, metrics: Metrics) -> No
         )
 
 
+def build_repository(
+    config: Config,
+    repo: RepositoryConfig,
+    state: State,
+    metrics: Metrics,
+    server: CvmfsServer,
+    scheduler: MaintenanceScheduler,
+) -> tuple[Lane, RepositoryMaintenance]:
+    """Return the (not started) lane of ``repo`` and its scheduled maintenance, tied
+    together; raise RepositoryConfigError."""
+    lane = build_lane(config, repo, state, metrics, server)
+    maint = RepositoryMaintenance(
+        config,
+        repo,
+        layout=lane.layout,
+        server=server,
+        metrics=metrics,
+        state=state,
+        lane=lane,
+        scheduling=scheduler,
+    )
+    lane.on_start = maint.startup
+    lane.on_whitelist_expired = maint.request_resign
+    scheduler.add(maint)
+    return lane, maint
+
+
 class Service:
     """The running daemon."""
 
@@ -175,30 +202,17 @@ class Service:
 
     def _start_lane(self, repo: RepositoryConfig) -> None:
         try:
-            lane = build_lane(self.config, repo, self.state, self.metrics, self.server)
+            lane, maint = build_repository(
+                self.config, repo, self.state, self.metrics, self.server, self.scheduler
+            )
         except RepositoryConfigError as exc:
             self.broken[repo.name] = str(exc)
             log.error("repository cannot be served", repository=repo.name, error=str(exc))
             return
         self.broken.pop(repo.name, None)
         self.lanes[repo.name] = lane
-        self._attach_maintenance(repo, lane)
-        lane.start()
-
-    def _attach_maintenance(self, repo: RepositoryConfig, lane: Lane) -> None:
-        """Schedule the repository's maintenance and hook it into its lane."""
-        maint = RepositoryMaintenance(
-            self.config,
-            repo,
-            layout=lane.layout,
-            server=self.server,
-            metrics=self.metrics,
-            lane=lane,
-        )
-        maint.schedule_problems = self.scheduler.add(maint)
         self.maintenance[repo.name] = maint
-        lane.on_start = maint.startup
-        lane.on_whitelist_expired = maint.request_resign
+        lane.start()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT; return the process exit code."""

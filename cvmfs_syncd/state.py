@@ -1,4 +1,5 @@
-"""SQLite state in ``state_dir``: the batch journal, the index of what is live, S3 listings.
+"""SQLite state in ``state_dir``: the batch journal, the index of what is live, S3 listings,
+maintenance records.
 
 One database (WAL mode) shared by the daemon's lanes and the one-shot CLI commands. Paths
 are stored as bytes (``os.fsencode``) so that names which are not UTF-8 survive unchanged.
@@ -141,9 +142,65 @@ def _migrate_1_to_2(db: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_add_maintenance_runs(db: sqlite3.Connection) -> None:
+    """Add ``maintenance_runs`` and import the JSON records it replaces.
+
+    Up to this version every repository's maintenance records were kept in
+    ``<state_dir>/maintenance/<repo>.json``; they are copied once, so that last successes
+    (and what the alerts compare them with) carry over. The files are left in place and
+    no longer read. Safe to run twice: the table is created if missing, rows that exist
+    are kept.
+    """
+    db.execute(
+        """CREATE TABLE IF NOT EXISTS maintenance_runs(
+    repo TEXT NOT NULL,
+    task TEXT NOT NULL,
+    last_success REAL NOT NULL DEFAULT 0,
+    last_attempt REAL NOT NULL DEFAULT 0,
+    last_outcome TEXT NOT NULL DEFAULT '',
+    last_message TEXT NOT NULL DEFAULT '',
+    enabled_since REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY(repo, task)
+)"""
+    )
+    database = next(str(row[2]) for row in db.execute("PRAGMA database_list") if row[1] == "main")
+    if not database:
+        return  # a temporary database has no state directory
+    for path in sorted((Path(database).parent / "maintenance").glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        entries = data.items() if isinstance(data, dict) else ()
+        db.executemany(
+            "INSERT OR IGNORE INTO maintenance_runs(repo, task, last_success, last_attempt,"
+            " last_outcome, last_message, enabled_since) VALUES(?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    path.stem,
+                    str(task),
+                    _number(entry.get("last_success")),
+                    _number(entry.get("last_attempt")),
+                    str(entry.get("last_outcome") or ""),
+                    str(entry.get("last_message") or ""),
+                    _number(entry.get("enabled_since")),
+                )
+                for task, entry in entries
+                if isinstance(entry, dict)
+            ],
+        )
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
 #: Forward migrations in order: ``_MIGRATIONS[n - 1]`` turns version ``n`` into ``n + 1``.
 #: Append only; never change one that has been released.
-_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_migrate_1_to_2,)
+_MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
+    _migrate_1_to_2,
+    _migrate_add_maintenance_runs,
+)
 
 #: The schema version this code reads and writes (stored in ``meta`` under ``schema``).
 SCHEMA_VERSION = 1 + len(_MIGRATIONS)
@@ -242,6 +299,17 @@ class PublishedEntry:
     fingerprint: Fingerprint
     revision: int | None
     published_at: float
+
+
+@dataclass(frozen=True)
+class MaintenanceRecord:
+    """What is kept of one maintenance task of a repository (UNIX seconds; 0 = never)."""
+
+    last_success: float = 0.0
+    last_attempt: float = 0.0
+    last_outcome: str = ""
+    last_message: str = ""
+    enabled_since: float = 0.0
 
 
 class State:
@@ -652,6 +720,49 @@ class State:
         with self._tx() as db:
             cur = db.execute("DELETE FROM releases WHERE repo = ?", (repo,))
             return cur.rowcount > 0
+
+    # -- maintenance records ------------------------------------------------------------
+
+    def maintenance_records(self, repo: str) -> dict[str, MaintenanceRecord]:
+        """Return the maintenance record of every task of ``repo`` that has one."""
+        rows = self._query(
+            "SELECT task, last_success, last_attempt, last_outcome, last_message, enabled_since"
+            " FROM maintenance_runs WHERE repo = ?",
+            (repo,),
+        )
+        return {
+            str(task): MaintenanceRecord(
+                float(str(success)),
+                float(str(attempt)),
+                str(outcome),
+                str(message),
+                float(str(since)),
+            )
+            for task, success, attempt, outcome, message, since in rows
+        }
+
+    def record_maintenance_run(
+        self, repo: str, task: str, *, at: float, outcome: str, message: str, success: bool
+    ) -> None:
+        """Record a run of a task at ``at``; a successful one is also its last success."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO maintenance_runs(repo, task, last_attempt, last_outcome,"
+                " last_message, last_success) VALUES(?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(repo, task) DO UPDATE SET last_attempt = excluded.last_attempt,"
+                " last_outcome = excluded.last_outcome, last_message = excluded.last_message,"
+                " last_success = CASE WHEN ? THEN excluded.last_success ELSE last_success END",
+                (repo, task, at, outcome, message, at if success else 0.0, success),
+            )
+
+    def record_maintenance_enabled(self, repo: str, task: str, since: float) -> None:
+        """Record since when the daemon runs a task (0: it does not)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO maintenance_runs(repo, task, enabled_since) VALUES(?, ?, ?)"
+                " ON CONFLICT(repo, task) DO UPDATE SET enabled_since = excluded.enabled_since",
+                (repo, task, since),
+            )
 
     # -- S3 listing state --------------------------------------------------------------
 

@@ -22,19 +22,21 @@ from cvmfs_syncd.config import Config, MaintenanceConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, Whitelist, load_layout
 from cvmfs_syncd.cvmfs.server import CvmfsServer, Outcome, Tag
 from cvmfs_syncd.locking import RepositoryLock
-from cvmfs_syncd.maintenance import (
+from cvmfs_syncd.maintenance import RepositoryMaintenance, Verdict
+from cvmfs_syncd.maintenance.policy import (
+    MAX_RETRIES,
     MountHealth,
-    RepositoryMaintenance,
-    _parse_last_gc,
     auto_tags_to_remove,
     gc_settings,
     mount_health,
-    read_mount_table,
+    parse_last_gc,
     repair_plan,
     resign_due,
 )
+from cvmfs_syncd.maintenance.repair import read_mount_table
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.service import make_server
+from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
 from tests.support import write_config
 
@@ -133,14 +135,30 @@ def publish_file(stratum0: FakeStratum0, name: str, content: str) -> None:
 
 
 class Deferred:
-    """Stands in for the scheduler's run_soon: records (task, fn, delay) for the test to run."""
+    """Stands in for the scheduler: records (task, fn, delay) of run_soon for the test to run
+    (or, while ``at_once``, runs them in the caller's thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, at_once: bool = False) -> None:
         self.runs: list[tuple[str, Callable[[], object], float]] = []
+        self.at_once = at_once
 
-    def __call__(self, repo: str, task: str, fn: Callable[[], object], delay: float) -> None:
+    def run_soon(self, repo: str, task: str, fn: Callable[[], object], delay: float) -> None:
+        """Record the run (or run it now)."""
         assert repo == REPO
-        self.runs.append((task, fn, delay))
+        if self.at_once:
+            fn()
+        else:
+            self.runs.append((task, fn, delay))
+
+    def next_run(self, repo: str, task: str) -> float | None:
+        """Nothing is scheduled ahead."""
+        assert repo == REPO, task
+        return None
+
+    def problems(self, repo: str) -> list[str]:
+        """Every schedule is usable."""
+        assert repo == REPO
+        return []
 
     def tasks(self) -> list[str]:
         """The tasks asked for, in order."""
@@ -181,27 +199,34 @@ Factory = Callable[..., RepositoryMaintenance]
 
 
 @pytest.fixture
-def maintenance(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Factory:
+def maintenance(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[Factory]:
     """Build a RepositoryMaintenance (no lane) for REPO with the given maintenance keys."""
+    states: list[State] = []
 
     def build(
         clock: Callable[[], float] = time.time,
         repo_extra: str = "",
+        scheduling: Deferred | None = None,
         **keys: str,
     ) -> RepositoryMaintenance:
         config = load_config(tmp_path, stratum0, staging, repo_extra or maintenance_toml(**keys))
         repo = config.repositories[0]
+        states.append(State(config.daemon.state_dir))
         return RepositoryMaintenance(
             config,
             repo,
             layout=load_layout(config.cvmfs.config_dir, REPO),
             server=make_server(config),
             metrics=Metrics(),
+            state=states[-1],
+            scheduling=scheduling,
             clock=clock,
             mount_table=fake_mount_table(stratum0, REPO),
         )
 
-    return build
+    yield build
+    for state in states:
+        state.close()
 
 
 # -- pure decisions -----------------------------------------------------------------------
@@ -308,12 +333,12 @@ def test_mount_table_is_read_from_mountinfo(tmp_path: Path) -> None:
 def test_last_gc_of_the_repository_status_file_is_parsed() -> None:
     """.cvmfs_status.json's last_gc (as recorded in k_s3_cycle) becomes a UNIX time."""
     recorded = b'{\n  "last_gc": "Sun Nov 29 21:15:48 UTC 2026"\n}'
-    assert _parse_last_gc(recorded) == datetime(2026, 11, 29, 21, 15, 48, tzinfo=UTC).timestamp()
-    assert _parse_last_gc(b'{"last_gc": "Sun Nov  1 01:02:03 UTC 2026"}') == (
+    assert parse_last_gc(recorded) == datetime(2026, 11, 29, 21, 15, 48, tzinfo=UTC).timestamp()
+    assert parse_last_gc(b'{"last_gc": "Sun Nov  1 01:02:03 UTC 2026"}') == (
         datetime(2026, 11, 1, 1, 2, 3, tzinfo=UTC).timestamp()
     )
-    assert _parse_last_gc(b"{}") is None
-    assert _parse_last_gc(b"not json") is None
+    assert parse_last_gc(b"{}") is None
+    assert parse_last_gc(b"not json") is None
 
 
 def test_whitelist_fingerprint_starting_with_e_is_not_the_expiry() -> None:
@@ -380,9 +405,8 @@ def test_failed_resign_is_retried_and_the_metric_keeps_showing_the_expiry(
     assert expiry is not None
     now = expiry - 2 * DAY
     stratum0.set_clock(now)
-    maint = maintenance(clock=lambda: now)
     retries = Deferred()
-    maint.run_soon = retries
+    maint = maintenance(clock=lambda: now, scheduling=retries)
     stratum0.inject_fault("resign", "fail", times=1)
     result = maint.resign_check()
     assert result is not None
@@ -417,7 +441,7 @@ def test_master_key_kept_offline_is_reported_not_attempted(
     result = maint.resign_check()
     assert result is not None
     assert result.outcome == "master_key_missing"
-    assert not result.ran
+    assert not result.verdict.ran
     assert "master key" in result.message
     assert stratum0.whitelist_expiry(REPO) == expiry
     assert sample(maint.metrics, "cvmfs_syncd_master_key_present") == 0
@@ -431,14 +455,14 @@ def test_requested_resign_is_not_repeated_after_someone_signed(
     stratum0: FakeStratum0, maintenance: Factory
 ) -> None:
     """A resign asked for by the lane signs once; one asked for after an outside resign does not."""
-    maint = maintenance()
+    deferred = Deferred(at_once=True)
+    maint = maintenance(scheduling=deferred)
     maint.refresh()
     calls = CallLog(maint.server, ["resign"])
     maint.request_resign()
     assert len(calls.of("resign")) == 1
     first = stratum0.whitelist_expiry(REPO)
-    deferred = Deferred()
-    maint.run_soon = deferred
+    deferred.at_once = False
     maint.request_resign()
     stratum0.set_clock_offset(5)
     stratum0.check_run("resign", "-f", REPO)  # an operator, meanwhile
@@ -473,15 +497,18 @@ def test_gc_removes_old_automatic_tags_and_collects_swept_revisions(
         staging,
         maintenance_toml(gc_schedule='"0 3 * * 0"', gc_keep='"3d"', auto_tag_keep='"7d"'),
     )
+    state = State(config.daemon.state_dir)
     maint = RepositoryMaintenance(
         config,
         config.repositories[0],
         layout=load_layout(config.cvmfs.config_dir, REPO),
         server=make_server(config),
         metrics=Metrics(),
+        state=state,
         clock=lambda: now,
     )
     result = maint.gc_locked()
+    state.close()
     assert result is not None
     assert result.ok, result.message
     assert "removed 3 automatic tags" in result.message
@@ -509,7 +536,7 @@ def test_gc_without_garbage_collection_enabled_is_skipped_once_not_failed(
     calls = CallLog(maint.server, ["gc"])
     result = maint.gc_locked()
     assert result is not None
-    assert result.skipped
+    assert result.verdict is Verdict.SKIPPED
     assert "CVMFS_GARBAGE_COLLECTION" in result.message
     assert calls.of("gc") == []
     assert sample(maint.metrics, "cvmfs_syncd_maintenance_failures_total", task="gc") == 0
@@ -528,7 +555,7 @@ def test_gc_refused_by_the_tool_disables_it_without_alerting(
     )
     result = maint.gc_locked()
     assert result is not None
-    assert result.skipped
+    assert result.verdict is Verdict.SKIPPED
     assert result.outcome == "disabled"
     assert sample(maint.metrics, "cvmfs_syncd_maintenance_failing", task="gc") == 0
     assert sample(maint.metrics, ENABLED_SINCE, task="gc") == 0
@@ -538,15 +565,14 @@ def test_foreign_transaction_blocks_gc_without_being_aborted(
     stratum0: FakeStratum0, maintenance: Factory
 ) -> None:
     """gc meets someone's open transaction: it does not run, aborts nothing, and is retried."""
-    maint = maintenance(gc_schedule='"0 3 * * 0"')
     retries = Deferred()
-    maint.run_soon = retries
+    maint = maintenance(gc_schedule='"0 3 * * 0"', scheduling=retries)
     calls = CallLog(maint.server, ["gc", "abort", "tag_list", "tag_remove"])
     stratum0.check_run("transaction", REPO)
     result = maint.gc_locked()
     assert result is not None
     assert result.outcome == "foreign_transaction"
-    assert result.retry
+    assert result.verdict.retry
     assert calls.calls == []
     assert stratum0.in_transaction(REPO)
     assert sample(maint.metrics, "cvmfs_syncd_maintenance_failures_total", task="gc") == 1
@@ -561,9 +587,8 @@ def test_foreign_transaction_blocks_gc_without_being_aborted(
 
 def test_gc_without_a_running_lane_fails_and_is_retried(maintenance: Factory) -> None:
     """The scheduled gc finds no running lane: nothing runs, the run is counted and retried."""
-    maint = maintenance(gc_schedule='"0 3 * * 0"')
     retries = Deferred()
-    maint.run_soon = retries
+    maint = maintenance(gc_schedule='"0 3 * * 0"', scheduling=retries)
     calls = CallLog(maint.server, ["gc"])
     maint.submit_gc()
     assert calls.calls == []
@@ -583,7 +608,7 @@ def test_gc_waits_while_a_check_runs(maintenance: Factory) -> None:
         check_lock.release()
     assert result is not None
     assert result.outcome == "check_running"
-    assert result.retry
+    assert result.verdict.retry
 
 
 # -- check ---------------------------------------------------------------------------------
@@ -594,9 +619,8 @@ def test_check_records_problems_and_works_during_a_transaction(
 ) -> None:
     """check finds a missing object (failing, no quick retry); it runs during a transaction."""
     publish_file(stratum0, "data.txt", "some data\n")
-    maint = maintenance(check_schedule='"0 4 * * *"')
     retries = Deferred()
-    maint.run_soon = retries
+    maint = maintenance(check_schedule='"0 4 * * *"', scheduling=retries)
     entry = stratum0.published_tree(REPO)["data.txt"]
     assert entry.hash is not None
     obj = stratum0.object_path(REPO, entry.hash)
@@ -683,14 +707,17 @@ def test_last_success_survives_a_restart(maintenance: Factory) -> None:
 def test_gc_waiting_behind_a_check_is_retried_beyond_the_cap(maintenance: Factory) -> None:
     """Waiting behind a long check (or a foreign transaction) never exhausts gc's retries;
     real failures stop after MAX_RETRIES until the next scheduled run."""
-    from cvmfs_syncd.maintenance import MAX_RETRIES
-
-    maint = maintenance(gc_schedule='"0 3 * * 0"')
     retries = Deferred()
-    maint.run_soon = retries
-    maint._schedule_retry("gc", MAX_RETRIES + 5, waiting=True)
-    assert retries.tasks() == ["gc"]
-    later = Deferred()
-    maint.run_soon = later
-    maint._schedule_retry("gc", MAX_RETRIES + 5)
-    assert later.tasks() == []
+    maint = maintenance(gc_schedule='"0 3 * * 0"', scheduling=retries)
+    check_lock = RepositoryLock(maint.state_dir, REPO, name="check")
+    assert check_lock.acquire(timeout=1)
+    try:
+        for _ in range(MAX_RETRIES + 5):
+            maint.gc_locked()
+    finally:
+        check_lock.release()
+    assert retries.tasks() == ["gc"] * (MAX_RETRIES + 5)
+    retries.runs.clear()
+    maint.submit_gc()  # no lane: a failure of its own, the (MAX_RETRIES + 6)th in a row
+    assert retries.tasks() == []
+    assert maint.status()["gc"]["last_outcome"] == "lane_not_running"

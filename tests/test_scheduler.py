@@ -6,13 +6,11 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
 
 import pytest
 from apscheduler.events import EVENT_JOB_MISSED, JobExecutionEvent
 
 from cvmfs_syncd.config import MaintenanceConfig
-from cvmfs_syncd.maintenance import RepositoryMaintenance
 from cvmfs_syncd.scheduler import (
     MaintenanceScheduler,
     crontab_trigger,
@@ -113,8 +111,6 @@ class _Recorder:
     def __init__(self, name: str, settings: MaintenanceConfig) -> None:
         self.name = name
         self.settings = settings
-        self.run_soon: Any = None
-        self.next_run: Any = None
         self.ran: list[str] = []
         self.missed_tasks: list[str] = []
         self.event = threading.Event()
@@ -146,7 +142,7 @@ def test_resign_check_runs_at_start_and_jobs_are_scheduled(scheduler: Maintenanc
     """Adding a repository runs its resign check at once and schedules gc and check by cron."""
     settings = MaintenanceConfig(gc_schedule="0 3 * * 0", check_schedule="0 4 * * *")
     rec = _Recorder("r.example.org", settings)
-    problems = scheduler.add(cast(RepositoryMaintenance, rec))
+    problems = scheduler.add(rec)
     assert problems == []
     assert rec.event.wait(10)
     assert rec.ran == ["resign"]
@@ -168,7 +164,7 @@ def test_invalid_schedule_is_reported_and_resign_still_scheduled(
 ) -> None:
     """A bad gc_schedule is a reported problem; the resign check is scheduled regardless."""
     rec = _Recorder("r.example.org", MaintenanceConfig(gc_schedule="0 3 * * 9"))
-    problems = scheduler.add(cast(RepositoryMaintenance, rec))
+    problems = scheduler.add(rec)
     assert len(problems) == 1
     assert "gc_schedule" in problems[0]
     assert scheduler.next_run("r.example.org", "gc") is None
@@ -194,7 +190,7 @@ def test_run_soon_runs_once_and_replaces_a_pending_request(scheduler: Maintenanc
 def test_missed_run_is_reported_and_handed_back(scheduler: MaintenanceScheduler) -> None:
     """A run APScheduler skipped as too late is not dropped: the repository runs it now."""
     rec = _Recorder("r.example.org", MaintenanceConfig(gc_schedule="0 3 * * 0"))
-    scheduler.add(cast(RepositoryMaintenance, rec))
+    scheduler.add(rec)
     event = JobExecutionEvent(
         EVENT_JOB_MISSED, "r.example.org:gc", "default", datetime.now(UTC) - timedelta(hours=2)
     )

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from cvmfs_syncd.errors import StateError
 from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind
-from cvmfs_syncd.state import _SCAN_KEY_SQL, SCHEMA_VERSION, State, scan_key
+from cvmfs_syncd.state import (
+    _SCAN_KEY_SQL,
+    SCHEMA_VERSION,
+    MaintenanceRecord,
+    State,
+    _migrate_add_maintenance_runs,
+    scan_key,
+)
 
 # The schema of release databases before versions were migrated (version 1), verbatim in
 # what matters here: ``published`` without ``scan_key``, ``batches`` without pgid/boot_id.
@@ -121,6 +128,65 @@ def test_a_new_database_starts_at_the_current_version(tmp_path: Path) -> None:
     """A fresh database records the version this code writes."""
     State(tmp_path / "state").close()
     assert _stored_version(tmp_path / "state") == str(SCHEMA_VERSION)
+
+
+def test_maintenance_records_of_the_json_files_are_imported_once(tmp_path: Path) -> None:
+    """The JSON records of earlier releases become rows at the upgrade, last successes and
+    all; afterwards the database alone is read and written, and importing again (the
+    migration run twice) changes nothing."""
+    state_dir = tmp_path / "state"
+    _old_database(state_dir, version="1")
+    records = state_dir / "maintenance"
+    records.mkdir()
+    (records / "a.example.org.json").write_text(
+        json.dumps(
+            {
+                "gc": {
+                    "last_attempt": 1700000100.5,
+                    "last_outcome": "ok",
+                    "last_message": "garbage collected",
+                    "last_success": 1700000100.5,
+                    "enabled_since": 1690000000.0,
+                },
+                "check": {"last_attempt": 1700000200, "last_outcome": "check_failed"},
+                "resign": {"enabled_since": 1690000000.0},
+                "broken": "not a record",
+            }
+        )
+    )
+    (records / "b.example.org.json").write_text("{not json")
+    state = State(state_dir)
+    imported = state.maintenance_records("a.example.org")
+    assert imported == {
+        "gc": MaintenanceRecord(1700000100.5, 1700000100.5, "ok", "garbage collected", 1.69e9),
+        "check": MaintenanceRecord(0.0, 1700000200.0, "check_failed", "", 0.0),
+        "resign": MaintenanceRecord(enabled_since=1.69e9),
+    }
+    assert state.maintenance_records("b.example.org") == {}
+
+    state.record_maintenance_run(
+        "a.example.org", "gc", at=1700000300.0, outcome="error", message="x", success=False
+    )
+    state.record_maintenance_enabled("a.example.org", "check", 1700000250.0)
+    state.record_maintenance_run(
+        "a.example.org", "check", at=1700000400.0, outcome="ok", message="fine", success=True
+    )
+    after = state.maintenance_records("a.example.org")
+    assert after["gc"] == MaintenanceRecord(1700000100.5, 1700000300.0, "error", "x", 1.69e9)
+    assert after["check"] == MaintenanceRecord(
+        1700000400.0, 1700000400.0, "ok", "fine", 1.70000025e9
+    )
+    state.close()
+
+    state = State(state_dir)
+    assert state.maintenance_records("a.example.org") == after
+    state.close()
+    db = sqlite3.connect(state_dir / "state.sqlite", isolation_level=None)
+    _migrate_add_maintenance_runs(db)
+    db.close()
+    state = State(state_dir)
+    assert state.maintenance_records("a.example.org") == after
+    state.close()
 
 
 _fingerprints = st.builds(

@@ -1,0 +1,237 @@
+"""The maintenance of one repository: its tasks built together, start-up, status.
+
+:class:`RepositoryMaintenance` is built with everything it works with: the repository's
+lane (for gc), the scheduler (for retries and one-off runs), the state database (for the
+records). :func:`run_once` is the command line's one run of a task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from cvmfs_syncd.backoff import Backoff
+from cvmfs_syncd.config import Config, MaintenanceConfig, RepositoryConfig
+from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
+from cvmfs_syncd.cvmfs.server import CvmfsServer
+from cvmfs_syncd.locking import RepositoryLock
+from cvmfs_syncd.maintenance.check import Check
+from cvmfs_syncd.maintenance.gc import GarbageCollection, Jobs
+from cvmfs_syncd.maintenance.repair import read_mount_table, repair
+from cvmfs_syncd.maintenance.resign import Resign
+from cvmfs_syncd.maintenance.runs import Runs, Scheduling, TaskContext, TaskResult, Verdict
+from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.state import State
+
+log = structlog.get_logger(__name__)
+
+#: How long a command-line run waits for a lock the daemon holds.
+CLI_LOCK_WAIT = 3600.0
+
+
+class RepositoryMaintenance:
+    """Resign, gc, check and repair for one repository.
+
+    ``lane`` is the repository's lane (None for a command-line run: then gc must be
+    called with the repository lock held, see :func:`run_once`). ``scheduling`` runs
+    retries and requested resigns (None: no retries, a requested resign runs in the
+    caller's thread). ``clock`` gives "now" for every decision and timestamp;
+    ``mount_table`` returns the mount table (None if unknown); ``on_demand`` is an
+    operator's run from the command line.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        repo: RepositoryConfig,
+        *,
+        layout: RepositoryLayout,
+        server: CvmfsServer,
+        metrics: Metrics,
+        state: State,
+        lane: Jobs | None = None,
+        scheduling: Scheduling | None = None,
+        clock: Callable[[], float] = time.time,
+        mount_table: Callable[[], Mapping[str, str] | None] = read_mount_table,
+        on_demand: bool = False,
+    ) -> None:
+        self.name = repo.name
+        self.settings: MaintenanceConfig = repo.maintenance
+        self.server = server
+        self.metrics = metrics
+        self.state_dir = config.daemon.state_dir
+        self.scheduling = scheduling
+        self.runs = Runs(
+            repo.name,
+            metrics=metrics,
+            state=state,
+            clock=clock,
+            backoff=lambda: Backoff(repo.retry_initial_seconds, repo.retry_max_seconds),
+            scheduling=scheduling,
+            on_demand=on_demand,
+        )
+        ctx = TaskContext(config, repo, layout, server, self.runs)
+        self._ctx = ctx
+        self._mount_table = mount_table
+        self._resign = Resign(ctx)
+        self._gc = GarbageCollection(ctx, lane=lane, on_demand=on_demand)
+        self._check = Check(ctx)
+        self._repair_findings: list[str] = []
+
+    def refresh(self) -> None:
+        """Re-read the whitelist, the master key and the repository's last gc; set metrics."""
+        self._resign.read()
+        self._gc.read_last_gc()
+
+    # -- the tasks ---------------------------------------------------------------------------
+
+    def resign_check(self) -> TaskResult | None:
+        """The hourly (and start-up) check: re-sign when due; return the run, or None."""
+        self.refresh()
+        return self._resign.check()
+
+    def resign(self, reason: str = "requested") -> TaskResult:
+        """Re-sign the whitelist now, whatever its expiry (the command line's ``resign``)."""
+        return self._resign.force(reason) or TaskResult(
+            "resign", Verdict.NOT_RUN, "resign did not run"
+        )
+
+    def request_resign(self) -> None:
+        """Re-sign at once because a command met an expired whitelist (the lane's hook)."""
+        self._resign.request()
+
+    def submit_gc(self) -> None:
+        """Queue a gc in the lane (the scheduler's gc job); it runs between batches."""
+        self._gc.submit()
+
+    def gc_locked(self) -> TaskResult | None:
+        """Run gc now; the caller holds the repository lock (the lane, or :func:`run_once`)."""
+        return self._gc.run_locked()
+
+    def check(self) -> TaskResult | None:
+        """Run ``cvmfs_server check`` now, beside publishing; record the result."""
+        return self._check.run()
+
+    def startup(self) -> None:
+        """Before the lane recovers: re-sign an expired (or due) whitelist, then repair.
+
+        An expired whitelist makes transaction, publish and abort fail (h_resign 33), so
+        the lane's recovery would only meet that; resigning first lets it go through.
+        Never raises: problems are recorded and logged (the lane's ``on_start`` hook).
+        """
+        try:
+            self.refresh()
+            if self._resign.expired():
+                log.error(
+                    "the whitelist has expired: re-signing before anything else",
+                    repository=self.name,
+                )
+            self.resign_check()
+            self.repair()
+        except Exception:
+            log.exception("maintenance start-up failed", repository=self.name)
+
+    def repair(self) -> list[str]:
+        """Compare mounts and transaction with what they should be; repair what is safe.
+
+        Return the findings (also logged and shown in /status).
+        """
+        findings = repair(
+            self._ctx.layout, self.server, self._mount_table(), timeout=self._ctx.timeout
+        )
+        self._repair_findings = findings
+        return findings
+
+    def missed(self, task: str) -> None:
+        """A scheduled run was skipped because it was late: count it and run it now."""
+        self.metrics.retries.labels(self.name, task).inc()
+        runner: Callable[[], object] | None = {
+            "resign": self.resign_check,
+            "gc": self.submit_gc,
+            "check": self.check,
+        }.get(task)
+        if runner is not None and self.scheduling is not None:
+            self.scheduling.run_soon(self.name, task, runner, 0.0)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Return the maintenance state for /status (JSON-ready)."""
+        body = self._resign.status()
+        body["gc_settings"] = self._gc.settings_status()
+        body["repair"] = list(self._repair_findings)
+        body.update(self.runs.status())
+        body["schedules"] = {"gc": self.settings.gc_schedule, "check": self.settings.check_schedule}
+        body["problems"] = self.problems()
+        return body
+
+    def problems(self) -> list[str]:
+        """Return what needs an operator (for /status and the systemd STATUS line)."""
+        return self._resign.problems() + self.runs.problems()
+
+
+def run_once(
+    config: Config,
+    repo: RepositoryConfig,
+    task: str,
+    *,
+    server: CvmfsServer,
+    metrics: Metrics | None = None,
+    on_wait: Callable[[str], None] | None = None,
+) -> TaskResult:
+    """Run one maintenance task now, through the same locks the daemon uses.
+
+    ``resign`` signs whatever the expiry; ``gc`` takes the repository lock first (it
+    waits for a publish of the daemon to finish, and the daemon waits for it);
+    ``check`` runs beside publishing. ``on_wait`` is told when a lock must be waited
+    for. Raise RepositoryConfigError if the repository is not on this host.
+    """
+    if task not in ("resign", "gc", "check"):
+        raise ValueError(f"unknown maintenance task {task!r}")
+    layout = load_layout(config.cvmfs.config_dir, repo.name)
+    state = State(config.daemon.state_dir)
+    try:
+        maint = RepositoryMaintenance(
+            config,
+            repo,
+            layout=layout,
+            server=server,
+            metrics=metrics or Metrics(),
+            state=state,
+            on_demand=True,
+        )
+        maint.refresh()
+        if task == "resign":
+            return maint.resign(reason="requested on the command line")
+        if task == "check":
+            return maint.check() or TaskResult("check", Verdict.NOT_RUN, "check did not run")
+        return _gc_once(maint, config, repo, on_wait)
+    finally:
+        state.close()
+
+
+def _gc_once(
+    maint: RepositoryMaintenance,
+    config: Config,
+    repo: RepositoryConfig,
+    on_wait: Callable[[str], None] | None,
+) -> TaskResult:
+    lock = RepositoryLock(config.daemon.state_dir, repo.name)
+    if not lock.acquire(timeout=1.0):
+        if on_wait is not None:
+            on_wait(f"waiting for the repository lock {lock.path} (a publish is in progress)")
+        if not lock.acquire(timeout=CLI_LOCK_WAIT):
+            return TaskResult(
+                "gc",
+                Verdict.NOT_RUN,
+                f"the repository lock {lock.path} stayed held for {CLI_LOCK_WAIT:.0f}s",
+                "locked",
+            )
+    try:
+        result = maint.gc_locked()
+    finally:
+        lock.release()
+    return result or TaskResult("gc", Verdict.NOT_RUN, "gc did not run")
