@@ -300,7 +300,8 @@ def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
     """kill -9 during a slow `transaction`: the restart stops that command before recovering,
     so it cannot open a transaction later that would look foreign forever."""
     daemon.start()
-    daemon.stratum0.inject_fault("transaction", "delay", delay=4.0, times=1)
+    # long enough to outlive the daemon on a loaded machine; the restart stops it anyway
+    daemon.stratum0.inject_fault("transaction", "delay", delay=30.0, times=1)
     (daemon.staging / "a").write_text("a")
 
     def command_journalled() -> bool:
