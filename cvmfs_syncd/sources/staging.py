@@ -35,6 +35,7 @@ from watchdog.observers.inotify import InotifyObserver
 from cvmfs_syncd import fsops
 from cvmfs_syncd.batching import Pending, Settler
 from cvmfs_syncd.config import StagingConfig
+from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import is_ignored, repo_path
@@ -320,7 +321,7 @@ class StagingInput:
             if self.config.mode == "mirror":
                 try:
                     below = repo_path(self.config.target, entry.rel_path)
-                except ValueError:
+                except UnsafeName:
                     continue
                 for live in self.state.published_under(self.repo, below, self.name):
                     result.setdefault(live.source_path, _child(entry, live.source_path))
@@ -384,7 +385,7 @@ class StagingInput:
         obs = StagedObservation(entry, reported=self._reported.get(rel, ""))
         try:
             obs = replace(obs, repo_path=repo_path(self.config.target, rel))
-        except ValueError as exc:
+        except UnsafeName as exc:
             obs = replace(obs, unmappable=str(exc))
         if staged_name_verdict(obs, policy) is not None:
             return obs
@@ -500,7 +501,7 @@ class StagingInput:
             return None
         try:
             rp = repo_path(self.config.target, rel)
-        except ValueError as exc:
+        except UnsafeName as exc:
             return {"live": False, "reason": f"unsafe name: {exc}"}
         live = self.state.published_entry(self.repo, rp)
         found = self._stat(rel) if rel else None
