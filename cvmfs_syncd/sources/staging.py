@@ -8,12 +8,13 @@ kernel queue overflows silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -342,7 +343,17 @@ class StagingInput:
         """
         policy = self._policy()
         markers: dict[str, bool] = {}
-        observations = [self._observe(e, policy, now, markers) for e in self._expand(entries)]
+        expanded = self._expand(entries)
+        # One query per 500 paths and one for the set-aside inputs, not two per path.
+        mapped = []
+        for entry in expanded:
+            with contextlib.suppress(UnsafeName):
+                mapped.append(repo_path(self.config.target, entry.rel_path))
+        lookup = _Lookup(
+            self.state.published_entries(self.repo, mapped),
+            self.state.set_aside_entries(self.repo, self.name),
+        )
+        observations = [self._observe(e, policy, now, markers, lookup) for e in expanded]
         view = StagingView()
         if self.config.mode == "mirror" and any(o.live_below for o in observations):
             view = StagingView(
@@ -372,7 +383,12 @@ class StagingInput:
         )
 
     def _observe(
-        self, entry: Pending, policy: StagingPolicy, now: float, markers: dict[str, bool]
+        self,
+        entry: Pending,
+        policy: StagingPolicy,
+        now: float,
+        markers: dict[str, bool],
+        lookup: _Lookup,
     ) -> StagedObservation:
         """Look at one pending entry as far as the decision about it needs.
 
@@ -398,7 +414,7 @@ class StagingInput:
             if not markers[top]:
                 return obs
         found = self._stat(rel)
-        live = self.state.published_entry(self.repo, obs.repo_path)
+        live = lookup.live.get(obs.repo_path)
         obs = replace(
             obs,
             found=found if isinstance(found, Fingerprint) else None,
@@ -407,7 +423,7 @@ class StagingInput:
             live_source=live.source if live is not None else "",
         )
         if isinstance(found, Fingerprint):
-            aside = self.state.set_aside_entry(self.repo, self.name, rel)
+            aside = lookup.aside.get(rel)
             if aside is not None:
                 obs = replace(obs, set_aside=True, aside=aside[1])
         fate = staged_content_verdict(obs, policy).fate
@@ -526,6 +542,14 @@ class StagingInput:
             result["revision"] = live.revision
             result["published_at"] = live.published_at
         return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """Index and set-aside records of one planning round, fetched in bulk."""
+
+    live: dict[str, PublishedEntry]
+    aside: dict[str, tuple[str, Fingerprint | None]]
 
 
 class _StagedContent:
