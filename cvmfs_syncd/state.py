@@ -598,10 +598,9 @@ class State:
         for start in range(0, len(keys), _IN_CHUNK):
             chunk = keys[start : start + _IN_CHUNK]
             marks = ",".join("?" * len(chunk))
-            sql = (
-                "SELECT repo, path, source, source_path, fingerprint, revision, published_at"
-                f" FROM published WHERE repo = ? AND path IN ({marks})"
-            )
+            columns = "repo, path, source, source_path, fingerprint, revision, published_at"
+            where = f"repo = ? AND path IN ({marks})"  # only "?" placeholders
+            sql = f"SELECT {columns} FROM published WHERE {where}"  # noqa: S608
             rows = self._query(sql, (repo, *chunk))
             for row in rows:
                 entry = _entry(row)
