@@ -40,12 +40,14 @@ from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import is_ignored, repo_path
 from cvmfs_syncd.pipeline.plan import (
     COPY_ONLY,
+    DEFAULT_MAX_BATCH_SECONDS,
     ContentPolicy,
     Fate,
     StagedObservation,
     StagingPolicy,
     StagingView,
     plan_staged,
+    replaces,
     staged_content_verdict,
     staged_name_verdict,
 )
@@ -102,6 +104,7 @@ class StagingInput:
         *,
         clock: Callable[[], float] = time.time,
         content: ContentPolicy = COPY_ONLY,
+        max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
     ) -> None:
         self.repo = repo
         self.config = config
@@ -111,6 +114,7 @@ class StagingInput:
         self.metrics = metrics
         self.clock = clock
         self.content = content
+        self.max_batch_seconds = max_batch_seconds
         self.settler = Settler()
         self._submit: Callable[[Dirty], None] | None = None
         self._observer: InotifyObserver | None = None
@@ -312,7 +316,7 @@ class StagingInput:
             if base.is_dir() and not base.is_symlink():
                 try:
                     for rel, _ in fsops.walk_staging(self.root, subdir=entry.rel_path):
-                        result.setdefault(rel, _child(entry, rel))
+                        result.setdefault(rel, entry.below(rel))
                 except OSError as exc:
                     log.warning(
                         "rescanning failed", source=self.name, path=entry.rel_path, error=str(exc)
@@ -323,36 +327,35 @@ class StagingInput:
                 except ValueError:
                     continue
                 for live in self.state.published_under(self.repo, below, self.name):
-                    result.setdefault(live.source_path, _child(entry, live.source_path))
+                    result.setdefault(live.source_path, entry.below(live.source_path))
         return list(result.values())
 
-    def _root_problem(self) -> str:
+    def _view(self) -> StagingView:
+        problem = ""
         if not self.root.is_dir():
-            return f"staging path {self.root} is missing"
-        if os.path.ismount(self.root) and not any(os.scandir(self.root)):
-            return f"staging path {self.root} is an empty mount point"
-        return ""
+            problem = f"staging path {self.root} is missing"
+        elif os.path.ismount(self.root) and not any(os.scandir(self.root)):
+            problem = f"staging path {self.root} is an empty mount point"
+        return StagingView(problem, self.state.count_published(self.repo, self.name))
 
     def plan(self, entries: Sequence[Pending], now: float) -> Plan:
-        """Turn pending paths into ops; defer unsettled files, hold marker-less directories.
-
-        Observes every entry (:meth:`_observe`), lets :func:`plan_staged` decide, then
-        records what the decision implies for this source's own memory.
-        """
+        """Observe every pending entry (:meth:`_observe`), let :func:`plan_staged` decide,
+        and record what the decision implies for this source's own memory."""
         policy = self._policy()
         markers: dict[str, bool] = {}
         observations = [self._observe(e, policy, now, markers) for e in self._expand(entries)]
-        view = StagingView()
-        if self.config.mode == "mirror" and any(o.live_below for o in observations):
-            view = StagingView(
-                self._root_problem(), self.state.count_published(self.repo, self.name)
-            )
+        deletes = self.config.mode == "mirror" and any(o.live_below for o in observations)
+        view = self._view() if deletes else StagingView()
         result = plan_staged(observations, policy, now, view)
         for key in result.forget:
             self.settler.forget(key)
         for rel in result.clear_set_aside:
             self.state.clear_set_aside(self.repo, self.name, rel)
         self._reported.update(result.reported)
+        for rel in result.replaced_alone:
+            log.warning(
+                "replacement not ready: old entry deleted first", source=self.name, path=rel
+            )
         return result.plan
 
     def _policy(self) -> StagingPolicy:
@@ -368,6 +371,7 @@ class StagingInput:
             prepare=config.prepare,
             graft_at=config.graft_threshold,
             max_delete_share=config.max_delete_share,
+            max_batch_seconds=self.max_batch_seconds,
         )
 
     def _observe(
@@ -378,7 +382,7 @@ class StagingInput:
         In the decision's order, stopping where it is made: the name, the ready marker
         (``markers`` caches it per top-level directory), the staged entry with its index
         and set-aside records, then for a changed file the settle time and, once settled,
-        the writer check; for a deletion the live paths below.
+        the writer check; for a deletion or a replacement (:func:`replaces`), what is below.
         """
         rel = entry.rel_path
         obs = StagedObservation(entry, reported=self._reported.get(rel, ""))
@@ -410,9 +414,9 @@ class StagingInput:
             if aside is not None:
                 obs = replace(obs, set_aside=True, aside=aside[1])
         fate = staged_content_verdict(obs, policy).fate
-        if fate is Fate.DELETE:
+        if fate is Fate.DELETE or (fate is Fate.CHANGED and replaces(obs)):
             below = self.state.published_under(self.repo, obs.repo_path, self.name)
-            return replace(obs, live_below=tuple(e.path for e in below))
+            obs = replace(obs, live_below=tuple(e.path for e in below))
         if fate is not Fate.CHANGED or obs.found is None or obs.found.type is not EntryType.FILE:
             return obs
         settle_at = self.settler.observe(entry.key, obs.found, now, policy.settle_seconds)
@@ -546,17 +550,6 @@ class _StagedContent:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _child(entry: Pending, rel: str) -> Pending:
-    return Pending(
-        source=entry.source,
-        rel_path=rel,
-        first_at=entry.first_at,
-        last_at=entry.last_at,
-        writing=False,
-        from_scan=entry.from_scan,
-    )
 
 
 def _applied(outcome: fsops.CopyOutcome) -> Applied:
