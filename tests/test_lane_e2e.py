@@ -692,3 +692,29 @@ def test_a_file_replaced_by_a_directory_is_published_in_one_revision(
     _sync(lane)
     _assert_replaced_in_one_revision(stratum0, staging, "pkg", old, since)
     assert published(stratum0) == staging_tree(staging)
+
+
+def test_a_replaced_directory_counts_for_the_deletion_guard(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A file replacing a directory of 16 of 20 live paths is held with the deletions, the
+    directory staying live; once released, both go in one revision."""
+    import shutil
+
+    (staging / "big").mkdir()
+    for i in range(15):
+        (staging / "big" / f"f{i}").write_text(str(i))
+    for i in range(4):
+        (staging / f"k{i}").write_text(str(i))
+    lane = lane_factory()
+    _sync(lane)
+    old, since = _at(published(stratum0), "big"), stratum0.revision(REPO)
+    shutil.rmtree(staging / "big")
+    (staging / "big").write_text("now a file")
+    ok, why = lane.sync_once(10)
+    assert not ok
+    assert "delete 16 of 20 live paths" in why, why
+    assert _at(published(stratum0), "big") == old
+    lane.state.request_release(REPO)
+    _sync(lane)
+    _assert_replaced_in_one_revision(stratum0, staging, "big", old, since)
