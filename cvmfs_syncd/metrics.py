@@ -204,6 +204,13 @@ class Metrics:
             task,
             registry=r,
         )
+        self.automatic_tags = Gauge(
+            "cvmfs_syncd_automatic_tags",
+            "Automatic generic-* tags older than auto_tag_keep left after the last tag "
+            "cleanup (0: all removed).",
+            repo,
+            registry=r,
+        )
         self.master_key_present = Gauge(
             "cvmfs_syncd_master_key_present",
             "1 if the repository's master key is on this host (resign possible).",

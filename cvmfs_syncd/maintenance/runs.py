@@ -177,12 +177,15 @@ class Runs:
         body: Callable[[], TaskResult | None],
         *,
         retry: Callable[[], object],
+        started: float | None = None,
     ) -> TaskResult | None:
         """Run ``body`` as a run of ``task`` and record it; ``retry`` runs it again later.
 
-        A body that returns None had nothing to do: nothing is recorded.
+        A body that returns None had nothing to do (or is one step of a run that goes
+        on): nothing is recorded. ``started`` (``time.monotonic()``) is when a run made
+        of several steps began; its duration counts from there.
         """
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         with self._lock:
             self._tasks[task].running = True
         try:
