@@ -167,6 +167,8 @@ class RepositoryMaintenance:
         body = self._resign.status()
         body["gc_settings"] = self._gc.settings_status()
         body["repair"] = list(self._repair_findings)
+        if self.settings.check_integrity:
+            body["integrity"] = self._check.status()
         body.update(self.runs.status())
         body["schedules"] = {"gc": self.settings.gc_schedule, "check": self.settings.check_schedule}
         body["problems"] = self.problems()

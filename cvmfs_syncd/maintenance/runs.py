@@ -279,6 +279,15 @@ class Runs:
             )
             self.scheduling.run_soon(self.name, task, retry, delay)
 
+    def keep_record(self, name: str, *, outcome: str, message: str, success: bool) -> None:
+        """Keep a record beside the tasks' (e.g. where a sampled pass resumes), now."""
+        now = self.clock()
+        self._store(
+            lambda: self.state.record_maintenance_run(
+                self.name, name, at=now, outcome=outcome, message=message, success=success
+            )
+        )
+
     def _store(self, write: Callable[[], None]) -> None:
         try:
             write()
