@@ -3,8 +3,13 @@ except :class:`LaneStatus`, which a lane updates and copies out for its readers.
 
 from __future__ import annotations
 
+import calendar
 import enum
 from dataclasses import dataclass, field
+from datetime import datetime
+
+#: Mode of every file published from S3 (objects carry no permissions).
+S3_FILE_MODE = 0o644
 
 
 class EntryType(enum.StrEnum):
@@ -68,6 +73,42 @@ class Fingerprint:
             target=str(data.get("target", "")),
             etag=str(data.get("etag", "")),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ListedObject:
+    """One S3 object as a listing of its prefix showed it.
+
+    ``last_modified`` is the listing's timestamp in ISO 8601 (kept as text in the state
+    database); ``stable`` is True once the same size and ETag were seen in two listings at
+    least ``poll_seconds`` apart.
+    """
+
+    key: str
+    size: int
+    etag: str
+    last_modified: str
+    first_seen: float
+    stable: bool
+
+    @property
+    def mtime_ns(self) -> int:
+        """``last_modified`` in nanoseconds since the epoch (the published mtime)."""
+        moment = datetime.fromisoformat(self.last_modified)
+        return calendar.timegm(moment.utctimetuple()) * 10**9 + moment.microsecond * 1000
+
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint the index records for this version of the object."""
+        return Fingerprint(EntryType.FILE, S3_FILE_MODE, self.size, self.mtime_ns, etag=self.etag)
+
+    def same_version(self, other: ListedObject | None) -> bool:
+        """True if ``other`` is the same version in the same readiness state."""
+        return other is not None and (
+            self.size,
+            self.etag,
+            self.last_modified,
+            self.stable,
+        ) == (other.size, other.etag, other.last_modified, other.stable)
 
 
 class HoldReason(enum.StrEnum):

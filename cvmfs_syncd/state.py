@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import cast
 
 from cvmfs_syncd.errors import StateError
-from cvmfs_syncd.model import EntryType, Fingerprint, JournalStage, Op, OpKind
+from cvmfs_syncd.model import EntryType, Fingerprint, JournalStage, ListedObject, Op, OpKind
 
 #: The schema every database of version 1 has (and a new database starts from); later
 #: versions are reached by the migrations in ``_MIGRATIONS``.
@@ -802,37 +802,34 @@ class State:
 
     # -- S3 listing state --------------------------------------------------------------
 
-    def s3_listing(self, source: str) -> dict[str, tuple[int, str, str, float, int]]:
-        """Return key -> (size, etag, last_modified, first_seen, stable) for a source."""
+    def s3_listing(self, source: str) -> dict[str, ListedObject]:
+        """Return the stored listing of a source, by key."""
         rows = self._query(
             "SELECT key, size, etag, last_modified, first_seen, stable FROM s3_objects"
             " WHERE source = ?",
             (source,),
         )
         return {
-            str(k): (int(str(s)), str(e), str(m), float(str(f)), int(str(st)))
+            str(k): ListedObject(
+                str(k), int(str(s)), str(e), str(m), float(str(f)), bool(int(str(st)))
+            )
             for k, s, e, m, f, st in rows
         }
 
-    def save_s3_listing(
-        self, source: str, objects: dict[str, tuple[int, str, str, float, int]]
-    ) -> None:
+    def save_s3_listing(self, source: str, objects: Iterable[ListedObject]) -> None:
         """Replace the stored listing of a source."""
         with self._tx() as db:
             db.execute("DELETE FROM s3_objects WHERE source = ?", (source,))
             db.executemany(
                 "INSERT INTO s3_objects(source, key, size, etag, last_modified, first_seen,"
                 " stable) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                [(source, k, *v) for k, v in objects.items()],
+                [_s3_row(source, o) for o in objects],
             )
 
     def update_s3_listing(
-        self,
-        source: str,
-        changed: dict[str, tuple[int, str, str, float, int]],
-        removed: Iterable[str],
+        self, source: str, changed: Iterable[ListedObject], removed: Iterable[str]
     ) -> None:
-        """Upsert the ``changed`` keys and drop the ``removed`` keys of a source's listing.
+        """Upsert the ``changed`` objects and drop the ``removed`` keys of a source's listing.
 
         One commit; writes only what differs, so a large prefix that barely changes costs
         little per poll (:meth:`save_s3_listing` rewrites every row).
@@ -845,8 +842,13 @@ class State:
             db.executemany(
                 "INSERT OR REPLACE INTO s3_objects(source, key, size, etag, last_modified,"
                 " first_seen, stable) VALUES(?, ?, ?, ?, ?, ?, ?)",
-                [(source, k, *v) for k, v in changed.items()],
+                [_s3_row(source, o) for o in changed],
             )
+
+
+def _s3_row(source: str, obj: ListedObject) -> tuple[str, str, int, str, str, float, int]:
+    """The ``s3_objects`` row of one listed object."""
+    return (source, obj.key, obj.size, obj.etag, obj.last_modified, obj.first_seen, int(obj.stable))
 
 
 def scan_key(fingerprint: Fingerprint) -> str | None:

@@ -35,14 +35,12 @@ index of what is live and returns ops.
 
 from __future__ import annotations
 
-import calendar
 import errno
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +52,7 @@ from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.errors import SourceError, UnsafeName
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.model import S3_FILE_MODE, Dirty, EntryType, Fingerprint, ListedObject, Op, OpKind
 from cvmfs_syncd.paths import KeyRefused, repo_path, resolve_key_collisions
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.pipeline.plan_s3 import (
@@ -80,7 +78,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 #: Mode of every file published from S3 (objects carry no permissions).
-FILE_MODE = 0o644
+FILE_MODE = S3_FILE_MODE
 #: Keys per ListObjectsV2 page (the S3 maximum).
 LIST_PAGE_SIZE = 1000
 #: Bytes per read of a downloaded object.
@@ -163,46 +161,6 @@ def _s3_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
 
 
 # --------------------------------------------------------------------------- listings
-
-
-@dataclass(frozen=True, slots=True)
-class ListedObject:
-    """One object as a listing showed it.
-
-    ``last_modified`` is the listing's timestamp in ISO 8601 (kept as text in the state
-    database); ``stable`` is True once the same size and ETag were seen in two listings at
-    least ``poll_seconds`` apart.
-    """
-
-    key: str
-    size: int
-    etag: str
-    last_modified: str
-    first_seen: float
-    stable: bool
-
-    @property
-    def mtime_ns(self) -> int:
-        """``last_modified`` in nanoseconds since the epoch (the published mtime)."""
-        moment = datetime.fromisoformat(self.last_modified)
-        return calendar.timegm(moment.utctimetuple()) * 10**9 + moment.microsecond * 1000
-
-    def fingerprint(self) -> Fingerprint:
-        """The fingerprint the index records for this version of the object."""
-        return Fingerprint(EntryType.FILE, FILE_MODE, self.size, self.mtime_ns, etag=self.etag)
-
-    def row(self) -> tuple[int, str, str, float, int]:
-        """The state database row (size, etag, last_modified, first_seen, stable)."""
-        return (self.size, self.etag, self.last_modified, self.first_seen, int(self.stable))
-
-    def same_version(self, other: ListedObject | None) -> bool:
-        """True if ``other`` is the same version in the same readiness state."""
-        return other is not None and (
-            self.size,
-            self.etag,
-            self.last_modified,
-            self.stable,
-        ) == (other.size, other.etag, other.last_modified, other.stable)
 
 
 @dataclass(frozen=True)
@@ -289,12 +247,7 @@ class S3Input:
         self._list_lock = threading.Lock()  # one listing at a time
         # Listings are stored per repository: two repositories may publish one prefix.
         self.listing_key = f"{repo}/{self.name}"
-        self._stored = {
-            key: ListedObject(key, size, etag, modified, first, bool(stable))
-            for key, (size, etag, modified, first, stable) in state.s3_listing(
-                self.listing_key
-            ).items()
-        }
+        self._stored = state.s3_listing(self.listing_key)
         self._listing: Listing | None = None
         self._status = _Status()
         #: Keys found changed or gone at download time: not planned again before the next
@@ -429,9 +382,7 @@ class S3Input:
                 self._set_up(False, str(exc))
                 raise
             listing, changed, removed = self._build(found, now)
-            self.state.update_s3_listing(
-                self.listing_key, {k: o.row() for k, o in changed.items()}, removed
-            )
+            self.state.update_s3_listing(self.listing_key, changed.values(), removed)
             with self._lock:
                 previous, self._listing = self._listing, listing
                 self._stored = listing.objects

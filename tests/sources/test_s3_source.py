@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
 from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, ListedObject, Op, OpKind
 from cvmfs_syncd.paths import reserved_name, split_repo_path
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.planner import ApplyOutcome, Plan
@@ -391,11 +392,10 @@ def test_a_large_prefix_is_listed_in_pages_and_stored_incrementally(
     written: list[int] = []
     original = state.update_s3_listing
 
-    def spy(
-        name: str, changed: dict[str, tuple[int, str, str, float, int]], removed: object
-    ) -> None:
-        written.append(len(changed))
-        original(name, changed, removed)  # type: ignore[arg-type]
+    def spy(name: str, changed: Iterable[ListedObject], removed: Iterable[str]) -> None:
+        rows = list(changed)
+        written.append(len(rows))
+        original(name, rows, removed)
 
     monkeypatch.setattr(state, "update_s3_listing", spy)
     started = time.monotonic()
@@ -543,9 +543,15 @@ def test_write_stream_places_complete_downloads_only(tmp_path: Path) -> None:
 
 def test_update_s3_listing_upserts_and_removes(state: State) -> None:
     """The incremental listing update changes only the rows given."""
-    state.save_s3_listing("s", {"a": (1, "e1", "t", 1.0, 0), "b": (2, "e2", "t", 1.0, 0)})
-    state.update_s3_listing("s", {"a": (1, "e1", "t", 1.0, 1), "c": (3, "e3", "t", 2.0, 0)}, ["b"])
-    assert state.s3_listing("s") == {"a": (1, "e1", "t", 1.0, 1), "c": (3, "e3", "t", 2.0, 0)}
+    a, b, c = (
+        ListedObject("a", 1, "e1", "t", 1.0, False),
+        ListedObject("b", 2, "e2", "t", 1.0, False),
+        ListedObject("c", 3, "e3", "t", 2.0, False),
+    )
+    state.save_s3_listing("s", [a, b])
+    stable_a = replace(a, stable=True)
+    state.update_s3_listing("s", [stable_a, c], ["b"])
+    assert state.s3_listing("s") == {"a": stable_a, "c": c}
 
 
 def test_directories_carry_a_directory_fingerprint(state: State, fake: FakeS3) -> None:
