@@ -36,11 +36,11 @@ index of what is live and returns ops.
 from __future__ import annotations
 
 import errno
-import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,25 +50,41 @@ from cvmfs_syncd import fsops
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
-from cvmfs_syncd.errors import SourceError, UnsafeName
+from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import S3_FILE_MODE, Dirty, EntryType, Fingerprint, ListedObject, Op, OpKind
-from cvmfs_syncd.paths import KeyRefused, repo_path, resolve_key_collisions
+from cvmfs_syncd.model import S3_FILE_MODE, Dirty, EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.pipeline.plan_s3 import (
     DIR_MODE,
-    Listed,
     ListedObservation,
     ListingPolicy,
     ListingView,
     listed_deletes,
-    listed_ready,
-    listed_unchanged,
     listing_waits,
     plan_listed,
 )
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
+from cvmfs_syncd.sources.s3_client import (
+    ClientCache,
+    ClientFactory,
+    S3Content,
+    make_client,
+    open_object,
+    pieces,
+)
+from cvmfs_syncd.sources.s3_inbox import InboxCleaner
+from cvmfs_syncd.sources.s3_listing import (
+    Found,
+    Listing,
+    Refusals,
+    build_listing,
+    changed_paths,
+    full_prefix,
+    list_prefix,
+)
+from cvmfs_syncd.sources.s3_observe import listing_policy, observe_entry
 from cvmfs_syncd.state import PublishedEntry, State
 
 if TYPE_CHECKING:
@@ -81,117 +97,8 @@ log = structlog.get_logger(__name__)
 FILE_MODE = S3_FILE_MODE
 #: Keys per ListObjectsV2 page (the S3 maximum).
 LIST_PAGE_SIZE = 1000
-#: Bytes per read of a downloaded object.
-READ_PIECE = 1 << 20
 #: Above this many pending entries, plan() reads the source's whole index at once.
 _BULK_LOOKUP = 256
-
-_MISSING = frozenset({"NoSuchKey", "404", "NotFound"})
-_CHANGED = frozenset({"PreconditionFailed", "412"})
-_REFUSED = frozenset({"AccessDenied", "403", "InvalidObjectState"})
-
-ClientFactory = Callable[[S3Config], "S3Client"]
-
-
-# --------------------------------------------------------------------------- clients
-
-
-def make_client(config: S3Config) -> S3Client:
-    """Return an S3 client for a source; raise SourceError if it cannot be configured.
-
-    With ``credentials_file`` the keys come from that AWS shared-credentials file (profile
-    ``profile``), set on this client's own botocore session rather than through
-    ``os.environ``, and an explicit profile keeps ``AWS_ACCESS_KEY_ID`` & co. from
-    overriding it; without it boto3's standard chain applies. Custom endpoints (MinIO)
-    get path-style addressing.
-    """
-    import boto3
-    import botocore.session
-    from botocore.config import Config as BotoConfig
-    from botocore.exceptions import BotoCoreError
-
-    core = botocore.session.get_session()
-    explicit = config.credentials_file is not None or config.profile != "default"
-    if config.credentials_file is not None:
-        core.set_config_variable("credentials_file", os.fspath(config.credentials_file))
-    try:
-        session = boto3.session.Session(
-            botocore_session=core, profile_name=config.profile if explicit else None
-        )
-        client: S3Client = session.client(
-            "s3",
-            endpoint_url=config.endpoint_url or None,
-            region_name=config.region or None,
-            config=BotoConfig(
-                connect_timeout=5,
-                read_timeout=60,
-                retries={"mode": "standard", "max_attempts": 3},
-                s3={"addressing_style": "path"} if config.endpoint_url else {},
-            ),
-        )
-    except BotoCoreError as exc:
-        raise SourceError(f"cannot configure the S3 client: {exc}") from exc
-    return client
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        code = response.get("Error", {}).get("Code")
-        if code:
-            return str(code)
-    return type(exc).__name__
-
-
-def _describe(exc: BaseException) -> str:
-    """Say what went wrong without anything a request carried (no credentials, no URLs
-    with signatures): the error code and HTTP status, or botocore's own sentence."""
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        return f"{_error_code(exc)}" + (f" (HTTP {status})" if status else "")
-    return str(exc)[:300] or type(exc).__name__
-
-
-def _s3_errors(*extra: type[BaseException]) -> tuple[type[BaseException], ...]:
-    """The exceptions a boto3 call raises when S3 cannot be used (plus ``extra``)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (BotoCoreError, ClientError, OSError, *extra)
-
-
-# --------------------------------------------------------------------------- listings
-
-
-@dataclass(frozen=True)
-class Listing:
-    """What one successful listing of the prefix says should be published.
-
-    ``winners`` maps each source-relative path to the key that provides it (ready markers
-    left out), ``dirs`` are the directories those paths imply, ``ready_dirs`` the ones
-    with at least one object ready to publish below them, ``markers`` the top-level
-    directories holding the ready marker, ``refused`` every key that maps to no path.
-    """
-
-    objects: dict[str, ListedObject]
-    winners: dict[str, str]
-    dirs: frozenset[str]
-    ready_dirs: frozenset[str]
-    markers: frozenset[str]
-    refused: list[tuple[str, KeyRefused]]
-    listed_at: float
-
-
-def _parents(rel: str) -> Iterator[str]:
-    parts = rel.split("/")
-    for depth in range(1, len(parts)):
-        yield "/".join(parts[:depth])
-
-
-def _full_prefix(prefix: str) -> str:
-    # A prefix names a directory: "builds" lists "builds/…", never "builds2/…".
-    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
-
 
 # --------------------------------------------------------------------------- the source
 
@@ -202,7 +109,6 @@ class _Status:
     detail: str = "not listed yet"
     failures: int = 0
     retry_at: float = 0.0
-    reported: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 class S3Input:
@@ -237,19 +143,18 @@ class S3Input:
         self.read_only = False
         self.clock = clock
         self.page_size = page_size
-        self.full_prefix = _full_prefix(config.prefix)
+        self.full_prefix = full_prefix(config.prefix)
         self.target_path = repo_path(config.target, "")
-        self._client_factory = client_factory
-        self._client: S3Client | None = None
-        self._client_signature: object = None
-        self._retired: list[S3Client] = []
-        self._lock = threading.Lock()  # guards the fields below and the client
+        self._clients = ClientCache(config, client_factory)
+        self._lock = threading.Lock()  # guards the fields below
         self._list_lock = threading.Lock()  # one listing at a time
         # Listings are stored per repository: two repositories may publish one prefix.
         self.listing_key = f"{repo}/{self.name}"
         self._stored = state.s3_listing(self.listing_key)
         self._listing: Listing | None = None
         self._status = _Status()
+        self._refusals = Refusals(repo, self.name, metrics)
+        self._inbox = InboxCleaner(config, self.full_prefix, self.client, self._known_etag)
         #: Keys found changed or gone at download time: not planned again before the next
         #: listing (cleared by every listing).
         self._stale: set[str] = set()
@@ -275,11 +180,7 @@ class S3Input:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=120)
-        with self._lock:
-            clients = [*self._retired, *([self._client] if self._client else [])]
-            self._client, self._retired = None, []
-        for client in clients:
-            client.close()
+        self._clients.close()
 
     def alive(self) -> bool:
         """Return False if the poller thread died (listing failures are "down", not dead)."""
@@ -315,57 +216,18 @@ class S3Input:
 
     def client(self) -> S3Client:
         """Return the S3 client, rebuilt when the credentials file changed on disk."""
-        signature = self._credentials_signature()
-        with self._lock:
-            if self._client is not None and signature == self._client_signature:
-                return self._client
-            old = self._client
-        fresh = self._client_factory(self.config)
-        with self._lock:
-            if old is not None:
-                # The lane may be downloading with the old client right now: close it later.
-                self._retired.append(old)
-            self._client, self._client_signature = fresh, signature
-        return fresh
+        return self._clients.get()
 
-    def _credentials_signature(self) -> object:
-        path = self.config.credentials_file
-        if path is None:
-            return None
-        try:
-            st = path.stat()
-        except OSError as exc:
-            return ("missing", exc.errno)
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
+    def _known_etag(self, key: str) -> str | None:
+        with self._lock:
+            known = self._stored.get(key)
+        return known.etag if known is not None else None
 
     # -- listing ---------------------------------------------------------------------------
 
-    def _list(self) -> dict[str, tuple[int, str, str]]:
-        """List the prefix: key -> (size, ETag, LastModified ISO); raise SourceError.
-
-        A listing is all or nothing: a page that fails fails the listing, so a partial
-        result is never mistaken for deleted keys.
-        """
-        found: dict[str, tuple[int, str, str]] = {}
-        try:
-            paginator = self.client().get_paginator("list_objects_v2")
-            pages = paginator.paginate(
-                Bucket=self.config.bucket,
-                Prefix=self.full_prefix,
-                PaginationConfig={"PageSize": self.page_size},
-            )
-            for page in pages:
-                for item in page.get("Contents", []):
-                    modified = item["LastModified"]
-                    found[item["Key"]] = (int(item["Size"]), item["ETag"], modified.isoformat())
-        except SourceError:
-            raise
-        except _s3_errors() as exc:
-            raise SourceError(
-                f"listing s3://{self.config.bucket}/{self.full_prefix} at "
-                f"{self.config.endpoint_url or 'AWS'} failed: {_describe(exc)}"
-            ) from exc
-        return found
+    def _list(self) -> Found:
+        """List the prefix; raise SourceError (see :func:`list_prefix`)."""
+        return list_prefix(self.client, self.config, self.full_prefix, self.page_size)
 
     def refresh(self, now: float) -> tuple[Listing | None, Listing]:
         """List the prefix once and record it; return (previous listing, new listing).
@@ -381,7 +243,9 @@ class S3Input:
                     self._status.failures += 1
                 self._set_up(False, str(exc))
                 raise
-            listing, changed, removed = self._build(found, now)
+            listing, changed, removed = build_listing(
+                found, self._stored, self._listing, self.config, now
+            )
             self.state.update_s3_listing(self.listing_key, changed.values(), removed)
             with self._lock:
                 previous, self._listing = self._listing, listing
@@ -390,102 +254,8 @@ class S3Input:
         self._set_up(True, "")
         self.metrics.s3_listed_objects.labels(self.repo, self.name).set(len(listing.objects))
         self.metrics.s3_last_listing.labels(self.repo, self.name).set(now)
-        self._report_refusals(listing)
+        self._refusals.report(listing)
         return previous, listing
-
-    def _build(
-        self, found: dict[str, tuple[int, str, str]], now: float
-    ) -> tuple[Listing, dict[str, ListedObject], list[str]]:
-        """Turn a raw listing into a :class:`Listing`, with the rows that changed."""
-        before = self._stored
-        objects: dict[str, ListedObject] = {}
-        changed: dict[str, ListedObject] = {}
-        for key, (size, etag, modified) in found.items():
-            old = before.get(key)
-            if old is not None and old.size == size and old.etag == etag:
-                # Stable once unchanged for a poll interval: listings spaced that far apart
-                # (the poller's) or a later one-shot listing, never two back to back.
-                stable = old.stable or now - old.first_seen >= self.config.poll_seconds
-                obj = ListedObject(key, size, etag, modified, old.first_seen, stable)
-            else:
-                obj = ListedObject(key, size, etag, modified, now, False)
-            objects[key] = obj
-            if obj != old:
-                changed[key] = obj
-        removed = [key for key in before if key not in found]
-        previous = self._listing
-        if previous is not None and previous.objects.keys() == found.keys():
-            # Same keys: the mapping depends on the keys only, so keep it (with 100 000
-            # keys this is most of a poll's work).
-            winners, refused, markers = previous.winners, previous.refused, previous.markers
-            dirs = previous.dirs
-        else:
-            winners, refused, markers = self._map(found)
-            dirs = frozenset(parent for rel in winners for parent in _parents(rel))
-        ready_dirs: set[str] = set()
-        for rel, key in winners.items():
-            if self._ready(rel, objects[key], markers):
-                ready_dirs.update(_parents(rel))
-        listing = Listing(
-            objects=objects,
-            winners=winners,
-            dirs=dirs,
-            ready_dirs=frozenset(ready_dirs),
-            markers=markers,
-            refused=refused,
-            listed_at=now,
-        )
-        return listing, changed, removed
-
-    def _map(
-        self, found: dict[str, tuple[int, str, str]]
-    ) -> tuple[dict[str, str], list[tuple[str, KeyRefused]], frozenset[str]]:
-        """Map keys to paths: (winners without ready markers, refused keys, marker dirs)."""
-        winners, refused = resolve_key_collisions(
-            found, self.config.prefix, allow_reserved_names=self.config.allow_reserved_names
-        )
-        marker = self.config.ready_marker
-        if not marker:
-            return winners, refused, frozenset()
-        markers: set[str] = set()
-        for key in found:
-            top, sep, rest = key[len(self.full_prefix) :].partition("/")
-            if sep and rest == marker:
-                markers.add(top)
-        winners = {
-            rel: key
-            for rel, key in winners.items()
-            if not (rel.count("/") == 1 and rel.endswith("/" + marker))
-        }
-        return winners, refused, frozenset(markers)
-
-    def _ready(self, rel: str, obj: ListedObject, markers: frozenset[str]) -> bool:
-        top = rel.partition("/")[0]
-        return listed_ready(rel, obj.stable, top in markers, self.config.ready_marker)
-
-    def _report_refusals(self, listing: Listing) -> None:
-        """Log and count each refused key once per version (not at every poll)."""
-        reported: dict[str, tuple[str, str]] = {}
-        with self._lock:
-            before = self._status.reported
-        for key, refusal in listing.refused:
-            if refusal.ignorable:
-                continue
-            obj = listing.objects.get(key)
-            signature = (obj.etag if obj else "", refusal.reason.value)
-            reported[key] = signature
-            if before.get(key) == signature:
-                continue
-            self.metrics.skipped.labels(self.repo, self.name, refusal.reason.value).inc()
-            log.warning(
-                "S3 key refused",
-                source=self.name,
-                key=repr(key)[:300],
-                reason=refusal.reason.value,
-                detail=refusal.detail[:300],
-            )
-        with self._lock:
-            self._status.reported = reported
 
     # -- polling ---------------------------------------------------------------------------
 
@@ -500,24 +270,8 @@ class S3Input:
             return self._differences(listing, now)
         return [
             Dirty(self.name, rel, now, closed=True)
-            for rel in sorted(self._changed(previous, listing))
+            for rel in sorted(changed_paths(previous, listing))
         ]
-
-    def _changed(self, old: Listing, new: Listing) -> set[str]:
-        rels: set[str] = set()
-        for rel, key in new.winners.items():
-            if old.winners.get(rel) != key or not new.objects[key].same_version(
-                old.objects.get(key)
-            ):
-                rels.add(rel)
-        rels.update(rel for rel in old.winners if rel not in new.winners)
-        rels.update(old.dirs ^ new.dirs)
-        rels.update(new.ready_dirs - old.ready_dirs)
-        for top in new.markers - old.markers:
-            below = top + "/"
-            rels.update(r for r in new.winners if r.startswith(below))
-            rels.update(d for d in new.dirs if d == top or d.startswith(below))
-        return rels
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
@@ -608,7 +362,7 @@ class S3Input:
             # Inbox: objects that are live but still in the bucket (a deletion after an
             # earlier publish failed) are removed now.
             for key, fp in published_here:
-                self._delete_object(key, fp.etag)
+                self._inbox.delete_object(key, fp.etag)
         return [Dirty(self.name, rel, now, from_scan=True) for rel in sorted(set(rels))]
 
     # -- planning --------------------------------------------------------------------------
@@ -626,7 +380,16 @@ class S3Input:
         observations = [ListedObservation(e) for e in entries]
         if listing is not None and not listing_waits(view, now):
             live_of = self._live_lookup(len(entries))
-            observations = [self._observe(e, listing, live_of, policy) for e in entries]
+            observe = partial(
+                observe_entry,
+                listing=listing,
+                live_of=live_of,
+                policy=policy,
+                target=self.config.target,
+                is_stale=self._is_stale,
+                set_aside=partial(self.state.set_aside_entry, self.repo, self.name),
+            )
+            observations = [observe(e) for e in entries]
             if any(listed_deletes(o, policy) for o in observations):
                 view = replace(view, live_count=self.state.count_published(self.repo, self.name))
         result = plan_listed(observations, view, policy, now)
@@ -635,19 +398,7 @@ class S3Input:
         return result.plan
 
     def _policy(self) -> ListingPolicy:
-        config = self.config
-        return ListingPolicy(
-            source=self.name,
-            mirror=config.mode == "mirror",
-            content=self.content,
-            ready_marker=config.ready_marker,
-            prepare=config.prepare,
-            copy_below=config.copy_below,
-            poll_seconds=config.poll_seconds,
-            max_delete_share=config.max_delete_share,
-            where=f"s3://{config.bucket}/{self.full_prefix}",
-            full_prefix=self.full_prefix,
-        )
+        return listing_policy(self.config, self.content, self.full_prefix)
 
     def _view(self, now: float) -> tuple[ListingView, Listing | None]:
         """The listing to plan from (None if there is none) and what it says of the source."""
@@ -664,44 +415,6 @@ class S3Input:
             usable=up, listed_at=listing.listed_at, retry_at=retry_at, empty=not listing.winners
         )
         return view, listing
-
-    def _observe(
-        self,
-        entry: Pending,
-        listing: Listing,
-        live_of: Callable[[str], PublishedEntry | None],
-        policy: ListingPolicy,
-    ) -> ListedObservation:
-        """Look up one pending path in the listing, the index and the set-aside records."""
-        rel = entry.rel_path
-        if not rel:
-            return ListedObservation(entry)
-        try:
-            path = repo_path(self.config.target, rel)
-        except UnsafeName as exc:
-            return ListedObservation(entry, unmappable=str(exc))
-        live = live_of(path)
-        key = listing.winners.get(rel)
-        listed = None
-        if key is not None:
-            obj = listing.objects[key]
-            listed = Listed(key, obj.fingerprint(), obj.stable, self._is_stale(key))
-        obs = ListedObservation(
-            entry,
-            repo_path=path,
-            listed=listed,
-            directory=rel in listing.dirs,
-            dir_ready=rel in listing.ready_dirs,
-            marker=rel.partition("/")[0] in listing.markers,
-            live=live.fingerprint if live is not None else None,
-            live_source=live.source if live is not None else "",
-            live_source_path=live.source_path if live is not None else "",
-        )
-        if key is not None and not listed_unchanged(obs, policy):
-            aside = self.state.set_aside_entry(self.repo, self.name, key)
-            if aside is not None:
-                obs = replace(obs, set_aside=True, aside=aside[1])
-        return obs
 
     def _is_stale(self, key: str) -> bool:
         with self._lock:
@@ -782,7 +495,7 @@ class S3Input:
         if isinstance(opened, Applied):
             self._downloaded(op, opened)
             return opened
-        return _S3Content(self, opened, op, fp)
+        return S3Content(opened, op, fp, self._trouble, partial(self._downloaded, op))
 
     def still_current(self, op: Op) -> bool:  # noqa: ARG002 (protocol)
         """Always True: the bytes were pinned to the planned ETag when they were read."""
@@ -796,34 +509,17 @@ class S3Input:
 
     def _open(self, key: str, fp: Fingerprint) -> StreamingBody | Applied:
         """GET exactly the planned version of ``key``; an Applied says why not."""
-        from botocore.exceptions import ClientError
-
         try:
-            response = self.client().get_object(Bucket=self.config.bucket, Key=key, IfMatch=fp.etag)
+            client = self.client()
         except SourceError as exc:
             raise OSError(errno.EIO, str(exc)) from exc
-        except ClientError as exc:
-            code = _error_code(exc)
-            if code in _MISSING:
-                return Applied(ApplyOutcome.VANISHED)
-            if code in _CHANGED:
-                return Applied(ApplyOutcome.CHANGED)
-            if code in _REFUSED:
-                return Applied(ApplyOutcome.REFUSED, f"S3 GET refused: {_describe(exc)}")
-            raise OSError(errno.EIO, f"S3 GET of {key!r} failed: {_describe(exc)}") from exc
-        except _s3_errors() as exc:
-            raise OSError(errno.EIO, f"S3 GET of {key!r} failed: {_describe(exc)}") from exc
-        body = response["Body"]
-        if response.get("ContentLength") != fp.size:
-            body.close()
-            return Applied(ApplyOutcome.CHANGED)
-        return body
+        return open_object(client, self.config.bucket, key, fp)
 
     def _copy(self, op: Op, fp: Fingerprint, body: StreamingBody, union_dir: Path) -> Applied:
         complete = fsops.write_stream(
             union_dir,
             op.repo_path,
-            _pieces(body, op.source_path),
+            pieces(body, op.source_path),
             size=fp.size,
             mode=FILE_MODE,
             mtime_ns=fp.mtime_ns,
@@ -834,122 +530,5 @@ class S3Input:
     def published(self, ops: Sequence[Op]) -> None:
         """Inbox mode: delete each published object (if still that version) and the
         ready markers of the directories published."""
-        if self.config.mode != "inbox":
-            return
-        tops: set[str] = set()
-        for op in ops:
-            if op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT) or op.fingerprint is None:
-                continue
-            if self._delete_object(op.source_path, op.fingerprint.etag):
-                rel = op.source_path[len(self.full_prefix) :]
-                top, sep, _ = rel.partition("/")
-                if sep:
-                    tops.add(top)
-        marker = self.config.ready_marker
-        if marker:
-            for top in sorted(tops):
-                self._delete_marker_if_alone(top, marker)
-
-    def _delete_marker_if_alone(self, top: str, marker: str) -> None:
-        """Delete ``top``'s ready marker once nothing but it (and folder markers) is left.
-
-        An object of the directory that could not be published yet keeps the marker, so
-        it goes live later instead of waiting for a marker that will never come back; the
-        marker is deleted only in the version that was listed (a new drop's marker stays).
-        """
-        prefix = f"{self.full_prefix}{top}/"
-        key = prefix + marker
-        try:
-            pages = (
-                self.client()
-                .get_paginator("list_objects_v2")
-                .paginate(Bucket=self.config.bucket, Prefix=prefix)
-            )
-            others = any(
-                item["Key"] != key and not item["Key"].endswith("/")
-                for page in pages
-                for item in page.get("Contents", [])
-            )
-        except _s3_errors(SourceError) as exc:
-            log.warning("could not list before deleting a marker", key=repr(key), error=str(exc))
-            return
-        if others:
-            return
-        with self._lock:
-            known = self._stored.get(key)
-        self._delete_object(key, known.etag if known is not None else None)
-
-    def _delete_object(self, key: str, etag: str | None) -> bool:
-        """Delete ``key`` if it still has ``etag`` (any version when None); True if gone.
-
-        S3 has no conditional delete everywhere, so the ETag is checked just before: a
-        newer upload in between is the remaining (small) window.
-        """
-        from botocore.exceptions import ClientError
-
-        try:
-            client = self.client()
-            if etag is not None:
-                client.head_object(Bucket=self.config.bucket, Key=key, IfMatch=etag)
-            client.delete_object(Bucket=self.config.bucket, Key=key)
-        except ClientError as exc:
-            code = _error_code(exc)
-            if code in _MISSING:
-                return True
-            if code not in _CHANGED:
-                log.warning("could not delete an S3 object", key=repr(key), error=_describe(exc))
-            return False
-        except _s3_errors(SourceError) as exc:
-            log.warning("could not delete an S3 object", key=repr(key), error=_describe(exc))
-            return False
-        return True
-
-
-class _S3Content:
-    """An object body opened for preparing (pinned to its ETag by ``If-Match``)."""
-
-    def __init__(self, source: S3Input, body: StreamingBody, op: Op, fp: Fingerprint) -> None:
-        self._source = source
-        self._body = body
-        self._op = op
-        self._reader = _Reader(body, op.source_path)
-        self._size = fp.size
-        self.mode = FILE_MODE
-        self.mtime_ns = fp.mtime_ns
-
-    def read(self, size: int = -1, /) -> bytes:
-        try:
-            return self._reader.read(size)
-        except OSError as exc:
-            self._source._trouble(str(exc))
-            raise
-
-    def unchanged(self, size: int) -> bool:
-        complete = size == self._size
-        if not complete:
-            self._source._downloaded(self._op, Applied(ApplyOutcome.CHANGED))
-        return complete
-
-    def close(self) -> None:
-        self._body.close()
-
-
-class _Reader:
-    """A file-like view of a GetObject body for the graft engine: errors become OSError
-    (which the engine reports as an unreadable input)."""
-
-    def __init__(self, body: StreamingBody, key: str) -> None:
-        self._body = body
-        self._key = key
-
-    def read(self, size: int = -1) -> bytes:
-        try:
-            return bytes(self._body.read(size if size >= 0 else None))
-        except _s3_errors() as exc:
-            raise OSError(errno.EIO, f"reading {self._key!r} from S3: {_describe(exc)}") from exc
-
-
-def _pieces(body: StreamingBody, key: str) -> Iterator[bytes]:
-    reader = _Reader(body, key)
-    while piece := reader.read(READ_PIECE):
-        yield piece
+        if self.config.mode == "inbox":
+            self._inbox.published(ops)

@@ -26,7 +26,8 @@ from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, ListedObject, Op, O
 from cvmfs_syncd.paths import reserved_name, split_repo_path
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.planner import ApplyOutcome, Plan
-from cvmfs_syncd.sources.s3 import S3Input, make_client
+from cvmfs_syncd.sources.s3 import S3Input
+from cvmfs_syncd.sources.s3_client import make_client
 from cvmfs_syncd.state import State
 from tests.sources.s3_support import FakeS3, write_credentials
 from tests.support import wait_for
