@@ -1263,19 +1263,36 @@ class Context:
         self._locks: list[Any] = []
         self._storage: dict[str | None, str | None] = {}
         self.started = time.monotonic()
+        self.parent = os.getppid()
+        # publish stops at its first write to a closed stdout/stderr (faults.md F8)
+        self.fail_on_broken_pipe = False
 
     # -- output -----------------------------------------------------------------------
     def out(self, text: str) -> None:
         """Write to stdout (flushed, so prompts and crashes keep the order)."""
-        with contextlib.suppress(BrokenPipeError):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        self._write(sys.stdout, text)
 
     def err(self, text: str) -> None:
         """Write to stderr."""
-        with contextlib.suppress(BrokenPipeError):
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        self._write(sys.stderr, text)
+
+    def _write(self, stream: Any, text: str) -> None:
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            # whatever is written later (and the interpreter's last flush) goes nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+            if self.fail_on_broken_pipe:
+                raise CommandExit(1) from None
+
+    def wait_orphaned(self) -> None:
+        """Block until the process that started this command has died (re-parented)."""
+        while os.getppid() == self.parent:
+            time.sleep(0.02)
 
     def ask(self) -> str | None:
         """Read one answer line from stdin (None at EOF)."""
@@ -1323,11 +1340,13 @@ class Context:
         rule = take_fault(self.root, self.command, at, self.repo_name)
         if rule is None:
             return
+        action = rule.get("action")
+        if action == "orphaned":
+            self.wait_orphaned()
         delay = rule.get("delay")
         if isinstance(delay, (int, float)) and delay > 0:
             time.sleep(float(delay))
-        action = rule.get("action")
-        if action == "delay":
+        if action in ("delay", "orphaned"):
             return
         if action == "hang":
             self.release_locks()
@@ -2060,6 +2079,7 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         raise CommandExit(1)
     name, _ = split_repo_arg(rest[0])
     repo = require_repo(ctx, name)
+    ctx.fail_on_broken_pipe = True
     options = dict(opts)
     force = "-f" in options
     ctx.fault(
@@ -2102,8 +2122,16 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
     job = PublishJob(repo, manifest, tag_name, options.get("-m"), now, gc_threshold)
     publishing = repo.spool / "is_publishing.lock"
     publishing.touch()
+    # the union is read-only while publish works on it: a publish killed without its
+    # cleanup trap (SIGKILL to its group) leaves it so, with the lock (faults.md F9)
+    repo.set_mount_state(union_rw=False)
     try:
         _run_publish(ctx, job)
+    except BaseException:
+        # the cleanup trap (publish_failed): the transaction stays open, read/write
+        if repo.in_transaction():
+            repo.set_mount_state(union_rw=True)
+        raise
     finally:
         publishing.unlink(missing_ok=True)
     # the real publish ends with a file system flush after both locks are released

@@ -25,7 +25,7 @@ from . import cvmfs_server as engine
 
 FAKE_SCRIPT = Path(engine.__file__).resolve()
 
-FaultAction = Literal["fail", "hang", "die", "exit", "delay", "unreachable"]
+FaultAction = Literal["fail", "hang", "die", "exit", "delay", "orphaned", "unreachable"]
 EntryType = Literal["file", "dir", "symlink"]
 
 # Seconds the real CernVM-FS 2.12.0 `transaction`/`publish` take on a 2-core stratum 0 with

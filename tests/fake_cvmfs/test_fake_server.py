@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -1616,7 +1617,7 @@ def test_fault_custom_texts_and_exit_code(fake: FakeStratum0) -> None:
 
 
 def test_fault_die_leaves_crash_state(fake: FakeStratum0) -> None:
-    """die kills the fake with SIGKILL at that point; the next publish still succeeds."""
+    """die kills the fake with SIGKILL at that point: the state of a killed publish (F9)."""
     open_with_file(fake)
     fake.inject_fault("publish", "die", at="after_upload", times=1)
     result = fake.run("publish", REPO)
@@ -1624,9 +1625,9 @@ def test_fault_die_leaves_crash_state(fake: FakeStratum0) -> None:
     state = fake.state(REPO)
     assert state["in_transaction_lock"] is True
     assert state["is_publishing_lock"] is True
+    assert state["mount_mode"] == "ro"
     assert fake.revision(REPO) == 1
-    assert fake.run("publish", REPO).returncode == 0
-    assert fake.state(REPO)["is_publishing_lock"] is False
+    assert_killed_publish_recovers(fake)
 
 
 def test_fault_die_after_manifest_publishes_but_keeps_the_lock(fake: FakeStratum0) -> None:
@@ -1670,7 +1671,7 @@ def test_fault_hang_until_process_group_is_killed(fake: FakeStratum0) -> None:
         os.killpg(process.pid, 9)
         process.wait()
     fake.clear_faults()
-    assert fake.run("publish", REPO).returncode == 0
+    assert_killed_publish_recovers(fake)
 
 
 def test_fault_delay_and_matching(fake: FakeStratum0) -> None:
@@ -1953,7 +1954,7 @@ def test_non_utf8_names_and_symlink_targets_round_trip(fake: FakeStratum0) -> No
         assert handle.read() == b"latin-1 name"
 
 
-# -- faults of the real tool (faults.md F1-F4) -----------------------------------------------
+# -- faults of the real tool (faults.md F1-F4, F8, F9) ----------------------------------------
 
 
 def generic_names(count: int, start: float = 1_800_000_000) -> list[str]:
@@ -2111,3 +2112,124 @@ def test_f4_runs_use_umask_022_whatever_the_callers(fake: FakeStratum0) -> None:
         os.umask(previous)
     assert result.returncode == 0, result.stderr
     assert fake.object_path(REPO, fake.root_hash(REPO) + "C").stat().st_mode & 0o777 == 0o644
+
+
+PARENT_CODE = (
+    "import subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,\n"
+    "                         stderr=subprocess.PIPE, start_new_session=True)\n"
+    "child.communicate()\n"
+)
+
+
+def start_under_parent(fake: FakeStratum0, *args: str) -> subprocess.Popen[bytes]:
+    """Run the fake from a parent that alone reads its stdout/stderr, as the daemon does
+    (its own session, so that killing the parent alone leaves it running)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", PARENT_CODE, str(fake.server_command), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill_parent(parent: subprocess.Popen[bytes]) -> None:
+    """kill -9 the parent alone (the fake's pipes close with it)."""
+    parent.kill()
+    parent.wait(timeout=10)
+
+
+def test_f8_orphaned_publish_fails_at_its_next_output(fake: FakeStratum0) -> None:
+    """Parent killed mid-publish: the publish goes on, fails writing to the closed pipe, and
+    its cleanup leaves the transaction open, read/write, without is_publishing.lock (F8)."""
+    open_with_file(fake)
+    fake.inject_fault("publish", "orphaned", at="after_upload", times=1)
+    parent = start_under_parent(fake, "publish", REPO)
+    try:
+        wait_until(lambda: fake.faults() == [])  # the publish holds at after_upload
+        assert fake.orphans()
+        state = fake.state(REPO)
+        assert (state["is_publishing_lock"], state["mount_mode"]) == (True, "ro")
+    finally:
+        kill_parent(parent)
+    wait_until(lambda: not fake.orphans())
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (True, False)
+    assert state["mount_mode"] == "rw"
+    assert fake.revision(REPO) == 1
+    assert fake.run("publish", REPO).returncode == 0
+    assert fake.read_file(REPO, "a.txt") == b"A"
+
+
+def test_f8_orphaned_publish_past_its_last_output_finishes(fake: FakeStratum0) -> None:
+    """Parent killed after publish's last line: it finishes by itself (F8, final remount)."""
+    open_with_file(fake)
+    fake.inject_fault("publish", "orphaned", at="end", times=1)
+    parent = start_under_parent(fake, "publish", REPO)
+    try:
+        wait_until(lambda: fake.faults() == [])
+    finally:
+        kill_parent(parent)
+    wait_until(lambda: not fake.orphans())
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (False, False)
+    assert (state["mount_mode"], state["revision"]) == ("ro", 2)
+
+
+def test_f8_orphaned_transaction_opens_after_its_parent_died(fake: FakeStratum0) -> None:
+    """A transaction whose parent was killed opens the transaction `delay` s later (F8)."""
+    fake.inject_fault("transaction", "orphaned", delay=0.3, times=1)
+    parent = start_under_parent(fake, "transaction", REPO)
+    try:
+        wait_until(lambda: fake.faults() == [])
+        assert not fake.in_transaction(REPO)  # held until the parent dies
+    finally:
+        kill_parent(parent)
+    died = time.monotonic()
+    wait_until(lambda: fake.in_transaction(REPO))
+    assert time.monotonic() - died >= 0.3
+    wait_until(lambda: not fake.orphans())
+    assert fake.state(REPO)["mount_mode"] == "rw"
+
+
+def assert_killed_publish_recovers(fake: FakeStratum0) -> None:
+    """The state a publish killed with its group leaves, and the recorded way out (F9)."""
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (True, True)
+    assert state["mount_mode"] == "ro"
+    result = fake.run("publish", REPO)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{REPO} is in a transaction but {fake.union_dir(REPO)} is not mounted read/write\n"
+        f"Repository {REPO} is in a transaction and cannot be repaired.\n"
+        f"--> Run `cvmfs_server abort {REPO}` to revert and repair.\n"
+    )
+    fake.check_run("abort", "-f", REPO)
+    fake.check_run("mount", REPO)
+    fake.check_run("transaction", REPO)
+    (fake.union_dir(REPO) / "after.txt").write_text("after")
+    fake.check_run("publish", REPO)
+    assert fake.read_file(REPO, "after.txt") == b"after"
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (False, False)
+    assert state["mount_mode"] == "ro"
+
+
+@pytest.mark.parametrize("point", ["before_sync", "after_upload", "signing"])
+def test_f9_publish_group_killed_leaves_read_only_union(fake: FakeStratum0, point: str) -> None:
+    """SIGKILL to the publish's whole group: read-only union, lock kept, transaction open."""
+    open_with_file(fake)
+    fake.inject_fault("publish", "hang", at=point, times=1)
+    process = subprocess.Popen(
+        [str(fake.server_command), "publish", REPO],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: fake.faults() == [])
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(timeout=10)
+    assert fake.revision(REPO) == 1
+    assert_killed_publish_recovers(fake)
