@@ -764,8 +764,13 @@ class Repo:
             staging.mkdir(parents=True, exist_ok=True)
             self._staging_dir = str(staging)
         target = f"{self.data_dir()}/{name[:2]}/{name[2:]}"
-        if os.path.exists(target):
-            return name
+        try:
+            if os.stat(target).st_mode & stat.S_IROTH:
+                return name
+        except FileNotFoundError:
+            pass
+        # written anew (the real local uploader replaces what it uploads): an object left
+        # unreadable by a publish under a restrictive umask gets this process's mode
         tmp = f"{self._staging_dir}/{name}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -1258,19 +1263,36 @@ class Context:
         self._locks: list[Any] = []
         self._storage: dict[str | None, str | None] = {}
         self.started = time.monotonic()
+        self.parent = os.getppid()
+        # publish stops at its first write to a closed stdout/stderr (faults.md F8)
+        self.fail_on_broken_pipe = False
 
     # -- output -----------------------------------------------------------------------
     def out(self, text: str) -> None:
         """Write to stdout (flushed, so prompts and crashes keep the order)."""
-        with contextlib.suppress(BrokenPipeError):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        self._write(sys.stdout, text)
 
     def err(self, text: str) -> None:
         """Write to stderr."""
-        with contextlib.suppress(BrokenPipeError):
-            sys.stderr.write(text)
-            sys.stderr.flush()
+        self._write(sys.stderr, text)
+
+    def _write(self, stream: Any, text: str) -> None:
+        try:
+            stream.write(text)
+            stream.flush()
+        except BrokenPipeError:
+            # whatever is written later (and the interpreter's last flush) goes nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+            if self.fail_on_broken_pipe:
+                raise CommandExit(1) from None
+
+    def wait_orphaned(self) -> None:
+        """Block until the process that started this command has died (re-parented)."""
+        while os.getppid() == self.parent:
+            time.sleep(0.02)
 
     def ask(self) -> str | None:
         """Read one answer line from stdin (None at EOF)."""
@@ -1318,11 +1340,13 @@ class Context:
         rule = take_fault(self.root, self.command, at, self.repo_name)
         if rule is None:
             return
+        action = rule.get("action")
+        if action == "orphaned":
+            self.wait_orphaned()
         delay = rule.get("delay")
         if isinstance(delay, (int, float)) and delay > 0:
             time.sleep(float(delay))
-        action = rule.get("action")
-        if action == "delay":
+        if action in ("delay", "orphaned"):
             return
         if action == "hang":
             self.release_locks()
@@ -2055,6 +2079,7 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
         raise CommandExit(1)
     name, _ = split_repo_arg(rest[0])
     repo = require_repo(ctx, name)
+    ctx.fail_on_broken_pipe = True
     options = dict(opts)
     force = "-f" in options
     ctx.fault(
@@ -2097,8 +2122,16 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
     job = PublishJob(repo, manifest, tag_name, options.get("-m"), now, gc_threshold)
     publishing = repo.spool / "is_publishing.lock"
     publishing.touch()
+    # the union is read-only while publish works on it: a publish killed without its
+    # cleanup trap (SIGKILL to its group) leaves it so, with the lock (faults.md F9)
+    repo.set_mount_state(union_rw=False)
     try:
         _run_publish(ctx, job)
+    except BaseException:
+        # the cleanup trap (publish_failed): the transaction stays open, read/write
+        if repo.in_transaction():
+            repo.set_mount_state(union_rw=True)
+        raise
     finally:
         publishing.unlink(missing_ok=True)
     # the real publish ends with a file system flush after both locks are released
@@ -2195,6 +2228,7 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
         f"Statistics stored at: {repo.spool}/stats.db\n"
     )
     ctx.out(f"Tagging {repo.name}\n")
+    _check_served(ctx, repo, root_hash + "C")
     tags = _publish_tags(repo, job, _revision_record(catalog, root_hash, size))
     history = store_history(repo, tags)
     ctx.out("Flushing file system buffers\n")
@@ -2236,6 +2270,22 @@ def _run_publish(ctx: Context, job: PublishJob) -> None:
     (repo.state_dir / "transaction.json").unlink(missing_ok=True)
     repo.set_mount_state(union_rw=False)
     ctx.fault("end")
+
+
+def _check_served(ctx: Context, repo: Repo, name: str) -> None:
+    """The tag edit reads the new root catalog back over HTTP (local storage): an object
+    file that is not world-readable gets a 403 from the web server (faults.md F4)."""
+    if repo.is_s3:
+        return
+    try:
+        readable = bool(os.stat(repo.object_file(name)).st_mode & stat.S_IROTH)
+    except FileNotFoundError:
+        readable = False
+    if not readable:
+        ctx.err(
+            f"failed to download object '{name}' (9 - host returned HTTP error)\nTagging failed\n"
+        )
+        raise CommandExit(1)
 
 
 def _plan_catalog(
@@ -2870,29 +2920,73 @@ def _tag_add(ctx: Context, repo: Repo, name: str, message: str, root_hash: str |
     _save_tags(ctx, repo, tags)
 
 
+# Linux's limit on the length of one argument (MAX_ARG_STRLEN, the terminating NUL
+# included): execve fails with E2BIG beyond it (faults.md F1).
+MAX_ARG_STRLEN = 131072
+# Line of /usr/bin/cvmfs_server that runs the tag_edit shell; faults.md F1 elides it, so
+# this number is a stand-in, not a recorded value.
+TAG_REMOVE_SCRIPT_LINE = 1203
+
+
+def tag_remove_shell_argument(repo: Repo, names: list[str]) -> str:
+    """The single ``sh -c`` argument ``cvmfs_server tag -r`` builds for ``tag_edit``.
+
+    cvmfs_server_tag.sh writes the command inside one double-quoted string continued with
+    backslash-newlines, so the padding of its source lines stays in the argument; every
+    name of the call goes into ``-d '<name> <name> ...'`` (faults.md F1).
+    """
+    try:
+        base_hash = repo.manifest().root_hash
+    except (OSError, ValueError):
+        base_hash = ""
+    lines = (
+        "/usr/bin/cvmfs_swissknife tag_edit        ",
+        f"      -w {repo.stratum0}                                 ",
+        f"      -t {repo.spool}/tmp                          ",
+        f"      -p {repo.key('pub')}                     ",
+        f"      -z {repo.repo_conf_dir}/trusted_certs ",
+        f"      -f {repo.name}                                           ",
+        f"      -r {repo.conf.get('CVMFS_UPSTREAM_STORAGE', '')}                         ",
+        f"      -m {repo.spool}/tmp/manifest                                   ",
+        f"      -b {base_hash}                                      ",
+        f"      -e {repo.hash_algorithm}                                 ",
+        "      -d '" + " ".join(names) + "'",
+    )
+    return "".join(lines)
+
+
 def _tag_remove(ctx: Context, repo: Repo, names: list[str], *, force: bool) -> None:
+    """``tag -r NAME [-r NAME ...]``: all names or none (faults.md F1, swissknife's
+    ``RemoveTags``): any undo tag or any missing name and nothing is removed."""
     tags = repo.tags()
     if not force:
         ctx.out(f"You are about to remove {len(names)} tag(s) of {repo.name}. Are you sure (y/N)? ")
         answer = ctx.ask()
         if answer is None or answer.lower() not in ("y", "yes"):
             raise CommandExit(1)
-    removed = 0
-    for name in names:
-        if name in ("trunk", "trunk-previous"):
-            ctx.err("undo tags are handled internally and cannot be deleted\n")
-            continue
-        tag = next((t for t in tags if t.get("name") == name), None)
-        if tag is None:
-            ctx.err(f"tag '{name}' does not exist\n")
-            continue
-        ctx.out(f"deleting '{name}' ({tag['hash']})\n")
-        tags.remove(tag)
-        removed += 1
-    if not removed:
+    argument = tag_remove_shell_argument(repo, names)
+    if len(argument.encode("utf-8", "surrogateescape")) + 1 > MAX_ARG_STRLEN:
+        ctx.err(
+            f"/usr/bin/cvmfs_server: {TAG_REMOVE_SCRIPT_LINE}: eval: sh: Argument list too long\n"
+            "Did not remove anything\n"
+        )
+        raise CommandExit(1)
+    if any(name in ("trunk", "trunk-previous") for name in names):
+        ctx.err("undo tags are handled internally and cannot be deleted\nDid not remove anything\n")
+        raise CommandExit(1)
+    by_name = {str(t.get("name")): t for t in tags}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        ctx.err("".join(f"tag '{name}' does not exist\n" for name in missing))
         ctx.err("Did not remove anything\n")
         raise CommandExit(1)
-    _save_tags(ctx, repo, tags)
+    condemned: set[str] = set()
+    for name in names:
+        if name in condemned:
+            continue
+        ctx.out(f"deleting '{name}' ({by_name[name]['hash']})\n")
+        condemned.add(name)
+    _save_tags(ctx, repo, [t for t in tags if str(t.get("name")) not in condemned])
 
 
 # --------------------------------------------------------------------------------------
@@ -2910,7 +3004,10 @@ def cmd_check(ctx: Context, args: list[str]) -> None:
     flags = {key for key, _ in opts}
     values = dict(opts)
     ctx.fault("start")
-    if "-i" in flags:
+    if "-i" in flags and repo.is_s3:
+        # faults.md F3, p_gateway_maintenance 8: only local storage is scanned
+        ctx.out("Storage integrity check only works locally. skipping.\n")
+    elif "-i" in flags:
         ctx.out(f"\nChecking storage integrity of {repo.name} ... (may take a while)\n")
         bad = _scan_storage_integrity(repo)
         if bad:

@@ -25,7 +25,7 @@ from . import cvmfs_server as engine
 
 FAKE_SCRIPT = Path(engine.__file__).resolve()
 
-FaultAction = Literal["fail", "hang", "die", "exit", "delay", "unreachable"]
+FaultAction = Literal["fail", "hang", "die", "exit", "delay", "orphaned", "unreachable"]
 EntryType = Literal["file", "dir", "symlink"]
 
 # Seconds the real CernVM-FS 2.12.0 `transaction`/`publish` take on a 2-core stratum 0 with
@@ -188,8 +188,13 @@ class FakeStratum0:
         cwd: Path | None = None,
         env: Mapping[str, str] | None = None,
         timeout: float = 120,
+        umask: int = 0o022,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the fake ``cvmfs_server`` with ``args``; never raises on a non-zero exit."""
+        """Run the fake ``cvmfs_server`` with ``args``; never raises on a non-zero exit.
+
+        ``umask`` is the command's umask (022 as the daemon sets it, whatever the test
+        runner's own is; faults.md F4: objects written under 027 break publish).
+        """
         result = subprocess.run(
             [str(self.server_command), *args],
             input=stdin,
@@ -198,6 +203,7 @@ class FakeStratum0:
             env=dict(env) if env is not None else None,
             timeout=timeout,
             check=False,
+            umask=umask,
         )
         return subprocess.CompletedProcess(
             result.args,
@@ -332,6 +338,26 @@ class FakeStratum0:
     def tags(self, repo: str) -> dict[str, int]:
         """Tag name -> revision, from the tag database the manifest references."""
         return {str(t["name"]): int(t["revision"]) for t in self.repository(repo).tags()}
+
+    def add_tags(self, repo: str, names: list[str], *, description: str = "") -> None:
+        """Add named tags of the published revision in one tag-database write.
+
+        Stands in for thousands of publishes' automatic tags (faults.md F1, F2) without
+        running them; like ``tag -a``, a name that exists already raises ValueError.
+        """
+        handle = self.repository(repo)
+        tags = handle.tags()
+        existing = {str(t.get("name")) for t in tags}
+        trunk = next(t for t in tags if t.get("name") == "trunk")
+        for name in names:
+            if name in existing or name in ("trunk", "trunk-previous"):
+                raise ValueError(f"tag {name!r} exists already")
+            existing.add(name)
+            tags.append(dict(trunk, name=name, description=description, branch=""))
+        manifest = handle.manifest()
+        manifest.history = engine.store_history(handle, tags)
+        manifest.reflog = engine.record_refs(handle, [(manifest.history, 2)], self.now())
+        handle.write_manifest(manifest)
 
     def whitelist_expiry(self, repo: str) -> float | None:
         """Expiry of ``.cvmfswhitelist`` (UNIX seconds; None when its E line is broken)."""

@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -1616,7 +1617,7 @@ def test_fault_custom_texts_and_exit_code(fake: FakeStratum0) -> None:
 
 
 def test_fault_die_leaves_crash_state(fake: FakeStratum0) -> None:
-    """die kills the fake with SIGKILL at that point; the next publish still succeeds."""
+    """die kills the fake with SIGKILL at that point: the state of a killed publish (F9)."""
     open_with_file(fake)
     fake.inject_fault("publish", "die", at="after_upload", times=1)
     result = fake.run("publish", REPO)
@@ -1624,9 +1625,9 @@ def test_fault_die_leaves_crash_state(fake: FakeStratum0) -> None:
     state = fake.state(REPO)
     assert state["in_transaction_lock"] is True
     assert state["is_publishing_lock"] is True
+    assert state["mount_mode"] == "ro"
     assert fake.revision(REPO) == 1
-    assert fake.run("publish", REPO).returncode == 0
-    assert fake.state(REPO)["is_publishing_lock"] is False
+    assert_killed_publish_recovers(fake)
 
 
 def test_fault_die_after_manifest_publishes_but_keeps_the_lock(fake: FakeStratum0) -> None:
@@ -1670,7 +1671,7 @@ def test_fault_hang_until_process_group_is_killed(fake: FakeStratum0) -> None:
         os.killpg(process.pid, 9)
         process.wait()
     fake.clear_faults()
-    assert fake.run("publish", REPO).returncode == 0
+    assert_killed_publish_recovers(fake)
 
 
 def test_fault_delay_and_matching(fake: FakeStratum0) -> None:
@@ -1951,3 +1952,284 @@ def test_non_utf8_names_and_symlink_targets_round_trip(fake: FakeStratum0) -> No
     assert fake.run("abort", "-f", REPO).returncode == 0
     with open(union + b"/caf\xe9.txt", "rb") as handle:
         assert handle.read() == b"latin-1 name"
+
+
+# -- faults of the real tool (faults.md F1-F4, F8, F9) ----------------------------------------
+
+
+def generic_names(count: int, start: float = 1_800_000_000) -> list[str]:
+    """``count`` distinct automatic-tag names (``generic-YYYY-MM-DDTHH:MM:SSZ``, 28 bytes)."""
+    return [
+        "generic-" + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start + index))
+        for index in range(count)
+    ]
+
+
+def removal_args(names: list[str]) -> list[str]:
+    """``-r NAME`` for each name."""
+    return [arg for name in names for arg in ("-r", name)]
+
+
+def test_f1_tag_removal_is_all_or_nothing(gc_fake: FakeStratum0) -> None:
+    """Two existing tags and one missing: `tag 'x' does not exist`, nothing removed (F1)."""
+    repo = "refgc.local"
+    hashes = {str(t["name"]): str(t["hash"]) for t in gc_fake.repository(repo).tags()}
+    existing = sorted(name for name in hashes if name.startswith("generic"))[:2]
+    before = gc_fake.tags(repo)
+    result = gc_fake.run("tag", *removal_args([*existing, "no-such-tag", "nor-this"]), "-f", repo)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "tag 'no-such-tag' does not exist\ntag 'nor-this' does not exist\nDid not remove anything\n"
+    )
+    assert gc_fake.tags(repo) == before
+    result = gc_fake.run("tag", *removal_args([existing[0], "trunk-previous"]), "-f", repo)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "undo tags are handled internally and cannot be deleted\nDid not remove anything\n"
+    )
+    assert gc_fake.tags(repo) == before
+    result = gc_fake.run("tag", *removal_args(existing), "-f", repo)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == "".join(f"deleting '{name}' ({hashes[name]})\n" for name in existing)
+    assert set(gc_fake.tags(repo)) == set(before) - set(existing)
+
+
+def test_f1_tag_removal_of_4000_names_runs_and_of_4500_fails(fake: FakeStratum0) -> None:
+    """All names of one call go into one shell argument: 4 500 exceed 128 KiB (F1)."""
+    names = generic_names(4500)
+    fake.add_tags(REPO, names)
+    assert all(len(name) == 28 for name in names)
+    result = fake.run("tag", *removal_args(names), "-f", REPO)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert re.fullmatch(
+        r"/usr/bin/cvmfs_server: \d+: eval: sh: Argument list too long\n"
+        r"Did not remove anything\n",
+        result.stderr,
+    )
+    assert set(names) <= set(fake.tags(REPO))
+    result = fake.run("tag", *removal_args(names[:4000]), "-f", REPO)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(result.stdout.splitlines()) == 4000
+    remaining = set(fake.tags(REPO))
+    assert remaining.isdisjoint(names[:4000])
+    assert set(names[4000:]) <= remaining
+
+
+def test_f1_the_limit_is_on_the_bytes_of_the_joined_argument(fake: FakeStratum0) -> None:
+    """An argument of 131 071 bytes (+ its NUL = MAX_ARG_STRLEN) runs; one byte more fails."""
+    names = generic_names(4000)
+    base = len(engine.tag_remove_shell_argument(fake.repository(REPO), [*names, ""]))
+    fits = "f" * (engine.MAX_ARG_STRLEN - 1 - base)
+    too_long = "g" * (len(fits) + 1)
+    fake.add_tags(REPO, [*names, fits, too_long])
+    argument = engine.tag_remove_shell_argument(fake.repository(REPO), [*names, fits])
+    assert len(argument.encode()) + 1 == engine.MAX_ARG_STRLEN
+    result = fake.run("tag", *removal_args([*names, too_long]), "-f", REPO)
+    assert result.returncode == 1
+    assert "Argument list too long" in result.stderr
+    assert too_long in fake.tags(REPO)
+    result = fake.run("tag", *removal_args([*names, fits]), "-f", REPO)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert set(fake.tags(REPO)).isdisjoint([*names, fits])
+
+
+def test_f2_every_publish_makes_a_revision_and_an_auto_tag(fake: FakeStratum0) -> None:
+    """A publish with nothing changed: revision +1, a new root hash, a new generic tag (F2)."""
+    hashes = [fake.root_hash(REPO)]
+    for expected in (2, 3):
+        fake.check_run("transaction", REPO)
+        result = fake.check_run("publish", REPO)
+        assert result.stdout.startswith("Using auto tag 'generic")
+        assert fake.revision(REPO) == expected
+        hashes.append(fake.root_hash(REPO))
+        tags = fake.tags(REPO)
+        assert sorted(rev for name, rev in tags.items() if name.startswith("generic")) == [
+            *range(1, expected + 1)
+        ]
+        assert tags["trunk"] == expected
+    assert len(set(hashes)) == 3
+    assert fake.published_tree(REPO, 3).keys() == fake.published_tree(REPO, 1).keys()
+
+
+def test_f3_check_i_on_s3_skips_the_integrity_check(fake: FakeStratum0, tmp_path: Path) -> None:
+    """check -i on S3 storage: the skip notice, the plain check, exit 0 (F3; p_gw_maint 8)."""
+    s3conf = tmp_path / "refs3.local.s3.conf"
+    s3conf.write_text("CVMFS_S3_HOST=127.0.0.1\nCVMFS_S3_PORT=9001\nCVMFS_S3_BUCKET=refs3\n")
+    repos = {"refs3.local": s3conf, REPO: None}
+    fake.mkfs("refs3.local", s3_config=s3conf, stratum0_url="http://127.0.0.1:9001/refs3")
+    for repo in repos:
+        fake.check_run("transaction", repo)
+        (fake.union_dir(repo) / "hello.txt").write_text("hello\n")
+        fake.check_run("publish", repo)
+        corrupt = fake.object_path(repo, fake.published_tree(repo)["hello.txt"].hash or "")
+        corrupt.write_bytes(b"not what the name says")
+    result = fake.run("check", "-i", "refs3.local")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == (
+        "Storage integrity check only works locally. skipping.\n"
+        "Verifying integrity of refs3.local...\n"
+        "Inspecting log of references\nInspecting tag database\n"
+        f"[inspecting catalog] {fake.root_hash('refs3.local')} at /\n"
+        "no problems found\n"
+    )
+    local = fake.run("check", "-i", REPO)
+    assert local.returncode == 1
+    assert local.stderr.endswith("FAIL!\n")
+
+
+def test_f4_publish_under_umask_027_fails_at_tagging(fake: FakeStratum0) -> None:
+    """Objects written as 0640: the tag edit's download gets 403, `Tagging failed` (F4)."""
+    open_with_file(fake)
+    result = fake.run("publish", REPO, umask=0o027)
+    assert result.returncode == 1
+    assert result.stdout.endswith(f"Tagging {REPO}\n")
+    match = re.fullmatch(
+        r"failed to download object '([0-9a-f]{40}C)' \(9 - host returned HTTP error\)\n"
+        r"Tagging failed\n",
+        result.stderr,
+    )
+    assert match is not None
+    assert fake.object_path(REPO, match.group(1)).stat().st_mode & 0o777 == 0o640
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (True, False)
+    assert state["mount_mode"] == "rw"
+    assert fake.revision(REPO) == 1
+    assert fake.run("publish", REPO, umask=0o022).returncode == 0
+    assert fake.revision(REPO) == 2
+    assert fake.read_file(REPO, "a.txt") == b"A"
+    entry = fake.published_tree(REPO)["a.txt"]
+    for name in (fake.root_hash(REPO) + "C", entry.hash or ""):
+        assert fake.object_path(REPO, name).stat().st_mode & 0o777 == 0o644
+
+
+def test_f4_runs_use_umask_022_whatever_the_callers(fake: FakeStratum0) -> None:
+    """FakeStratum0.run gives the command umask 022 (as the daemon does) by default."""
+    open_with_file(fake)
+    previous = os.umask(0o077)
+    try:
+        result = fake.run("publish", REPO)
+    finally:
+        os.umask(previous)
+    assert result.returncode == 0, result.stderr
+    assert fake.object_path(REPO, fake.root_hash(REPO) + "C").stat().st_mode & 0o777 == 0o644
+
+
+PARENT_CODE = (
+    "import subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,\n"
+    "                         stderr=subprocess.PIPE, start_new_session=True)\n"
+    "child.communicate()\n"
+)
+
+
+def start_under_parent(fake: FakeStratum0, *args: str) -> subprocess.Popen[bytes]:
+    """Run the fake from a parent that alone reads its stdout/stderr, as the daemon does
+    (its own session, so that killing the parent alone leaves it running)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", PARENT_CODE, str(fake.server_command), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def kill_parent(parent: subprocess.Popen[bytes]) -> None:
+    """kill -9 the parent alone (the fake's pipes close with it)."""
+    parent.kill()
+    parent.wait(timeout=10)
+
+
+def test_f8_orphaned_publish_fails_at_its_next_output(fake: FakeStratum0) -> None:
+    """Parent killed mid-publish: the publish goes on, fails writing to the closed pipe, and
+    its cleanup leaves the transaction open, read/write, without is_publishing.lock (F8)."""
+    open_with_file(fake)
+    fake.inject_fault("publish", "orphaned", at="after_upload", times=1)
+    parent = start_under_parent(fake, "publish", REPO)
+    try:
+        wait_until(lambda: fake.faults() == [])  # the publish holds at after_upload
+        assert fake.orphans()
+        state = fake.state(REPO)
+        assert (state["is_publishing_lock"], state["mount_mode"]) == (True, "ro")
+    finally:
+        kill_parent(parent)
+    wait_until(lambda: not fake.orphans())
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (True, False)
+    assert state["mount_mode"] == "rw"
+    assert fake.revision(REPO) == 1
+    assert fake.run("publish", REPO).returncode == 0
+    assert fake.read_file(REPO, "a.txt") == b"A"
+
+
+def test_f8_orphaned_publish_past_its_last_output_finishes(fake: FakeStratum0) -> None:
+    """Parent killed after publish's last line: it finishes by itself (F8, final remount)."""
+    open_with_file(fake)
+    fake.inject_fault("publish", "orphaned", at="end", times=1)
+    parent = start_under_parent(fake, "publish", REPO)
+    try:
+        wait_until(lambda: fake.faults() == [])
+    finally:
+        kill_parent(parent)
+    wait_until(lambda: not fake.orphans())
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (False, False)
+    assert (state["mount_mode"], state["revision"]) == ("ro", 2)
+
+
+def test_f8_orphaned_transaction_opens_after_its_parent_died(fake: FakeStratum0) -> None:
+    """A transaction whose parent was killed opens the transaction `delay` s later (F8)."""
+    fake.inject_fault("transaction", "orphaned", delay=0.3, times=1)
+    parent = start_under_parent(fake, "transaction", REPO)
+    try:
+        wait_until(lambda: fake.faults() == [])
+        assert not fake.in_transaction(REPO)  # held until the parent dies
+    finally:
+        kill_parent(parent)
+    died = time.monotonic()
+    wait_until(lambda: fake.in_transaction(REPO))
+    assert time.monotonic() - died >= 0.3
+    wait_until(lambda: not fake.orphans())
+    assert fake.state(REPO)["mount_mode"] == "rw"
+
+
+def assert_killed_publish_recovers(fake: FakeStratum0) -> None:
+    """The state a publish killed with its group leaves, and the recorded way out (F9)."""
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (True, True)
+    assert state["mount_mode"] == "ro"
+    result = fake.run("publish", REPO)
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{REPO} is in a transaction but {fake.union_dir(REPO)} is not mounted read/write\n"
+        f"Repository {REPO} is in a transaction and cannot be repaired.\n"
+        f"--> Run `cvmfs_server abort {REPO}` to revert and repair.\n"
+    )
+    fake.check_run("abort", "-f", REPO)
+    fake.check_run("mount", REPO)
+    fake.check_run("transaction", REPO)
+    (fake.union_dir(REPO) / "after.txt").write_text("after")
+    fake.check_run("publish", REPO)
+    assert fake.read_file(REPO, "after.txt") == b"after"
+    state = fake.state(REPO)
+    assert (state["in_transaction_lock"], state["is_publishing_lock"]) == (False, False)
+    assert state["mount_mode"] == "ro"
+
+
+@pytest.mark.parametrize("point", ["before_sync", "after_upload", "signing"])
+def test_f9_publish_group_killed_leaves_read_only_union(fake: FakeStratum0, point: str) -> None:
+    """SIGKILL to the publish's whole group: read-only union, lock kept, transaction open."""
+    open_with_file(fake)
+    fake.inject_fault("publish", "hang", at=point, times=1)
+    process = subprocess.Popen(
+        [str(fake.server_command), "publish", REPO],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: fake.faults() == [])
+    finally:
+        os.killpg(process.pid, 9)
+        process.wait(timeout=10)
+    assert fake.revision(REPO) == 1
+    assert_killed_publish_recovers(fake)
