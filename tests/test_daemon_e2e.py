@@ -325,3 +325,25 @@ def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
     daemon.wait_converged()
     assert not daemon.stratum0.orphans()
     assert "stopping commands left by the previous run" in daemon.log()
+
+
+@pytest.mark.parametrize("point", ["after_upload", "end"])
+def test_an_orphaned_publish_that_goes_on_after_a_kill_9_is_recovered(
+    daemon: DaemonUnderTest, point: str
+) -> None:
+    """faults.md F8: with the daemon killed, its publish goes on in its own session until
+    its next output fails on the closed pipe (after_upload: transaction left open, union
+    read/write) or finishes by itself (end). The restart converges either way."""
+    daemon.start()
+    (daemon.staging / "first").write_text("first")
+    daemon.wait_converged()
+    daemon.stratum0.inject_fault("publish", "orphaned", at=point, times=1)
+    (daemon.staging / "second").write_text("second")
+    wait_for(lambda: not daemon.stratum0.faults(), 30, "the publish to reach the fault")
+    daemon.kill(orphans=False)
+    wait_for(lambda: not daemon.stratum0.orphans(), 30, "the orphaned publish to end")
+    daemon.start()
+    daemon.wait_converged()
+    assert not daemon.stratum0.violations()
+    assert not daemon.stratum0.in_transaction(REPO)
+    wait_for(lambda: _journal_stages(daemon)[-1] in ("done", "aborted"), 10, "the journal")
