@@ -17,7 +17,6 @@ import contextlib
 import enum
 import errno
 import fcntl
-import operator
 import os
 import secrets
 import shutil
@@ -342,9 +341,14 @@ class _Walker:
             os.close(child_fd)
 
 
+#: What :func:`scan_staging` and :func:`scan_staging_runs` found for an entry: the lstat of
+#: a regular file, the fstat of a directory as opened, a symlink's Fingerprint, or Skipped.
+ScanFound = os.stat_result | Fingerprint | Skipped
+
+
 def scan_staging(
     root: Path, *, cross_mounts: bool = False, max_depth: int = MAX_DEPTH
-) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+) -> Iterator[tuple[bytes, ScanFound]]:
     """Yield every entry below ``root`` in bytewise order of its relative path.
 
     For a reconciliation scan that merges the tree with the index, whose paths are BLOBs
@@ -365,8 +369,43 @@ def scan_staging(
     """
     root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
     try:
-        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth)
-        yield from scanner.scan(root_fd, b"", 1)
+        scanner = _Scanner(
+            os.fstat(root_fd).st_dev, cross_mounts, max_depth, b"%d%d%d%d", b"%d", keep_files=True
+        )
+        for records, found in scanner.runs(root_fd):
+            for rel in records.split(b"\0")[:-1:2]:
+                yield rel, found[rel]
+    finally:
+        os.close(root_fd)
+
+
+def scan_staging_runs(
+    root: Path,
+    file_key: bytes,
+    dir_key: bytes,
+    *,
+    cross_mounts: bool = False,
+    max_depth: int = MAX_DEPTH,
+) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
+    """Yield the entries of :func:`scan_staging` (same order, same checks) a run at a time,
+    each entry as a compact record, for a comparison that settles a whole run at once.
+
+    A run is a stretch of that order taken from one directory: the entries of a directory
+    up to the point where the contents of one of its subdirectories fall in. It comes as
+    ``(records, found)``: ``records`` holds, for each entry of the run, its relative path,
+    a NUL, its key and a NUL. The key of a regular file is ``file_key % (permission bits,
+    size, mtime_ns, inode)`` (of its lstat: the key is all that is kept of it), that of a
+    directory that is listed ``dir_key % permission bits`` (of its fstat as opened), and
+    empty for anything else (symlinks, Skipped); neither format may make an empty key or
+    one with a NUL. ``found`` maps the relative path of every entry of the run's directory
+    that is not a regular file to what :func:`scan_staging` yields for it.
+
+    Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
+    """
+    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth, file_key, dir_key)
+        yield from scanner.runs(root_fd)
     finally:
         os.close(root_fd)
 
@@ -384,16 +423,9 @@ def fingerprint_of(st: os.stat_result) -> Fingerprint:
     raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
 
 
-_FIRST = operator.itemgetter(0)
-
-
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
-
-# What an item of a listed directory is, in :class:`_Scanner`.
-_REGULAR, _DIRECTORY, _OTHER, _REPORT, _CONTENTS = range(5)
-
-_ScanItem = tuple[bytes, os.stat_result | Skipped | None, str, int]
+_SLASH = ord("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,56 +433,110 @@ class _Scanner:
     root_dev: int
     cross_mounts: bool
     max_depth: int
+    file_key: bytes
+    dir_key: bytes
+    #: Keep the lstat of every regular file in ``found`` (costs the time to keep a Python
+    #: object per file).
+    keep_files: bool = False
 
-    def scan(
-        self, root_fd: int, prefix: bytes, depth: int
-    ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
-        # One generator and an explicit stack (no generator per level to pass each entry
-        # through). A frame: directory fd, its sorted items, depth, the identities of the
-        # subdirectories reported and not yet listed, whether the fd is ours to close.
-        frames: list[tuple[int, Iterator[_ScanItem], int, dict[str, tuple[int, int]], bool]] = [
-            (root_fd, iter(_listing(root_fd, prefix)), depth, {}, False)
+    def runs(self, root_fd: int) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
+        # An explicit stack of directories being listed. A frame: the directory's fd, the
+        # length of its path prefix, its sorted records (with a marker ``<rel>/`` where a
+        # subdirectory's contents fall), what was found by path, whether the fd is ours.
+        records, found = self._listing(root_fd, b"", 1)
+        frames: list[tuple[int, int, Iterator[bytes], dict[bytes, ScanFound], int, bool]] = [
+            (root_fd, 0, iter(records), found, 1, False)
         ]
         try:
             while frames:
-                dir_fd, items, depth, opened, _ = frames[-1]
-                for rel, what, name, kind in items:
-                    if kind == _REGULAR:
-                        yield rel, what  # type: ignore[misc]
-                    elif kind == _CONTENTS:
-                        identity = opened.pop(name, None)
-                        child_fd = None if identity is None else _reopen(dir_fd, name, identity)
-                        if child_fd is not None:
-                            try:
-                                listing = _listing(child_fd, rel)
-                            except BaseException:
-                                os.close(child_fd)
-                                raise
-                            frames.append((child_fd, iter(listing), depth + 1, {}, True))
-                            break
-                    elif kind == _DIRECTORY:
-                        found = self._directory(dir_fd, name, cast(os.stat_result, what), depth)
-                        if isinstance(found, os.stat_result):
-                            opened[name] = (found.st_dev, found.st_ino)
-                        if found is not None:
-                            yield rel, found
-                    elif kind == _REPORT:
-                        yield rel, what  # type: ignore[misc]
-                    else:
-                        entry_found = _entry_at(dir_fd, name)
-                        if entry_found is not None:
-                            yield rel, entry_found
+                dir_fd, prefix_len, items, found, depth, _ = frames[-1]
+                run: list[bytes] = []
+                for record in items:
+                    if record[-1] != _SLASH:
+                        run.append(record)
+                        continue
+                    if run:
+                        yield b"".join(run), found
+                        run = []
+                    rel = record[:-1]
+                    listed = cast(os.stat_result, found[rel])  # only listable ones are marked
+                    child_fd = _reopen(dir_fd, rel[prefix_len:], (listed.st_dev, listed.st_ino))
+                    if child_fd is None:
+                        continue
+                    try:
+                        child_records, child_found = self._listing(child_fd, record, depth + 1)
+                    except BaseException:
+                        os.close(child_fd)
+                        raise
+                    frames.append(
+                        (child_fd, len(record), iter(child_records), child_found, depth + 1, True)
+                    )
+                    break
                 else:
-                    if frames.pop()[4]:
+                    if run:
+                        yield b"".join(run), found
+                    if frames.pop()[5]:
                         os.close(dir_fd)
         finally:
-            for dir_fd, _, _, _, owned in frames:
-                if owned:
-                    os.close(dir_fd)
+            for frame in frames:
+                if frame[5]:
+                    os.close(frame[0])
+
+    def _listing(
+        self, dir_fd: int, prefix: bytes, depth: int
+    ) -> tuple[list[bytes], dict[bytes, ScanFound]]:
+        """List a directory: one lstat per entry, and for each directory the open and fstat
+        of :meth:`_directory`. Return its records sorted, with ``<rel>/`` after each
+        directory to be listed (where its contents fall), and what was found by path."""
+        records: list[bytes] = []
+        found: dict[bytes, ScanFound] = {}
+        append = records.append
+        file_record, dir_key, keep_files = (
+            b"\0" + self.file_key + b"\0",
+            self.dir_key,
+            self.keep_files,
+        )
+        is_reg, is_dir = stat.S_ISREG, stat.S_ISDIR
+        encoding, errors = _FS_ENCODING, _FS_ERRORS
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                name = entry.name
+                rel = prefix + name.encode(encoding, errors)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except PermissionError as exc:
+                    found[rel] = Skipped("unreadable", exc.strerror or "permission denied")
+                    append(rel + b"\0\0")
+                    continue
+                mode = st.st_mode
+                if is_reg(mode):
+                    append(
+                        rel + file_record % (mode & 0o7777, st.st_size, st.st_mtime_ns, st.st_ino)
+                    )
+                    if keep_files:
+                        found[rel] = st
+                    continue
+                if is_dir(mode):
+                    what = self._directory(dir_fd, name, st, depth)
+                    if isinstance(what, os.stat_result):
+                        found[rel] = what
+                        append(rel + b"\0" + dir_key % (what.st_mode & 0o7777) + b"\0")
+                        append(rel + b"/")
+                        continue
+                else:
+                    what = _entry_at(dir_fd, name)
+                if what is None:
+                    continue  # vanished
+                found[rel] = what
+                append(rel + b"\0\0")
+        records.sort()
+        return records, found
 
     def _directory(
         self, dir_fd: int, name: str, st: os.stat_result, depth: int
-    ) -> os.stat_result | Fingerprint | Skipped | None:
+    ) -> ScanFound | None:
         """Return what to report for a directory (its fstat if it is to be listed)."""
         if st.st_dev != self.root_dev and not self.cross_mounts:
             return Skipped("mount-point", "a different file system is mounted here")
@@ -473,34 +559,7 @@ class _Scanner:
             os.close(child_fd)
 
 
-def _listing(dir_fd: int, prefix: bytes) -> list[_ScanItem]:
-    """List a directory: every entry with its lstat (one system call each), and for each
-    subdirectory a second item, ``<name>/``, where its contents fall in byte order."""
-    items: list[_ScanItem] = []
-    with os.scandir(dir_fd) as it:
-        for entry in it:
-            name = entry.name
-            rel = prefix + name.encode(_FS_ENCODING, _FS_ERRORS)
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except PermissionError as exc:
-                items.append((rel, Skipped("unreadable", exc.strerror or ""), name, _REPORT))
-                continue
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                items.append((rel, st, name, _REGULAR))
-            elif stat.S_ISDIR(mode):
-                items.append((rel, st, name, _DIRECTORY))
-                items.append((rel + b"/", None, name, _CONTENTS))
-            else:
-                items.append((rel, st, name, _OTHER))
-    items.sort(key=_FIRST)
-    return items
-
-
-def _reopen(dir_fd: int, name: str, identity: tuple[int, int]) -> int | None:
+def _reopen(dir_fd: int, name: bytes, identity: tuple[int, int]) -> int | None:
     """Open a directory reported earlier for listing; None if it is gone or another one."""
     try:
         child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)

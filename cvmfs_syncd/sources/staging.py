@@ -9,11 +9,13 @@ kernel queue overflows silently.
 from __future__ import annotations
 
 import os
+import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import structlog
 from watchdog.events import (
@@ -40,7 +42,13 @@ from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, count_deleted, file_op_kind
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
-from cvmfs_syncd.state import PublishedEntry, State, dir_scan_key, file_scan_key
+from cvmfs_syncd.state import (
+    SCAN_DIR_KEY,
+    SCAN_FILE_KEY,
+    PublishedEntry,
+    State,
+    file_fingerprint,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -193,10 +201,13 @@ class StagingInput:
     def reconcile(self, now: float) -> list[Dirty]:
         """Compare the staging tree with the index; return a hint for each difference.
 
-        A merge of two streams in bytewise path order, the tree (:func:`fsops.scan_staging`)
-        and this source's rows of the index (:meth:`State.scan_published`), so that memory
-        does not grow with the number of live entries and an entry that is live already
-        costs one lstat and one string comparison. The hints are those of comparing every
+        A merge of two streams in bytewise path order, the tree
+        (:func:`fsops.scan_staging_runs`) and this source's rows of the index
+        (:meth:`State.scan_pages`), so that memory does not grow with the number of live
+        entries. Both come as compact records (path and key): a run of entries that are
+        live already is settled by comparing its records with the next bytes of the
+        index, at a cost of one lstat and a little formatting per entry. Where they differ,
+        the run is merged an entry at a time. The hints are those of comparing every
         staged entry with its index row (new, changed or not yet reported entries), then,
         in mirror mode, one for each live path no longer staged. A scan that fails part
         way returns no hints at all: a partial tree must never look like deletions.
@@ -205,60 +216,64 @@ class StagingInput:
             self._start_observer()  # the path may have appeared since start()
         target = self._target_repo_path()
         mirror = self.config.mode == "mirror"
-        rows = self.state.scan_published(self.repo, self.name, target)
+        index = _IndexRecords(_read_ahead(self.state.scan_pages(self.repo, self.name, target)))
         if not self.root.is_dir():
             if not mirror:
                 return []
-            return [Dirty(self.name, os.fsdecode(r[0]), now, from_scan=True) for r in rows if r[0]]
+            return [
+                Dirty(self.name, os.fsdecode(p), now, from_scan=True) for p in index.rest() if p
+            ]
         hints: list[Dirty] = []
-        gone: list[Dirty] = []
+        gone: list[Dirty] | None = [] if mirror else None
         try:
-            row = next(rows, None)
-            stat_result = os.stat_result
-            for rel_b, found in fsops.scan_staging(self.root):
-                while row is not None and row[0] < rel_b:
-                    if mirror and row[0]:
-                        gone.append(Dirty(self.name, os.fsdecode(row[0]), now, from_scan=True))
-                    row = next(rows, None)
-                live_row = None
-                if row is not None and row[0] == rel_b:
-                    live_row, row = row, next(rows, None)
-                    # The common case inline: a file or directory equal to its index row.
-                    if live_row[2] is not None and type(found) is stat_result:
-                        mode = found.st_mode
-                        if live_row[2] == (
-                            file_scan_key(
-                                mode & 0o7777, found.st_size, found.st_mtime_ns, found.st_ino
-                            )
-                            if stat.S_ISREG(mode)
-                            else dir_scan_key(mode & 0o7777)
-                        ):
-                            continue  # no other rule can add a hint for what is live
-                if self._scanned_differs(rel_b, found, live_row):
-                    hints.append(Dirty(self.name, os.fsdecode(rel_b), now, from_scan=True))
-            while row is not None:
-                if mirror and row[0]:
-                    gone.append(Dirty(self.name, os.fsdecode(row[0]), now, from_scan=True))
-                row = next(rows, None)
+            runs = fsops.scan_staging_runs(self.root, SCAN_FILE_KEY, SCAN_DIR_KEY)
+            for records, found in runs:
+                if not index.settles(records):
+                    self._merge_run(records, found, index, hints, gone, target, now)
+            for path in index.rest():
+                if gone is not None and path:
+                    gone.append(Dirty(self.name, os.fsdecode(path), now, from_scan=True))
         except OSError as exc:
             log.warning("reconciliation scan failed", source=self.name, error=str(exc))
             return []
-        return hints + gone
+        return hints + (gone or [])
 
-    def _scanned_differs(
+    def _merge_run(
         self,
-        rel_b: bytes,
-        found: os.stat_result | Fingerprint | fsops.Skipped,
-        live_row: tuple[bytes, bytes, str | None] | None,
-    ) -> bool:
-        """:meth:`_differs` for one entry of the merge (the loop settles entries whose
-        compact key equals their index row's before calling this)."""
-        rel = os.fsdecode(rel_b)
-        fingerprint = fsops.fingerprint_of(found) if isinstance(found, os.stat_result) else found
-        live = None
-        if live_row is not None:
-            live = self.state.published_entry(self.repo, os.fsdecode(live_row[1]))
-        return self._differs(rel, fingerprint, live)
+        records: bytes,
+        found: dict[bytes, fsops.ScanFound],
+        index: _IndexRecords,
+        hints: list[Dirty],
+        gone: list[Dirty] | None,
+        target: str,
+        now: float,
+    ) -> None:
+        """Merge a run of the tree with the index an entry at a time (it differs somewhere)."""
+        fields = records.split(b"\0")
+        for i in range(0, len(fields) - 1, 2):
+            rel_b, key = fields[i], fields[i + 1]
+            head = index.head()
+            while head is not None and head < rel_b:
+                if gone is not None and head:
+                    gone.append(Dirty(self.name, os.fsdecode(head), now, from_scan=True))
+                index.pop(head)
+                head = index.head()
+            live_key = index.pop(rel_b) if head == rel_b else None
+            if key and key == live_key:
+                continue  # no other rule can add a hint for what is live
+            live = None
+            if live_key is not None:
+                live = self.state.scan_entry(self.repo, self.name, rel_b, target)
+            entry = found.get(rel_b)
+            if entry is None:
+                fingerprint: Fingerprint | fsops.Skipped = file_fingerprint(key)
+            elif isinstance(entry, os.stat_result):
+                fingerprint = fsops.fingerprint_of(entry)
+            else:
+                fingerprint = entry
+            rel = os.fsdecode(rel_b)
+            if self._differs(rel, fingerprint, live):
+                hints.append(Dirty(self.name, rel, now, from_scan=True))
 
     def _differs(
         self, rel: str, found: Fingerprint | fsops.Skipped, live: PublishedEntry | None
@@ -575,6 +590,107 @@ class _StagedContent:
 
     def close(self) -> None:
         self._file.close()
+
+
+_DONE = object()
+
+
+def _read_ahead(pages: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
+    """Yield ``pages``, read by a helper thread up to ``depth`` pages ahead.
+
+    SQLite builds a page in one step with the GIL released, so the index is read while
+    the tree is walked. An error reading comes out here; when the consumer stops early
+    (an error walking the tree), the helper stops after the page it is reading.
+    """
+    pipe: queue.Queue[object] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for page in pages:
+                if stop.is_set():
+                    break
+                pipe.put(page)
+        except BaseException as exc:  # handed to the consumer
+            pipe.put(exc)
+        finally:
+            pipe.put(_DONE)
+
+    helper = threading.Thread(target=read, name="scan-index", daemon=True)
+    helper.start()
+    done = False
+    try:
+        while (item := pipe.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield cast(bytes, item)
+        done = True
+    finally:
+        if not done:
+            stop.set()
+            while pipe.get() is not _DONE:
+                pass
+        helper.join()
+
+
+class _IndexRecords:
+    """The index side of :meth:`StagingInput.reconcile`: the records of
+    :meth:`State.scan_pages`, consumed a run or a row at a time."""
+
+    def __init__(self, pages: Iterator[bytes]) -> None:
+        self._pages = pages
+        self._buffer = b""
+        self._pos = 0
+
+    def settles(self, records: bytes) -> bool:
+        """Consume the next records and return True if they are exactly ``records``."""
+        if self._buffer.startswith(records, self._pos):
+            self._pos += len(records)
+            return True
+        if len(self._buffer) - self._pos >= len(records) or not self._read(len(records)):
+            return False
+        if self._buffer.startswith(records, self._pos):
+            self._pos += len(records)
+            return True
+        return False
+
+    def head(self) -> bytes | None:
+        """Return the source path of the next row (None at the end)."""
+        if self._pos == len(self._buffer) and not self._read(1):
+            return None
+        return self._buffer[self._pos : self._buffer.index(b"\0", self._pos)]
+
+    def pop(self, path: bytes) -> bytes:
+        """Consume the rows of the next source path, ``path`` (from :meth:`head`); return
+        the key of the last one (the row :meth:`State.scan_published` keeps)."""
+        while True:
+            key_start = self._pos + len(path) + 1
+            end = self._buffer.index(b"\0", key_start)
+            key = self._buffer[key_start:end]
+            self._pos = end + 1
+            if self.head() != path:
+                return key
+
+    def rest(self) -> Iterator[bytes]:
+        """Consume and yield the source paths of every row left."""
+        while (path := self.head()) is not None:
+            self.pop(path)
+            yield path
+
+    def _read(self, size: int) -> bool:
+        """Read pages until ``size`` bytes are buffered; return False if none was left."""
+        parts = [self._buffer[self._pos :]]
+        have = len(parts[0])
+        while have < size:
+            page = next(self._pages, None)
+            if page is None:
+                break
+            parts.append(page)
+            have += len(page)
+        if len(parts) == 1:
+            return False
+        self._buffer, self._pos = b"".join(parts), 0
+        return True
 
 
 def _same(found: Fingerprint, live: Fingerprint) -> bool:
