@@ -361,53 +361,44 @@ def scan_staging(
     Skipped for FIFOs, sockets, devices, entries permission checks hide, directories on
     another file system (unless ``cross_mounts``) and directories too deep. One lstat per
     entry; no symbolic link is followed, and no more than one descriptor per level is
-    held: a directory is opened when it is reported and again when its turn comes to be
-    listed, and skipped then if it is no longer the same directory (a watch event or the
-    next scan sees the change). Entries that vanish during the scan are left out.
+    held: a directory is opened when it is listed with its parent and again when its
+    turn comes to be listed, and skipped then if it is no longer the same directory (a
+    watch event or the next scan sees the change). Entries that vanish during the scan
+    are left out.
 
     Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
     """
-    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
-    try:
-        scanner = _Scanner(
-            os.fstat(root_fd).st_dev, cross_mounts, max_depth, b"%d%d%d%d", b"%d", keep_files=True
-        )
-        for records, found in scanner.runs(root_fd):
-            for rel in records.split(b"\0")[:-1:2]:
-                yield rel, found[rel]
-    finally:
-        os.close(root_fd)
+    for records, found in _scan(root, cross_mounts, max_depth, keep_files=True):
+        for rel in records.split(b"\0")[:-1:2]:
+            yield rel, found[rel]
 
 
 def scan_staging_runs(
-    root: Path,
-    file_key: bytes,
-    dir_key: bytes,
-    *,
-    cross_mounts: bool = False,
-    max_depth: int = MAX_DEPTH,
+    root: Path, *, cross_mounts: bool = False, max_depth: int = MAX_DEPTH
 ) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
     """Yield the entries of :func:`scan_staging` (same order, same checks) a run at a time,
-    each entry as a compact record, for a comparison that settles a whole run at once.
+    each as a compact record, for a comparison that settles a whole run at once.
 
-    A run is a stretch of that order taken from one directory: the entries of a directory
-    up to the point where the contents of one of its subdirectories fall in. It comes as
-    ``(records, found)``: ``records`` holds, for each entry of the run, its relative path,
-    a NUL, its key and a NUL. The key of a regular file is ``file_key % (permission bits,
-    size, mtime_ns, inode)`` (of its lstat: the key is all that is kept of it), that of a
-    directory that is listed ``dir_key % permission bits`` (of its fstat as opened), and
-    empty for anything else (symlinks, Skipped); neither format may make an empty key or
-    one with a NUL. ``found`` maps the relative path of every entry of the run's directory
-    that is not a regular file to what :func:`scan_staging` yields for it.
+    A run is a stretch of that order taken from one directory: its entries up to the
+    point where the contents of one of its subdirectories fall in. It comes as
+    ``(records, found)``. ``records`` holds, for each entry of the run, its relative
+    path, a NUL, its key and a NUL. The key of a regular file is ``f<mode> <size>
+    <mtime_ns> <inode>`` (decimal; the mode's permission bits; from its lstat, and all
+    that is kept of it: see :func:`file_fingerprint`), that of a directory that is
+    listed ``d<mode>`` (from its fstat as opened), and empty for anything else (symlinks,
+    Skipped). ``found`` maps the relative path of every entry of the run's directory that
+    is not a regular file to what :func:`scan_staging` yields for it.
 
     Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
     """
-    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
-    try:
-        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth, file_key, dir_key)
-        yield from scanner.runs(root_fd)
-    finally:
-        os.close(root_fd)
+    return _scan(root, cross_mounts, max_depth, keep_files=False)
+
+
+def file_fingerprint(key: bytes) -> Fingerprint:
+    """Return the Fingerprint of a regular file from its key in a record of
+    :func:`scan_staging_runs`."""
+    mode, size, mtime_ns, inode = (int(field) for field in key[1:].split(b" "))
+    return Fingerprint(EntryType.FILE, mode, size, mtime_ns, inode)
 
 
 def fingerprint_of(st: os.stat_result) -> Fingerprint:
@@ -423,9 +414,23 @@ def fingerprint_of(st: os.stat_result) -> Fingerprint:
     raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
 
 
+def _scan(
+    root: Path, cross_mounts: bool, max_depth: int, *, keep_files: bool
+) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
+    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth, keep_files)
+        yield from scanner.runs(root_fd)
+    finally:
+        os.close(root_fd)
+
+
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
-_SLASH = ord("/")
+
+
+def _encoded(text: str) -> bytes:
+    return text.encode(_FS_ENCODING, _FS_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,33 +438,34 @@ class _Scanner:
     root_dev: int
     cross_mounts: bool
     max_depth: int
-    file_key: bytes
-    dir_key: bytes
     #: Keep the lstat of every regular file in ``found`` (costs the time to keep a Python
     #: object per file).
-    keep_files: bool = False
+    keep_files: bool
 
     def runs(self, root_fd: int) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
         # An explicit stack of directories being listed. A frame: the directory's fd, the
         # length of its path prefix, its sorted records (with a marker ``<rel>/`` where a
-        # subdirectory's contents fall), what was found by path, whether the fd is ours.
-        records, found = self._listing(root_fd, b"", 1)
-        frames: list[tuple[int, int, Iterator[bytes], dict[bytes, ScanFound], int, bool]] = [
+        # subdirectory's contents fall), what was found by path, its depth, whether the
+        # fd is ours to close. Records are built as text (an f-string is the cheapest way
+        # to format the key, and sorting text is faster than sorting bytes) and encoded a
+        # run at a time.
+        records, found = self._listing(root_fd, "", 1)
+        frames: list[tuple[int, int, Iterator[str], dict[bytes, ScanFound], int, bool]] = [
             (root_fd, 0, iter(records), found, 1, False)
         ]
         try:
             while frames:
                 dir_fd, prefix_len, items, found, depth, _ = frames[-1]
-                run: list[bytes] = []
+                run: list[str] = []
                 for record in items:
-                    if record[-1] != _SLASH:
+                    if record[-1] != "/":
                         run.append(record)
                         continue
                     if run:
-                        yield b"".join(run), found
+                        yield _encoded("".join(run)), found
                         run = []
                     rel = record[:-1]
-                    listed = cast(os.stat_result, found[rel])  # only listable ones are marked
+                    listed = cast(os.stat_result, found[_encoded(rel)])  # listable ones only
                     child_fd = _reopen(dir_fd, rel[prefix_len:], (listed.st_dev, listed.st_ino))
                     if child_fd is None:
                         continue
@@ -474,7 +480,7 @@ class _Scanner:
                     break
                 else:
                     if run:
-                        yield b"".join(run), found
+                        yield _encoded("".join(run)), found
                     if frames.pop()[5]:
                         os.close(dir_fd)
         finally:
@@ -483,55 +489,59 @@ class _Scanner:
                     os.close(frame[0])
 
     def _listing(
-        self, dir_fd: int, prefix: bytes, depth: int
-    ) -> tuple[list[bytes], dict[bytes, ScanFound]]:
+        self, dir_fd: int, prefix: str, depth: int
+    ) -> tuple[list[str], dict[bytes, ScanFound]]:
         """List a directory: one lstat per entry, and for each directory the open and fstat
-        of :meth:`_directory`. Return its records sorted, with ``<rel>/`` after each
-        directory to be listed (where its contents fall), and what was found by path."""
-        records: list[bytes] = []
+        of :meth:`_directory`. Return its records in byte order, with ``<rel>/`` after
+        each directory to be listed (where its contents fall), and what was found."""
+        records: list[str] = []
         found: dict[bytes, ScanFound] = {}
         append = records.append
-        file_record, dir_key, keep_files = (
-            b"\0" + self.file_key + b"\0",
-            self.dir_key,
-            self.keep_files,
-        )
+        keep_files = self.keep_files
         is_reg, is_dir = stat.S_ISREG, stat.S_ISDIR
-        encoding, errors = _FS_ENCODING, _FS_ERRORS
         with os.scandir(dir_fd) as it:
             for entry in it:
-                name = entry.name
-                rel = prefix + name.encode(encoding, errors)
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
                 except PermissionError as exc:
-                    found[rel] = Skipped("unreadable", exc.strerror or "permission denied")
-                    append(rel + b"\0\0")
+                    rel = prefix + entry.name
+                    found[_encoded(rel)] = Skipped(
+                        "unreadable", exc.strerror or "permission denied"
+                    )
+                    append(f"{rel}\0\0")
                     continue
                 mode = st.st_mode
                 if is_reg(mode):
                     append(
-                        rel + file_record % (mode & 0o7777, st.st_size, st.st_mtime_ns, st.st_ino)
+                        f"{prefix}{entry.name}\0"
+                        f"f{mode & 0o7777} {st.st_size} {st.st_mtime_ns} {st.st_ino}\0"
                     )
                     if keep_files:
-                        found[rel] = st
+                        found[_encoded(prefix + entry.name)] = st
                     continue
+                name = entry.name
+                rel = prefix + name
                 if is_dir(mode):
                     what = self._directory(dir_fd, name, st, depth)
                     if isinstance(what, os.stat_result):
-                        found[rel] = what
-                        append(rel + b"\0" + dir_key % (what.st_mode & 0o7777) + b"\0")
-                        append(rel + b"/")
+                        found[_encoded(rel)] = what
+                        append(f"{rel}\0d{what.st_mode & 0o7777}\0")
+                        append(rel + "/")
                         continue
                 else:
                     what = _entry_at(dir_fd, name)
                 if what is None:
                     continue  # vanished
-                found[rel] = what
-                append(rel + b"\0\0")
-        records.sort()
+                found[_encoded(rel)] = what
+                append(f"{rel}\0\0")
+        # Text sorts in code point order, which is the byte order of the names' UTF-8;
+        # names that are not UTF-8 (surrogate escapes) need the bytes.
+        if "".join(records).isascii():
+            records.sort()
+        else:
+            records.sort(key=_encoded)
         return records, found
 
     def _directory(
@@ -559,7 +569,7 @@ class _Scanner:
             os.close(child_fd)
 
 
-def _reopen(dir_fd: int, name: bytes, identity: tuple[int, int]) -> int | None:
+def _reopen(dir_fd: int, name: str, identity: tuple[int, int]) -> int | None:
     """Open a directory reported earlier for listing; None if it is gone or another one."""
     try:
         child_fd = os.open(name, _LIST_FLAGS, dir_fd=dir_fd)

@@ -768,32 +768,20 @@ def scan_key(fingerprint: Fingerprint) -> str | None:
     return None
 
 
-#: :func:`scan_key` of a regular file as a bytes format of (mode, size, mtime_ns, inode),
-#: for :func:`fsops.scan_staging_runs`.
-SCAN_FILE_KEY = b"f%d %d %d %d"
-#: :func:`scan_key` of a directory as a bytes format of its mode.
-SCAN_DIR_KEY = b"d%d"
-
-
 def file_scan_key(mode: int, size: int, mtime_ns: int, inode: int) -> str:
-    """Return :func:`scan_key` of a staged regular file, from its stat fields."""
-    return (SCAN_FILE_KEY % (mode, size, mtime_ns, inode)).decode()
-
-
-def file_fingerprint(key: bytes) -> Fingerprint:
-    """Return the Fingerprint of a regular file from its key in :data:`SCAN_FILE_KEY` form."""
-    mode, size, mtime_ns, inode = (int(field) for field in key[1:].split(b" "))
-    return Fingerprint(EntryType.FILE, mode, size, mtime_ns, inode)
+    """Return :func:`scan_key` of a staged regular file, from its stat fields (the key of
+    its record in :func:`fsops.scan_staging_runs`)."""
+    return f"f{mode} {size} {mtime_ns} {inode}"
 
 
 def dir_scan_key(mode: int) -> str:
     """Return :func:`scan_key` of a staged directory, from its permission bits."""
-    return (SCAN_DIR_KEY % mode).decode()
+    return f"d{mode}"
 
 
 def _start_of_last(records: bytes, last: bytes) -> int:
-    """Return where the records of ``last`` begin at the end of a page of
-    :meth:`State.scan_pages` (its length if the last record is another path's)."""
+    """Return where the records of ``last``, the last source path of a page of
+    :meth:`State.scan_pages`, begin (parsed backwards: neither field holds a NUL)."""
     end = len(records)
     while end:
         key_start = records.rfind(b"\0", 0, end - 1) + 1

@@ -13,7 +13,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -42,13 +42,7 @@ from cvmfs_syncd.paths import is_ignored, repo_path, reserved_name
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy, count_deleted, file_op_kind
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan, deletion_guard
-from cvmfs_syncd.state import (
-    SCAN_DIR_KEY,
-    SCAN_FILE_KEY,
-    PublishedEntry,
-    State,
-    file_fingerprint,
-)
+from cvmfs_syncd.state import PublishedEntry, State
 
 log = structlog.get_logger(__name__)
 
@@ -216,7 +210,13 @@ class StagingInput:
             self._start_observer()  # the path may have appeared since start()
         target = self._target_repo_path()
         mirror = self.config.mode == "mirror"
-        index = _IndexRecords(_read_ahead(self.state.scan_pages(self.repo, self.name, target)))
+        pages = _read_ahead(self.state.scan_pages(self.repo, self.name, target))
+        try:
+            return self._merge(_IndexRecords(pages), mirror, target, now)
+        finally:
+            pages.close()  # stops the reader if the scan ended early
+
+    def _merge(self, index: _IndexRecords, mirror: bool, target: str, now: float) -> list[Dirty]:
         if not self.root.is_dir():
             if not mirror:
                 return []
@@ -226,8 +226,7 @@ class StagingInput:
         hints: list[Dirty] = []
         gone: list[Dirty] | None = [] if mirror else None
         try:
-            runs = fsops.scan_staging_runs(self.root, SCAN_FILE_KEY, SCAN_DIR_KEY)
-            for records, found in runs:
+            for records, found in fsops.scan_staging_runs(self.root):
                 if not index.settles(records):
                     self._merge_run(records, found, index, hints, gone, target, now)
             for path in index.rest():
@@ -266,7 +265,7 @@ class StagingInput:
                 live = self.state.scan_entry(self.repo, self.name, rel_b, target)
             entry = found.get(rel_b)
             if entry is None:
-                fingerprint: Fingerprint | fsops.Skipped = file_fingerprint(key)
+                fingerprint: Fingerprint | fsops.Skipped = fsops.file_fingerprint(key)
             elif isinstance(entry, os.stat_result):
                 fingerprint = fsops.fingerprint_of(entry)
             else:
@@ -595,7 +594,7 @@ class _StagedContent:
 _DONE = object()
 
 
-def _read_ahead(pages: Iterator[bytes], depth: int = 2) -> Iterator[bytes]:
+def _read_ahead(pages: Iterator[bytes], depth: int = 2) -> Generator[bytes, None, None]:
     """Yield ``pages``, read by a helper thread up to ``depth`` pages ahead.
 
     SQLite builds a page in one step with the GIL released, so the index is read while
