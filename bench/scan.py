@@ -7,9 +7,12 @@ counted):
 
 - ``find DIR -printf '%p %s %T@\\n' > /dev/null``: the floor, one lstat per entry in C;
 - a bare Python walk: ``os.scandir`` on directory descriptors plus one lstat per entry;
-- ``StagingInput.reconcile`` in a child process (which must return no hints), with the
-  child's own peak RSS (``ru_maxrss``) and its RSS before the scan;
-- with ``--dict``, also the comparison the scan replaced (every live entry in a dict).
+- ``StagingInput.reconcile`` in a child process (which must return no hints), with its
+  own peak RSS (``ru_maxrss``) and its RSS before the scan;
+- with ``--dict``, also the comparison the scan replaced (every live entry in a dict);
+
+each with its CPU seconds too (user and system, every thread): on a shared machine they
+vary less than the elapsed seconds.
 
     .venv/bin/python bench/scan.py [--entries 1000000] [--per-dir 1000] [--tree DIR]
 
@@ -146,30 +149,48 @@ def bare_walk(root: Path) -> int:
         os.close(fd)
 
 
-def twice(run: object) -> tuple[float, object]:
-    """Run a callable twice; return the second run's seconds and result."""
+def twice(run: object) -> tuple[float, float, object]:
+    """Run a callable twice; return the second run's seconds, CPU seconds (this process
+    and its finished children, user and system) and result."""
     assert callable(run)
     run()
+    cpu_before = _cpu()
     started = time.perf_counter()
     result = run()
-    return time.perf_counter() - started, result
+    return time.perf_counter() - started, _cpu() - cpu_before, result
+
+
+def _cpu() -> float:
+    own, children = (
+        resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def child(staging: Path, state_dir: Path, how: str) -> None:
-    """In a child process: scan twice, print seconds, hints and RSS as JSON."""
+    """In a child process: scan twice, print seconds, CPU seconds, hints and RSS as JSON."""
     log.configure("warning", "console")
     state = State(state_dir)
     source = StagingInput(REPO, StagingConfig(path=staging, target=TARGET), state, Metrics())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if how == "merge":
-        seconds, hints = twice(lambda: source.reconcile(time.time()))
-    else:
-        seconds, hints = twice(lambda: dict_reconcile(source))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def run() -> list[object]:
+        if how == "merge":
+            return list(source.reconcile(time.time()))
+        return list(dict_reconcile(source))
+
+    seconds, cpu, hints = twice(run)  # CPU: every thread of the process
     assert isinstance(hints, list)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(
         json.dumps(
-            {"seconds": seconds, "hints": len(hints), "rss_before": before, "rss_peak": peak}
+            {
+                "seconds": seconds,
+                "cpu": cpu,
+                "hints": len(hints),
+                "rss_before": before,
+                "rss_peak": peak,
+            }
         )
     )
 
@@ -229,8 +250,10 @@ def main() -> None:
         rows = fill_index(state_dir, staging)
         print(f"indexed {rows} live entries in {time.monotonic() - started:.0f} s")
         find = ["find", str(staging), "-printf", "%p %s %T@\\n"]
-        find_s, _ = twice(lambda: subprocess.run(find, check=True, stdout=subprocess.DEVNULL))
-        walk_s, walked = twice(lambda: bare_walk(staging))
+        find_s, find_cpu, _ = twice(
+            lambda: subprocess.run(find, check=True, stdout=subprocess.DEVNULL)
+        )
+        walk_s, walk_cpu, walked = twice(lambda: bare_walk(staging))
         results = {"merge": in_child(staging, state_dir, "merge")}
         if args.dict:
             results["dict"] = in_child(staging, state_dir, "dict")
@@ -238,15 +261,18 @@ def main() -> None:
         f"\nPython {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
         f"{os.cpu_count()} CPUs, {walked} entries, all live\n"
     )
-    print("| scan | seconds | ratio to find | hints | RSS before (MB) | peak RSS (MB) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| `find -printf` | {find_s:.2f} | 1.00 | | | |")
-    print(f"| bare Python walk | {walk_s:.2f} | {walk_s / find_s:.2f} | | | |")
+    print(
+        "| scan | seconds | ratio to find | CPU seconds | hints | RSS before (MB) | peak RSS (MB) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| `find -printf` | {find_s:.2f} | 1.00 | {find_cpu:.2f} | | | |")
+    print(f"| bare Python walk | {walk_s:.2f} | {walk_s / find_s:.2f} | {walk_cpu:.2f} | | | |")
     labels = {"merge": "`reconcile` (merge)", "dict": "dict comparison (before)"}
     for how, r in results.items():
         print(
             f"| {labels[how]} | {r['seconds']:.2f} | {r['seconds'] / find_s:.2f} | "
-            f"{r['hints']:.0f} | {r['rss_before'] / 1024:.0f} | {r['rss_peak'] / 1024:.0f} |"
+            f"{r['cpu']:.2f} | {r['hints']:.0f} | {r['rss_before'] / 1024:.0f} | "
+            f"{r['rss_peak'] / 1024:.0f} |"
         )
     if results["merge"]["hints"]:
         raise SystemExit("the scan of a tree that is all live returned hints")

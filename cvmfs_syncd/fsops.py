@@ -17,7 +17,6 @@ import contextlib
 import enum
 import errno
 import fcntl
-import operator
 import os
 import secrets
 import shutil
@@ -343,9 +342,14 @@ class _Walker:
             os.close(child_fd)
 
 
+#: What :func:`scan_staging` and :func:`scan_staging_runs` found for an entry: the lstat of
+#: a regular file, the fstat of a directory as opened, a symlink's Fingerprint, or Skipped.
+ScanFound = os.stat_result | Fingerprint | Skipped
+
+
 def scan_staging(
     root: Path, *, cross_mounts: bool = False, max_depth: int = MAX_DEPTH
-) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
+) -> Iterator[tuple[bytes, ScanFound]]:
     """Yield every entry below ``root`` in bytewise order of its relative path.
 
     For a reconciliation scan that merges the tree with the index, whose paths are BLOBs
@@ -358,18 +362,44 @@ def scan_staging(
     Skipped for FIFOs, sockets, devices, entries permission checks hide, directories on
     another file system (unless ``cross_mounts``) and directories too deep. One lstat per
     entry; no symbolic link is followed, and no more than one descriptor per level is
-    held: a directory is opened when it is reported and again when its turn comes to be
-    listed, and skipped then if it is no longer the same directory (a watch event or the
-    next scan sees the change). Entries that vanish during the scan are left out.
+    held: a directory is opened when it is listed with its parent and again when its
+    turn comes to be listed, and skipped then if it is no longer the same directory (a
+    watch event or the next scan sees the change). Entries that vanish during the scan
+    are left out.
 
     Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
     """
-    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
-    try:
-        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth)
-        yield from scanner.scan(root_fd, b"", 1)
-    finally:
-        os.close(root_fd)
+    for records, found in _scan(root, cross_mounts, max_depth, keep_files=True):
+        for rel in records.split(b"\0")[:-1:2]:
+            yield rel, found[rel]
+
+
+def scan_staging_runs(
+    root: Path, *, cross_mounts: bool = False, max_depth: int = MAX_DEPTH
+) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
+    """Yield the entries of :func:`scan_staging` (same order, same checks) a run at a time,
+    each as a compact record, for a comparison that settles a whole run at once.
+
+    A run is a stretch of that order taken from one directory: its entries up to the
+    point where the contents of one of its subdirectories fall in. It comes as
+    ``(records, found)``. ``records`` holds, for each entry of the run, its relative
+    path, a NUL, its key and a NUL. The key of a regular file is ``f<mode> <size>
+    <mtime_ns> <inode>`` (decimal; the mode's permission bits; from its lstat, and all
+    that is kept of it: see :func:`file_fingerprint`), that of a directory that is
+    listed ``d<mode>`` (from its fstat as opened), and empty for anything else (symlinks,
+    Skipped). ``found`` maps the relative path of every entry of the run's directory that
+    is not a regular file to what :func:`scan_staging` yields for it.
+
+    Raise (when iteration starts) OSError if ``root`` is missing or unreadable.
+    """
+    return _scan(root, cross_mounts, max_depth, keep_files=False)
+
+
+def file_fingerprint(key: bytes) -> Fingerprint:
+    """Return the Fingerprint of a regular file from its key in a record of
+    :func:`scan_staging_runs`."""
+    mode, size, mtime_ns, inode = (int(field) for field in key[1:].split(b" "))
+    return Fingerprint(EntryType.FILE, mode, size, mtime_ns, inode)
 
 
 def fingerprint_of(st: os.stat_result) -> Fingerprint:
@@ -385,16 +415,23 @@ def fingerprint_of(st: os.stat_result) -> Fingerprint:
     raise ValueError(f"not a regular file or directory: mode {st.st_mode:o}")
 
 
-_FIRST = operator.itemgetter(0)
+def _scan(
+    root: Path, cross_mounts: bool, max_depth: int, *, keep_files: bool
+) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
+    root_fd = os.open(root, _LIST_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        scanner = _Scanner(os.fstat(root_fd).st_dev, cross_mounts, max_depth, keep_files)
+        yield from scanner.runs(root_fd)
+    finally:
+        os.close(root_fd)
 
 
 _FS_ENCODING = sys.getfilesystemencoding()
 _FS_ERRORS = sys.getfilesystemencodeerrors()
 
-# What an item of a listed directory is, in :class:`_Scanner`.
-_REGULAR, _DIRECTORY, _OTHER, _REPORT, _CONTENTS = range(5)
 
-_ScanItem = tuple[bytes, os.stat_result | Skipped | None, str, int]
+def _encoded(text: str) -> bytes:
+    return text.encode(_FS_ENCODING, _FS_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,56 +439,115 @@ class _Scanner:
     root_dev: int
     cross_mounts: bool
     max_depth: int
+    #: Keep the lstat of every regular file in ``found`` (costs the time to keep a Python
+    #: object per file).
+    keep_files: bool
 
-    def scan(
-        self, root_fd: int, prefix: bytes, depth: int
-    ) -> Iterator[tuple[bytes, os.stat_result | Fingerprint | Skipped]]:
-        # One generator and an explicit stack (no generator per level to pass each entry
-        # through). A frame: directory fd, its sorted items, depth, the identities of the
-        # subdirectories reported and not yet listed, whether the fd is ours to close.
-        frames: list[tuple[int, Iterator[_ScanItem], int, dict[str, tuple[int, int]], bool]] = [
-            (root_fd, iter(_listing(root_fd, prefix)), depth, {}, False)
+    def runs(self, root_fd: int) -> Iterator[tuple[bytes, dict[bytes, ScanFound]]]:
+        # An explicit stack of directories being listed. A frame: the directory's fd, the
+        # length of its path prefix, its sorted records (with a marker ``<rel>/`` where a
+        # subdirectory's contents fall), what was found by path, its depth, whether the
+        # fd is ours to close. Records are built as text (an f-string is the cheapest way
+        # to format the key, and sorting text is faster than sorting bytes) and encoded a
+        # run at a time.
+        records, found = self._listing(root_fd, "", 1)
+        frames: list[tuple[int, int, Iterator[str], dict[bytes, ScanFound], int, bool]] = [
+            (root_fd, 0, iter(records), found, 1, False)
         ]
         try:
             while frames:
-                dir_fd, items, depth, opened, _ = frames[-1]
-                for rel, what, name, kind in items:
-                    if kind == _REGULAR:
-                        yield rel, what  # type: ignore[misc]
-                    elif kind == _CONTENTS:
-                        identity = opened.pop(name, None)
-                        child_fd = None if identity is None else _reopen(dir_fd, name, identity)
-                        if child_fd is not None:
-                            try:
-                                listing = _listing(child_fd, rel)
-                            except BaseException:
-                                os.close(child_fd)
-                                raise
-                            frames.append((child_fd, iter(listing), depth + 1, {}, True))
-                            break
-                    elif kind == _DIRECTORY:
-                        found = self._directory(dir_fd, name, cast(os.stat_result, what), depth)
-                        if isinstance(found, os.stat_result):
-                            opened[name] = (found.st_dev, found.st_ino)
-                        if found is not None:
-                            yield rel, found
-                    elif kind == _REPORT:
-                        yield rel, what  # type: ignore[misc]
-                    else:
-                        entry_found = _entry_at(dir_fd, name)
-                        if entry_found is not None:
-                            yield rel, entry_found
+                dir_fd, prefix_len, items, found, depth, _ = frames[-1]
+                run: list[str] = []
+                for record in items:
+                    if record[-1] != "/":
+                        run.append(record)
+                        continue
+                    if run:
+                        yield _encoded("".join(run)), found
+                        run = []
+                    rel = record[:-1]
+                    listed = cast(os.stat_result, found[_encoded(rel)])  # listable ones only
+                    child_fd = _reopen(dir_fd, rel[prefix_len:], (listed.st_dev, listed.st_ino))
+                    if child_fd is None:
+                        continue
+                    try:
+                        child_records, child_found = self._listing(child_fd, record, depth + 1)
+                    except BaseException:
+                        os.close(child_fd)
+                        raise
+                    frames.append(
+                        (child_fd, len(record), iter(child_records), child_found, depth + 1, True)
+                    )
+                    break
                 else:
-                    if frames.pop()[4]:
+                    if run:
+                        yield _encoded("".join(run)), found
+                    if frames.pop()[5]:
                         os.close(dir_fd)
         finally:
-            for dir_fd, _, _, _, owned in frames:
-                if owned:
-                    os.close(dir_fd)
+            for frame in frames:
+                if frame[5]:
+                    os.close(frame[0])
+
+    def _listing(
+        self, dir_fd: int, prefix: str, depth: int
+    ) -> tuple[list[str], dict[bytes, ScanFound]]:
+        """List a directory: one lstat per entry, and for each directory the open and fstat
+        of :meth:`_directory`. Return its records in byte order, with ``<rel>/`` after
+        each directory to be listed (where its contents fall), and what was found."""
+        records: list[str] = []
+        found: dict[bytes, ScanFound] = {}
+        append = records.append
+        keep_files = self.keep_files
+        is_reg, is_dir = stat.S_ISREG, stat.S_ISDIR
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                except PermissionError as exc:
+                    rel = prefix + entry.name
+                    found[_encoded(rel)] = Skipped(
+                        "unreadable", exc.strerror or "permission denied"
+                    )
+                    append(f"{rel}\0\0")
+                    continue
+                mode = st.st_mode
+                if is_reg(mode):
+                    append(
+                        f"{prefix}{entry.name}\0"
+                        f"f{mode & 0o7777} {st.st_size} {st.st_mtime_ns} {st.st_ino}\0"
+                    )
+                    if keep_files:
+                        found[_encoded(prefix + entry.name)] = st
+                    continue
+                name = entry.name
+                rel = prefix + name
+                if is_dir(mode):
+                    what = self._directory(dir_fd, name, st, depth)
+                    if isinstance(what, os.stat_result):
+                        found[_encoded(rel)] = what
+                        append(f"{rel}\0d{what.st_mode & 0o7777}\0")
+                        append(rel + "/")
+                        continue
+                else:
+                    what = _entry_at(dir_fd, name)
+                if what is None:
+                    continue  # vanished
+                found[_encoded(rel)] = what
+                append(f"{rel}\0\0")
+        # Text sorts in code point order, which is the byte order of the names' UTF-8;
+        # names that are not UTF-8 (surrogate escapes) need the bytes.
+        if "".join(records).isascii():
+            records.sort()
+        else:
+            records.sort(key=_encoded)
+        return records, found
 
     def _directory(
         self, dir_fd: int, name: str, st: os.stat_result, depth: int
-    ) -> os.stat_result | Fingerprint | Skipped | None:
+    ) -> ScanFound | None:
         """Return what to report for a directory (its fstat if it is to be listed)."""
         if st.st_dev != self.root_dev and not self.cross_mounts:
             return Skipped("mount-point", "a different file system is mounted here")
@@ -472,33 +568,6 @@ class _Scanner:
             return os.fstat(child_fd)
         finally:
             os.close(child_fd)
-
-
-def _listing(dir_fd: int, prefix: bytes) -> list[_ScanItem]:
-    """List a directory: every entry with its lstat (one system call each), and for each
-    subdirectory a second item, ``<name>/``, where its contents fall in byte order."""
-    items: list[_ScanItem] = []
-    with os.scandir(dir_fd) as it:
-        for entry in it:
-            name = entry.name
-            rel = prefix + name.encode(_FS_ENCODING, _FS_ERRORS)
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            except PermissionError as exc:
-                items.append((rel, Skipped("unreadable", exc.strerror or ""), name, _REPORT))
-                continue
-            mode = st.st_mode
-            if stat.S_ISREG(mode):
-                items.append((rel, st, name, _REGULAR))
-            elif stat.S_ISDIR(mode):
-                items.append((rel, st, name, _DIRECTORY))
-                items.append((rel + b"/", None, name, _CONTENTS))
-            else:
-                items.append((rel, st, name, _OTHER))
-    items.sort(key=_FIRST)
-    return items
 
 
 def _reopen(dir_fd: int, name: str, identity: tuple[int, int]) -> int | None:

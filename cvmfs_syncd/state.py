@@ -686,6 +686,68 @@ class State:
         if held is not None:
             yield held
 
+    def scan_pages(
+        self, repo: str, source: str, under: str = "", *, page: int = 20000
+    ) -> Iterator[bytes]:
+        """Yield the rows :meth:`scan_published` reads, a page of compact records at a time.
+
+        A page is one bytes value holding, for each row in bytewise order of
+        ``(source_path, path)``, its ``source_path``, a NUL, its ``scan_key`` (``-`` where
+        it is NULL, which equals no key of :func:`fsops.scan_staging_runs`) and a NUL: the
+        records :func:`fsops.scan_staging_runs` makes of entries equal to their rows, so
+        that a run of them is settled by comparing bytes. SQLite builds each page in one
+        step (no Python object per row, and the GIL released meanwhile). Unlike
+        :meth:`scan_published`, two rows with one ``source_path`` both come (adjacent,
+        the one that method keeps last); they are never split between two pages.
+        """
+        key = encode_path(under)
+        inner = (
+            "SELECT source_path AS s, source_path || x'00' || coalesce(scan_key, '-') || x'00'"
+            " AS r FROM published INDEXED BY published_scan"
+            " WHERE repo = ? AND source = ? AND source_path >= ?"
+        )
+        bounds: tuple[object, ...] = ()
+        if key:
+            inner += " AND (path = ? OR (path >= ? AND path < ?))"
+            bounds = (key, *_subtree_range(key))
+        # The aggregate takes the rows of the ordered, limited subquery in its order.
+        sql = (
+            "SELECT CAST(group_concat(r, '') AS BLOB), count(*), max(s)"  # noqa: S608
+            f" FROM ({inner} ORDER BY source_path, path LIMIT ?)"
+        )
+        start, limit = b"", page
+        while True:
+            row = self._query(sql, (repo, source, start, *bounds, limit))[0]
+            records, count, last = cast(tuple[bytes | None, int, bytes | None], row)
+            if count < limit:
+                if records:
+                    yield records
+                return
+            # More rows may have the page's last source_path: they all come with the next.
+            records, last = cast(bytes, records), cast(bytes, last)
+            cut = _start_of_last(records, last)
+            if cut == 0:
+                limit *= 2  # a page of one source_path: read more at once
+                continue
+            yield records[:cut]
+            start, limit = last, page
+
+    def scan_entry(
+        self, repo: str, source: str, source_path: bytes, under: str = ""
+    ) -> PublishedEntry | None:
+        """Return the row :meth:`scan_published` yields for ``source_path``, if any, in full."""
+        key = encode_path(under)
+        sql = (
+            "SELECT repo, path, source, source_path, fingerprint, revision, published_at"
+            " FROM published WHERE repo = ? AND source = ? AND source_path = ?"
+        )
+        args: tuple[object, ...] = (repo, source, source_path)
+        if key:
+            sql += " AND (path = ? OR (path >= ? AND path < ?))"
+            args += (key, *_subtree_range(key))
+        rows = self._query(sql + " ORDER BY path DESC LIMIT 1", args)
+        return _entry(rows[0]) if rows else None
+
     def count_published(self, repo: str, source: str) -> int:
         """Return how many live paths a source has in a repository."""
         rows = self._query(
@@ -868,13 +930,27 @@ def scan_key(fingerprint: Fingerprint) -> str | None:
 
 
 def file_scan_key(mode: int, size: int, mtime_ns: int, inode: int) -> str:
-    """Return :func:`scan_key` of a staged regular file, from its stat fields."""
+    """Return :func:`scan_key` of a staged regular file, from its stat fields (the key of
+    its record in :func:`fsops.scan_staging_runs`)."""
     return f"f{mode} {size} {mtime_ns} {inode}"
 
 
 def dir_scan_key(mode: int) -> str:
     """Return :func:`scan_key` of a staged directory, from its permission bits."""
     return f"d{mode}"
+
+
+def _start_of_last(records: bytes, last: bytes) -> int:
+    """Return where the records of ``last``, the last source path of a page of
+    :meth:`State.scan_pages`, begin (parsed backwards: neither field holds a NUL)."""
+    end = len(records)
+    while end:
+        key_start = records.rfind(b"\0", 0, end - 1) + 1
+        path_start = records.rfind(b"\0", 0, key_start - 1) + 1
+        if records[path_start : key_start - 1] != last:
+            break
+        end = path_start
+    return end
 
 
 def _subtree_range(key: bytes) -> tuple[bytes, bytes]:

@@ -237,3 +237,64 @@ def test_scan_published_pages_in_byte_order_and_keeps_one_row_per_source_path(
         assert [r[0] for r in rows] == expected
         assert rows[0] == (b"a", b"t/old/a", scan_key(_DIR))
     assert b"elsewhere" in [r[0] for r in state.scan_published("r", "s")]
+
+
+def _rows_of_pages(pages: list[bytes]) -> list[tuple[bytes, bytes]]:
+    rows: list[tuple[bytes, bytes]] = []
+    for page in pages:
+        assert page.endswith(b"\0")
+        fields = page.split(b"\0")[:-1]
+        rows += list(zip(fields[0::2], fields[1::2], strict=True))
+    return rows
+
+
+def test_scan_pages_hold_the_rows_of_scan_published_and_never_split_a_source_path(
+    tmp_path: Path,
+) -> None:
+    """Pages of (source_path, key) records in byte order, every row (both rows of one
+    source_path, the one scan_published keeps last) and no source_path in two pages."""
+    state = State(tmp_path)
+    names = ["a", "a.b", "a/b", "a-b", "a0", os.fsdecode(b"\xff"), "b/c/d", "\u00e9", "l"]
+    ops = [Op(OpKind.COPY_FILE, f"t/{n}", "s", n, _LINK if n == "l" else _FILE) for n in names]
+    ops.append(Op(OpKind.COPY_FILE, "t/other", "s2", "other", _FILE))
+    ops.append(Op(OpKind.COPY_FILE, "elsewhere", "s", "elsewhere", _FILE))
+    ops.append(Op(OpKind.COPY_FILE, "t/old/a", "s", "a", _DIR))  # the same source path
+    ops.append(Op(OpKind.COPY_FILE, "t/old/b", "s", "a0", _DIR))  # at a page's end
+    state.apply_published("r", ops, 1)
+    state.apply_published("r2", [Op(OpKind.COPY_FILE, "t/zz", "s", "zz", _FILE)], 1)
+    kept = [(s, k or "-") for s, _, k in state.scan_published("r", "s", "t")]
+    for page in (1, 2, 3, 4, 5000):
+        pages = list(state.scan_pages("r", "s", "t", page=page))
+        rows = _rows_of_pages(pages)
+        firsts = [_rows_of_pages([p])[0][0] for p in pages]
+        lasts = [_rows_of_pages([p])[-1][0] for p in pages]
+        assert all(last < first for last, first in zip(lasts, firsts[1:], strict=False))
+        assert [s for s, _ in rows] == sorted(s for s, _ in rows)
+        assert sorted({s for s, _ in rows}) == [s for s, _ in kept]
+        last_of_each = {s: k.decode() for s, k in rows}  # the later row of a source_path wins
+        assert list(last_of_each.items()) == kept
+        assert [k for s, k in rows if s == b"a"] == [
+            str(scan_key(f)).encode() for f in (_FILE, _DIR)
+        ]
+    assert b"elsewhere" in [s for s, _ in _rows_of_pages(list(state.scan_pages("r", "s")))]
+    assert list(state.scan_pages("r", "none")) == []
+    state.close()
+
+
+def test_scan_entry_is_the_row_scan_published_keeps(tmp_path: Path) -> None:
+    """Of two rows with one source_path below the target, the greatest path, in full."""
+    state = State(tmp_path)
+    ops = [
+        Op(OpKind.COPY_FILE, "t/a", "s", "a", _FILE),
+        Op(OpKind.COPY_FILE, "t/old/a", "s", "a", _DIR),
+        Op(OpKind.COPY_FILE, "u/a", "s", "a", _LINK),
+    ]
+    state.apply_published("r", ops, 1)
+    entry = state.scan_entry("r", "s", b"a", "t")
+    assert entry is not None
+    assert (entry.path, entry.fingerprint) == ("t/old/a", _DIR)
+    everywhere = state.scan_entry("r", "s", b"a")
+    assert everywhere is not None
+    assert everywhere.path == "u/a"
+    assert state.scan_entry("r", "s", b"b", "t") is None
+    state.close()

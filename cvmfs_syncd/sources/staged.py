@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from cvmfs_syncd import fsops
 from cvmfs_syncd.model import Fingerprint
+from cvmfs_syncd.planner import Applied, ApplyOutcome
 from cvmfs_syncd.state import PublishedEntry
 
 
@@ -38,3 +39,14 @@ class StagedContent:
 
     def close(self) -> None:
         self._file.close()
+
+
+def applied_outcome(outcome: fsops.CopyOutcome) -> Applied:
+    """What a copy's outcome means for the op: applied, re-queued, or refused."""
+    mapping = {
+        fsops.CopyOutcome.COPIED: Applied(ApplyOutcome.APPLIED),
+        fsops.CopyOutcome.CHANGED: Applied(ApplyOutcome.CHANGED),
+        fsops.CopyOutcome.VANISHED: Applied(ApplyOutcome.VANISHED),
+        fsops.CopyOutcome.UNREADABLE: Applied(ApplyOutcome.REFUSED, "unreadable"),
+    }
+    return mapping[outcome]

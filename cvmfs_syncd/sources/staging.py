@@ -56,8 +56,9 @@ from cvmfs_syncd.pipeline.plan import (
 from cvmfs_syncd.pipeline.plan import same_staged as _same
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
-from cvmfs_syncd.sources.staged import Lookup, StagedContent
-from cvmfs_syncd.state import PublishedEntry, State, dir_scan_key, file_scan_key
+from cvmfs_syncd.sources.index_records import IndexRecords, read_ahead
+from cvmfs_syncd.sources.staged import Lookup, StagedContent, applied_outcome
+from cvmfs_syncd.state import PublishedEntry, State
 
 log = structlog.get_logger(__name__)
 
@@ -212,10 +213,13 @@ class StagingInput:
     def reconcile(self, now: float) -> list[Dirty]:
         """Compare the staging tree with the index; return a hint for each difference.
 
-        A merge of two streams in bytewise path order, the tree (:func:`fsops.scan_staging`)
-        and this source's rows of the index (:meth:`State.scan_published`), so that memory
-        does not grow with the number of live entries and an entry that is live already
-        costs one lstat and one string comparison. The hints are those of comparing every
+        A merge of two streams in bytewise path order, the tree
+        (:func:`fsops.scan_staging_runs`) and this source's rows of the index
+        (:meth:`State.scan_pages`), so that memory does not grow with the number of live
+        entries. Both come as compact records (path and key): a run of entries that are
+        live already is settled by comparing its records with the next bytes of the
+        index, at a cost of one lstat and a little formatting per entry. Where they differ,
+        the run is merged an entry at a time. The hints are those of comparing every
         staged entry with its index row (new, changed or not yet reported entries), then,
         in mirror mode, one for each live path no longer staged. A scan that fails part
         way returns no hints at all: a partial tree must never look like deletions.
@@ -224,60 +228,69 @@ class StagingInput:
             self._start_observer()  # the path may have appeared since start()
         target = self._target_repo_path()
         mirror = self.config.mode == "mirror"
-        rows = self.state.scan_published(self.repo, self.name, target)
+        pages = read_ahead(self.state.scan_pages(self.repo, self.name, target))
+        try:
+            return self._merge(IndexRecords(pages), mirror, target, now)
+        finally:
+            pages.close()  # stops the reader if the scan ended early
+
+    def _merge(self, index: IndexRecords, mirror: bool, target: str, now: float) -> list[Dirty]:
         if not self.root.is_dir():
             if not mirror:
                 return []
-            return [Dirty(self.name, os.fsdecode(r[0]), now, from_scan=True) for r in rows if r[0]]
+            return [
+                Dirty(self.name, os.fsdecode(p), now, from_scan=True) for p in index.rest() if p
+            ]
         hints: list[Dirty] = []
-        gone: list[Dirty] = []
+        gone: list[Dirty] | None = [] if mirror else None
         try:
-            row = next(rows, None)
-            stat_result = os.stat_result
-            for rel_b, found in fsops.scan_staging(self.root):
-                while row is not None and row[0] < rel_b:
-                    if mirror and row[0]:
-                        gone.append(Dirty(self.name, os.fsdecode(row[0]), now, from_scan=True))
-                    row = next(rows, None)
-                live_row = None
-                if row is not None and row[0] == rel_b:
-                    live_row, row = row, next(rows, None)
-                    # The common case inline: a file or directory equal to its index row.
-                    if live_row[2] is not None and type(found) is stat_result:
-                        mode = found.st_mode
-                        if live_row[2] == (
-                            file_scan_key(
-                                mode & 0o7777, found.st_size, found.st_mtime_ns, found.st_ino
-                            )
-                            if stat.S_ISREG(mode)
-                            else dir_scan_key(mode & 0o7777)
-                        ):
-                            continue  # no other rule can add a hint for what is live
-                if self._scanned_differs(rel_b, found, live_row):
-                    hints.append(Dirty(self.name, os.fsdecode(rel_b), now, from_scan=True))
-            while row is not None:
-                if mirror and row[0]:
-                    gone.append(Dirty(self.name, os.fsdecode(row[0]), now, from_scan=True))
-                row = next(rows, None)
+            for records, found in fsops.scan_staging_runs(self.root):
+                if not index.settles(records):
+                    self._merge_run(records, found, index, hints, gone, target, now)
+            for path in index.rest():
+                if gone is not None and path:
+                    gone.append(Dirty(self.name, os.fsdecode(path), now, from_scan=True))
         except OSError as exc:
             log.warning("reconciliation scan failed", source=self.name, error=str(exc))
             return []
-        return hints + gone
+        return hints + (gone or [])
 
-    def _scanned_differs(
+    def _merge_run(
         self,
-        rel_b: bytes,
-        found: os.stat_result | Fingerprint | fsops.Skipped,
-        live_row: tuple[bytes, bytes, str | None] | None,
-    ) -> bool:
-        """:meth:`_differs` for one entry of the merge (the loop settles entries whose
-        compact key equals their index row's before calling this)."""
-        rel = os.fsdecode(rel_b)
-        fingerprint = fsops.fingerprint_of(found) if isinstance(found, os.stat_result) else found
-        live = None
-        if live_row is not None:
-            live = self.state.published_entry(self.repo, os.fsdecode(live_row[1]))
-        return self._differs(rel, fingerprint, live)
+        records: bytes,
+        found: dict[bytes, fsops.ScanFound],
+        index: IndexRecords,
+        hints: list[Dirty],
+        gone: list[Dirty] | None,
+        target: str,
+        now: float,
+    ) -> None:
+        """Merge a run of the tree with the index an entry at a time (it differs somewhere)."""
+        fields = records.split(b"\0")
+        for i in range(0, len(fields) - 1, 2):
+            rel_b, key = fields[i], fields[i + 1]
+            head = index.head()
+            while head is not None and head < rel_b:
+                if gone is not None and head:
+                    gone.append(Dirty(self.name, os.fsdecode(head), now, from_scan=True))
+                index.pop(head)
+                head = index.head()
+            live_key = index.pop(rel_b) if head == rel_b else None
+            if key and key == live_key:
+                continue  # no other rule can add a hint for what is live
+            live = None
+            if live_key is not None:
+                live = self.state.scan_entry(self.repo, self.name, rel_b, target)
+            entry = found.get(rel_b)
+            if entry is None:
+                fingerprint: Fingerprint | fsops.Skipped = fsops.file_fingerprint(key)
+            elif isinstance(entry, os.stat_result):
+                fingerprint = fsops.fingerprint_of(entry)
+            else:
+                fingerprint = entry
+            rel = os.fsdecode(rel_b)
+            if self._differs(rel, fingerprint, live):
+                hints.append(Dirty(self.name, rel, now, from_scan=True))
 
     def _differs(
         self, rel: str, found: Fingerprint | fsops.Skipped, live: PublishedEntry | None
@@ -464,7 +477,7 @@ class StagingInput:
         outcome = fsops.copy_file(
             union_dir, op.repo_path, self.root, op.source_path, fp, replace=True
         )
-        return _applied(outcome)
+        return applied_outcome(outcome)
 
     def published(self, ops: Sequence[Op]) -> None:
         """After a publish: forget settled state; in inbox mode remove the published inputs."""
@@ -488,7 +501,7 @@ class StagingInput:
             return Applied(ApplyOutcome.REFUSED, "not a regular file")
         opened = fsops.open_staged(self.root, op.source_path, fp)
         if isinstance(opened, fsops.CopyOutcome):
-            return _applied(opened)
+            return applied_outcome(opened)
         return StagedContent(opened, fp)
 
     def still_current(self, op: Op) -> bool:
@@ -547,13 +560,3 @@ class StagingInput:
             result["revision"] = live.revision
             result["published_at"] = live.published_at
         return result
-
-
-def _applied(outcome: fsops.CopyOutcome) -> Applied:
-    mapping = {
-        fsops.CopyOutcome.COPIED: Applied(ApplyOutcome.APPLIED),
-        fsops.CopyOutcome.CHANGED: Applied(ApplyOutcome.CHANGED),
-        fsops.CopyOutcome.VANISHED: Applied(ApplyOutcome.VANISHED),
-        fsops.CopyOutcome.UNREADABLE: Applied(ApplyOutcome.REFUSED, "unreadable"),
-    }
-    return mapping[outcome]

@@ -3,10 +3,16 @@ checked against the plain comparison it replaces (every live entry in a dict).""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
+import sqlite3
 import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +23,7 @@ from cvmfs_syncd.config import SourceMode, StagingConfig
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import repo_path
+from cvmfs_syncd.sources.index_records import read_ahead
 from cvmfs_syncd.sources.staging import StagingInput
 from cvmfs_syncd.state import State
 
@@ -218,10 +225,104 @@ def test_a_failed_scan_hints_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     fp = Fingerprint(EntryType.FILE, 0o644, 1, 2, 3)
     state.apply_published("r", [Op(OpKind.COPY_FILE, "sw/z", source.name, "z", fp)], 1)
 
-    def broken(_root: Path) -> object:
-        yield b"a", os.lstat(root / "a")
+    scan = fsops.scan_staging_runs
+
+    def broken(*args: Any, **kwargs: Any) -> object:
+        yield from itertools.islice(scan(*args, **kwargs), 1)  # the run holding "a"
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(fsops, "scan_staging", broken)
+    monkeypatch.setattr(fsops, "scan_staging_runs", broken)
     assert source.reconcile(1.0) == []
     state.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    paths=_paths,
+    kinds=st.lists(_kinds, min_size=14, max_size=14),
+    choices=st.lists(_live, min_size=40, max_size=40),
+    extra=_paths,
+    mode=st.sampled_from(["mirror", "inbox"]),
+    page=st.sampled_from([1, 2, 3, 7]),
+)
+def test_the_merge_is_the_same_whatever_the_index_page_size(
+    paths: list[list[bytes]],
+    kinds: list[str],
+    choices: list[str],
+    extra: list[list[bytes]],
+    mode: SourceMode,
+    page: int,
+) -> None:
+    """Runs of the tree compared across the boundaries of small index pages."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "staging"
+        root.mkdir()
+        _build(root, paths, kinds)
+        state = State(Path(tmp) / "state")
+        try:
+            config = StagingConfig(path=root, target="/sw", mode=mode)
+            source = StagingInput("r", config, state, Metrics())
+            _index(source, choices, extra, 0o644)
+            pages = state.scan_pages
+            state.scan_pages = functools.partial(pages, page=page)  # type: ignore[method-assign]
+            merged = source.reconcile(1.0)
+            assert Counter(merged) == Counter(_naive(source, 1.0))
+        finally:
+            state.close()
+
+
+def test_runs_hold_compact_records_in_byte_order(tmp_path: Path) -> None:
+    """Records: path, key; a file's key is its fingerprint, a directory's its mode, and
+    anything else has an empty key and its description in ``found``."""
+    root = tmp_path / "staging"
+    (root / "d").mkdir(parents=True)
+    (root / "d").chmod(0o750)
+    (root / "d/f").write_text("abc")
+    (root / "d/f").chmod(0o644)
+    (root / "d.x").write_text("")
+    os.symlink("f", root / "d/l")
+    os.mkfifo(root / "p")
+    (root / os.fsdecode(b"\xff")).write_text("")
+    (root / "\u00e9").write_text("")
+    runs = list(fsops.scan_staging_runs(root))
+    records = b"".join(r for r, _ in runs).split(b"\0")[:-1]
+    rels = records[0::2]
+    assert rels == [b"d", b"d.x", b"d/f", b"d/l", b"p", "\u00e9".encode(), b"\xff"]
+    keys = dict(zip(rels, records[1::2], strict=True))
+    f = os.lstat(root / "d/f")
+    assert keys[b"d/f"] == b"f420 3 %d %d" % (f.st_mtime_ns, f.st_ino)
+    assert fsops.file_fingerprint(keys[b"d/f"]) == fsops.fingerprint_of(f)
+    assert keys[b"d"] == b"d488"
+    assert keys[b"d/l"] == keys[b"p"] == b""
+    found = {rel: what for _, run_found in runs for rel, what in run_found.items()}
+    assert set(found) == {b"d", b"d/l", b"p"}
+    assert found[b"p"] == fsops.Skipped("fifo", "named pipes are never read")
+    assert [r for r, _ in fsops.scan_staging(root)] == rels
+
+
+def test_read_ahead_hands_over_errors_and_stops_when_left() -> None:
+    """An error reading the index comes out in the scan; a scan that stops early leaves
+    no reader behind."""
+
+    def failing() -> Iterator[bytes]:
+        yield b"a\0-\0"
+        raise sqlite3.OperationalError("disk I/O error")
+
+    pages = read_ahead(failing())
+    assert next(pages) == b"a\0-\0"
+    with pytest.raises(sqlite3.OperationalError):
+        next(pages)
+
+    read: list[int] = []
+
+    def endless() -> Iterator[bytes]:
+        for i in itertools.count():
+            read.append(i)
+            yield b"%d\0-\0" % i
+
+    before = threading.active_count()
+    pages = read_ahead(endless(), depth=2)
+    assert next(pages) == b"0\0-\0"
+    pages.close()
+    assert threading.active_count() == before
+    assert len(read) <= 5
