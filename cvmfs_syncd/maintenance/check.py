@@ -7,7 +7,7 @@ outside the lane, and never holds publishing up. Only gc is kept apart from it
 
 from __future__ import annotations
 
-from cvmfs_syncd.cvmfs.server import Outcome
+from cvmfs_syncd.cvmfs.outcomes import Outcome
 from cvmfs_syncd.maintenance.runs import TaskContext, TaskResult, Verdict, command_failed
 
 #: ``check -i`` re-hashes every object file: hours on a large storage. The timeout only
