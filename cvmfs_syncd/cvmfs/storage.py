@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final, Literal, Protocol, cast
 
 import structlog
 
-from cvmfs_syncd.cvmfs.graft import ContentHasher, algorithm_of
+from cvmfs_syncd.cvmfs.hashing import ContentHasher, algorithm_of
 from cvmfs_syncd.cvmfs.repo import parse_shell_assignments
 from cvmfs_syncd.errors import GraftError, StorageError
 

@@ -36,13 +36,8 @@ from typing import BinaryIO, Protocol, cast
 
 import structlog
 
-from cvmfs_syncd.cvmfs.graft import (
-    GRAFT_PREFIX,
-    GraftOptions,
-    encode_object,
-    graft_stream,
-    object_name,
-)
+from cvmfs_syncd.cvmfs.graft import GRAFT_PREFIX, GraftOptions, encode_object, graft_stream
+from cvmfs_syncd.cvmfs.hashing import object_name
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.storage import (
     LocalObjectStore,
