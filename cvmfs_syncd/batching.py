@@ -30,6 +30,10 @@ class Pending:
         """Return this entry, to be looked at again no earlier than ``at``."""
         return replace(self, rescan=False, held=False, not_before=at)
 
+    def below(self, rel: str) -> Pending:
+        """Return the entry of a path found below this one by a rescan (same times)."""
+        return Pending(self.source, rel, self.first_at, self.last_at, from_scan=self.from_scan)
+
     @property
     def key(self) -> tuple[str, str]:
         """The identity of a pending path: (source, path relative to the source)."""

@@ -46,3 +46,11 @@ class StateError(SyncdError):
 
 class SourceError(SyncdError):
     """An input source (staging directory, S3 prefix) is unavailable or refused an input."""
+
+
+class UnsafeName(SyncdError, ValueError):
+    """A name or path from an input that must never be published as it is: ``..``, an
+    absolute path, a NUL byte, a component over 255 bytes, a key escaping its target.
+
+    A ``ValueError`` too, so that code validating values treats it as one; but code that
+    refuses an input catches this type only, never a programming error's ValueError."""

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
+from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.model import EntryType, Fingerprint
 from cvmfs_syncd.paths import TEMP_PREFIX, TEMP_SUFFIX, split_repo_path
 
@@ -905,10 +906,10 @@ def make_symlink(
     NotADirectoryError or OSError as for :func:`make_dir`.
     """
     if not target or "\0" in target:
-        raise ValueError(f"symlink target {target!r} is empty or contains NUL")
+        raise UnsafeName(f"symlink target {target!r} is empty or contains NUL")
     parts = split_repo_path(repo_path)
     if not parts:
-        raise ValueError("the repository root cannot be a symlink")
+        raise UnsafeName("the repository root cannot be a symlink")
     parent_fd = _open_union_parent(union_root, parts[:-1], replace, dir_mode)
     try:
         temp, _ = _create_temp(parent_fd, lambda temp: os.symlink(target, temp, dir_fd=parent_fd))
@@ -935,7 +936,7 @@ def delete(union_root: Path, repo_path: str) -> bool:
     """
     parts = split_repo_path(repo_path)
     if not parts:
-        raise ValueError("refusing to delete the repository root")
+        raise UnsafeName("refusing to delete the repository root")
     union_fd = _open_root(union_root)
     try:
         try:
@@ -991,7 +992,7 @@ def remove_staged(source_root: Path, rel_path: str, expected: Fingerprint) -> bo
     """
     parts = split_repo_path(rel_path)
     if not parts:
-        raise ValueError("refusing to remove the staging root")
+        raise UnsafeName("refusing to remove the staging root")
     root_fd = _open_root(source_root)
     try:
         try:

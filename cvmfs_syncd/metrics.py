@@ -204,6 +204,21 @@ class Metrics:
             task,
             registry=r,
         )
+        self.automatic_tags = Gauge(
+            "cvmfs_syncd_automatic_tags",
+            "Automatic generic-* tags older than auto_tag_keep left after the last tag "
+            "cleanup (0: all removed).",
+            repo,
+            registry=r,
+        )
+        self.integrity = Gauge(
+            "cvmfs_syncd_integrity",
+            "1 for what the last check with check_integrity did to object contents: "
+            "verified (cvmfs check -i, or a sampled pass over S3), not_checked "
+            "(check -i skipped it), problems (objects that do not hash to their name).",
+            ["repository", "result"],
+            registry=r,
+        )
         self.master_key_present = Gauge(
             "cvmfs_syncd_master_key_present",
             "1 if the repository's master key is on this host (resign possible).",

@@ -1,4 +1,5 @@
-"""Immutable value types that flow between sources, the batcher, the planner and the lanes."""
+"""Value types that flow between sources, the batcher, the planner and the lanes: frozen,
+except :class:`LaneStatus`, which a lane updates and copies out for its readers."""
 
 from __future__ import annotations
 

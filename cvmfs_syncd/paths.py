@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterable
 
 from cvmfs_syncd.cvmfs.graft import GRAFT_PREFIX
+from cvmfs_syncd.errors import UnsafeName
 
 #: Longest file name (one path component) Linux accepts, in bytes.
 NAME_MAX = 255
@@ -84,11 +85,11 @@ def reserved_name(name: str) -> str | None:
 
 
 def _encoded_len(component: str) -> int:
-    """Return the length of ``component`` in bytes as the kernel sees it; raise ValueError."""
+    """Return the length of ``component`` in bytes as the kernel sees it; raise UnsafeName."""
     try:
         return len(os.fsencode(component))
     except UnicodeEncodeError:
-        raise ValueError(
+        raise UnsafeName(
             f"name {component!r} contains characters that cannot be encoded as a file name"
         ) from None
 
@@ -100,14 +101,14 @@ def check_component(component: str) -> None:
     and at most 255 bytes in that form.
     """
     if component in ("", ".", ".."):
-        raise ValueError(f"path component {component!r} is not allowed")
+        raise UnsafeName(f"path component {component!r} is not allowed")
     if "/" in component:
-        raise ValueError(f"path component {component!r} contains '/'")
+        raise UnsafeName(f"path component {component!r} contains '/'")
     if "\0" in component:
-        raise ValueError(f"path component {component!r} contains a NUL character")
+        raise UnsafeName(f"path component {component!r} contains a NUL character")
     size = _encoded_len(component)
     if size > NAME_MAX:
-        raise ValueError(f"name {component[:40]!r}... is {size} bytes long; the limit is 255")
+        raise UnsafeName(f"name {component[:40]!r}... is {size} bytes long; the limit is 255")
 
 
 def split_repo_path(path: str) -> list[str]:
@@ -119,7 +120,7 @@ def split_repo_path(path: str) -> list[str]:
     if path == "":
         return []
     if path.startswith("/"):
-        raise ValueError(f"repository path {path!r} must be relative (no leading '/')")
+        raise UnsafeName(f"repository path {path!r} must be relative (no leading '/')")
     parts = path.split("/")
     for part in parts:
         check_component(part)
@@ -140,12 +141,12 @@ def repo_path(target: str, rel_path: str) -> str:
     if ``target`` is not absolute or has such components.
     """
     if not target.startswith("/"):
-        raise ValueError(f"target {target!r} must be an absolute repository path")
+        raise UnsafeName(f"target {target!r} must be an absolute repository path")
     target_parts = [p for p in target.split("/") if p != ""]
     for part in target_parts:
         check_component(part)
     if rel_path.startswith("/"):
-        raise ValueError(f"path {rel_path!r} must be relative to the source, not absolute")
+        raise UnsafeName(f"path {rel_path!r} must be relative to the source, not absolute")
     rel_parts = split_repo_path(rel_path)
     return "/".join(target_parts + rel_parts)
 

@@ -104,7 +104,9 @@ def op_weight(op: Op) -> int:
 
 def order_ops(ops: Sequence[Op]) -> list[Op]:
     """Return ops in a safe order: deletions deepest first, then directories top-down, then
-    files and links. A type change (file → directory) thus deletes before it creates."""
+    files and links. A type change thus deletes before it creates: what was live below a
+    directory goes before the file or link that replaces it, a file before the directory
+    that replaces it (which its content then fills)."""
     deletes = sorted(
         (o for o in ops if o.kind is OpKind.DELETE),
         key=lambda o: (-o.repo_path.count("/"), o.repo_path),
@@ -125,8 +127,10 @@ def cut_to_caps(
 ) -> tuple[list[Op], list[Op]]:
     """Split ops into (this batch, later) under the file-count and byte caps.
 
-    Atomic groups (a ready-marker directory) go whole into this batch, even above the caps;
-    at least one op is always taken, so a single huge file still publishes.
+    Atomic groups (a ready-marker directory; a replacement with what it deletes and, for a
+    new directory, its content) go whole into this batch, even above the caps, so that no
+    revision shows one without the other; at least one op is always taken, so a single
+    huge file still publishes.
     """
     grouped = {path for group in atomic_groups for path in group}
     taken: list[Op] = [o for o in ops if o.repo_path in grouped]

@@ -58,7 +58,14 @@ def build_inputs(
 ) -> list[Input]:
     """Return the input sources of one repository."""
     inputs: list[Input] = [
-        StagingInput(repo.name, staging, state, metrics, content=content)
+        StagingInput(
+            repo.name,
+            staging,
+            state,
+            metrics,
+            content=content,
+            max_batch_seconds=repo.max_batch_seconds,
+        )
         for staging in repo.staging
     ]
     if repo.s3:

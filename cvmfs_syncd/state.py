@@ -260,6 +260,10 @@ STAGES = tuple(s for s in JournalStage if s not in (JournalStage.ABORTED, Journa
 FINAL_STAGES = tuple(s for s in JournalStage if s.final)
 
 
+#: Paths per ``IN (…)`` query (SQLite allows 32 766 parameters; smaller keeps each fast).
+_IN_CHUNK = 500
+
+
 def encode_path(path: str) -> bytes:
     """Return the bytes of a path string (surrogate escapes restored)."""
     return os.fsencode(path)
@@ -586,6 +590,38 @@ class State:
             (repo, encode_path(path)),
         )
         return _entry(rows[0]) if rows else None
+
+    def published_entries(self, repo: str, paths: Iterable[str]) -> dict[str, PublishedEntry]:
+        """Return the index entries of many paths at once (those that are live)."""
+        found: dict[str, PublishedEntry] = {}
+        keys = [encode_path(p) for p in paths]
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = keys[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            columns = "repo, path, source, source_path, fingerprint, revision, published_at"
+            where = f"repo = ? AND path IN ({marks})"  # only "?" placeholders
+            sql = f"SELECT {columns} FROM published WHERE {where}"  # noqa: S608
+            rows = self._query(sql, (repo, *chunk))
+            for row in rows:
+                entry = _entry(row)
+                found[entry.path] = entry
+        return found
+
+    def set_aside_entries(
+        self, repo: str, source: str
+    ) -> dict[str, tuple[str, Fingerprint | None]]:
+        """Return every input of a source that is set aside: path -> (reason, fingerprint)."""
+        rows = self._query(
+            "SELECT path, reason, fingerprint FROM set_aside WHERE repo = ? AND source = ?",
+            (repo, source),
+        )
+        return {
+            decode_path(bytes(path) if isinstance(path, bytes) else str(path)): (
+                str(reason),
+                Fingerprint.from_json(json.loads(str(fp))) if fp else None,
+            )
+            for path, reason, fp in rows
+        }
 
     def published_under(
         self, repo: str, path: str, source: str | None = None

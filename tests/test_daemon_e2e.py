@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 from collections.abc import Iterator
@@ -300,8 +301,8 @@ def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
     """kill -9 during a slow `transaction`: the restart stops that command before recovering,
     so it cannot open a transaction later that would look foreign forever."""
     daemon.start()
-    # long enough to outlive the daemon on a loaded machine; the restart stops it anyway
-    daemon.stratum0.inject_fault("transaction", "delay", delay=30.0, times=1)
+    # it outlives the daemon whatever the machine's load; the restart must stop it
+    daemon.stratum0.inject_fault("transaction", "hang", times=1)
     (daemon.staging / "a").write_text("a")
 
     def command_journalled() -> bool:
@@ -313,6 +314,10 @@ def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
         return bool(rows) and rows[-1][0] == "opening" and rows[-1][1] is not None
 
     wait_for(command_journalled, 30, "the slow transaction to be journalled")
+    faults = daemon.stratum0.root / "fake-faults.json"
+    # The command took its fault (it hangs now) before the daemon dies: a fake still
+    # starting up on a loaded machine would otherwise miss it once the faults are cleared.
+    wait_for(lambda: json.loads(faults.read_text() or "[]") == [], 30, "the hang to be taken")
     daemon.kill(orphans=False)
     assert daemon.stratum0.orphans()  # the command outlived the daemon
     daemon.stratum0.clear_faults()

@@ -70,10 +70,10 @@ def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Itera
         state.close()
 
 
-def published(stratum0: FakeStratum0) -> Tree:
-    """Return the tree a client sees at the latest revision."""
+def published(stratum0: FakeStratum0, revision: int | None = None) -> Tree:
+    """Return the tree a client sees at ``revision`` (by default the latest)."""
     tree: Tree = {}
-    for path, entry in stratum0.published_tree(REPO).items():
+    for path, entry in stratum0.published_tree(REPO, revision=revision).items():
         rel = path.strip("/")
         if not rel or rel == "new_repository":  # mkfs's own file; mirror manages only its own
             continue
@@ -82,7 +82,7 @@ def published(stratum0: FakeStratum0) -> Tree:
         elif entry.type == "dir":
             tree[rel] = ("dir", entry.mode & 0o7777, b"")
         else:
-            tree[rel] = ("file", entry.mode & 0o777, stratum0.read_file(REPO, path))
+            tree[rel] = ("file", entry.mode & 0o777, stratum0.read_file(REPO, path, revision))
     return tree
 
 
@@ -624,3 +624,97 @@ def test_sync_timeout_bounds_a_hanging_publish(
     assert time.monotonic() - started < 2 + DEADLINE_GRACE_SECONDS + 10
     _sync(lane)
     assert published(stratum0)["a"][2] == b"a"
+
+
+def _at(tree: Tree, path: str) -> Tree:
+    """The part of ``tree`` at and below ``path``."""
+    return {p: e for p, e in tree.items() if p == path or p.startswith(path + "/")}
+
+
+def _must_settle(path: Path) -> None:
+    """Give a staged file an mtime ahead of now: it settles only once ``settle_seconds``
+    have passed since the lane first saw it, so the first plan always defers it."""
+    import time
+
+    ahead = time.time() + 3600
+    os.utime(path, (ahead, ahead))
+
+
+def _assert_replaced_in_one_revision(
+    stratum0: FakeStratum0, staging: Path, path: str, old: Tree, since: int
+) -> None:
+    """Every revision after ``since`` shows ``path`` either as it was or as it is now."""
+    new = _at(staging_tree(staging), path)
+    assert _at(published(stratum0), path) == new
+    for revision in (r for r in stratum0.revisions(REPO) if r > since):
+        seen = _at(published(stratum0, revision), path)
+        assert seen in (old, new), f"revision {revision} shows {sorted(seen)}"
+
+
+def test_a_directory_replaced_by_a_file_is_published_in_one_revision(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """The old directory stays live, content and all, until the file that replaces it has
+    settled; then both changes go in one revision."""
+    import shutil
+
+    (staging / "pkg" / "sub").mkdir(parents=True)
+    (staging / "pkg" / "a").write_text("a")
+    (staging / "pkg" / "sub" / "b").write_text("b")
+    (staging / "other").write_text("o")
+    lane = lane_factory()
+    _sync(lane)
+    old, since = _at(published(stratum0), "pkg"), stratum0.revision(REPO)
+    assert len(old) == 4
+    shutil.rmtree(staging / "pkg")
+    (staging / "pkg").write_text("now a file")
+    _must_settle(staging / "pkg")
+    _sync(lane)
+    _assert_replaced_in_one_revision(stratum0, staging, "pkg", old, since)
+    assert published(stratum0) == staging_tree(staging)
+
+
+def test_a_file_replaced_by_a_directory_is_published_in_one_revision(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """The old file stays live until the directory that replaces it and its content (which
+    must settle) can go together."""
+    (staging / "pkg").write_text("a file")
+    (staging / "other").write_text("o")
+    lane = lane_factory()
+    _sync(lane)
+    old, since = _at(published(stratum0), "pkg"), stratum0.revision(REPO)
+    (staging / "pkg").unlink()
+    (staging / "pkg" / "sub").mkdir(parents=True)
+    (staging / "pkg" / "a").write_text("a")
+    (staging / "pkg" / "sub" / "b").write_text("b")
+    _must_settle(staging / "pkg" / "sub" / "b")
+    _sync(lane)
+    _assert_replaced_in_one_revision(stratum0, staging, "pkg", old, since)
+    assert published(stratum0) == staging_tree(staging)
+
+
+def test_a_replaced_directory_counts_for_the_deletion_guard(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """A file replacing a directory of 16 of 20 live paths is held with the deletions, the
+    directory staying live; once released, both go in one revision."""
+    import shutil
+
+    (staging / "big").mkdir()
+    for i in range(15):
+        (staging / "big" / f"f{i}").write_text(str(i))
+    for i in range(4):
+        (staging / f"k{i}").write_text(str(i))
+    lane = lane_factory()
+    _sync(lane)
+    old, since = _at(published(stratum0), "big"), stratum0.revision(REPO)
+    shutil.rmtree(staging / "big")
+    (staging / "big").write_text("now a file")
+    ok, why = lane.sync_once(10)
+    assert not ok
+    assert "delete 16 of 20 live paths" in why, why
+    assert _at(published(stratum0), "big") == old
+    lane.state.request_release(REPO)
+    _sync(lane)
+    _assert_replaced_in_one_revision(stratum0, staging, "big", old, since)

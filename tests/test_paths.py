@@ -308,3 +308,15 @@ def test_collision_resolution_is_order_independent(keys: list[str], seed: int) -
         _assert_safe_components(rel)
         parts = rel.split("/")
         assert not any("/".join(parts[:i]) in paths for i in range(1, len(parts)))
+
+
+def test_an_unsafe_name_has_an_error_type_of_its_own() -> None:
+    """Refusing an input catches UnsafeName, never a programming error's ValueError."""
+    from cvmfs_syncd.errors import UnsafeName
+    from cvmfs_syncd.paths import repo_path
+
+    with pytest.raises(UnsafeName, match="must be relative"):
+        repo_path("/sw", "/etc/passwd")
+    with pytest.raises(UnsafeName):
+        repo_path("/sw", "a/../../etc")
+    assert issubclass(UnsafeName, ValueError)

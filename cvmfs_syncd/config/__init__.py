@@ -276,6 +276,9 @@ class MaintenanceConfig:
     auto_tag_keep_seconds: float | None = key(
         None, "remove older automatic tags before gc", unit="duration", toml="auto_tag_keep"
     )
+    tag_cleanup_seconds: float = key(
+        600.0, "limit of removing old automatic tags; gc runs after it", unit="duration"
+    )
     check_schedule: str = key("", "crontab expression; '' disables", check=_crontab)
     check_integrity: bool = key(False, "check -i: read every object")
 

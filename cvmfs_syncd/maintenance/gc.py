@@ -4,17 +4,26 @@ gc runs inside the lane (``Lane.run_job``) between batches, under the same repos
 lock as publishing. It reads ``server.conf`` first (:func:`~.policy.gc_settings`), never
 touches a transaction it did not open (``cvmfs_server gc`` refuses during one,
 o_gc_and_transactions 2) and removes old automatic tags first when asked to
-(``auto_tag_keep``), because every tagged revision survives gc (g_gc 17-20). While it
-runs it holds ``locks/<repo>.check.lock``, taken without waiting: ``check -i`` reads
-every object file, and gc deletes some.
+(``auto_tag_keep``), because every tagged revision survives gc (g_gc 17-20).
+
+A run is made of steps, each its own lane job: one ``tag -r`` call of at most
+MAX_TAGS_PER_CALL names per step (faults.md F1: one call of thousands of names fails as
+a whole), then ``cvmfs_server gc``. The next step is queued through the scheduler
+STEP_PAUSE seconds after the previous one ended, so the lane finishes draining its
+inbox and publishes a batch that is due before the next tag call. Tag removal stops after
+``tag_cleanup_seconds``, or when calls keep failing, and gc runs anyway: the tags left
+are reported (``cvmfs_syncd_automatic_tags``), never a reason to skip gc. While
+``cvmfs_server gc`` runs it holds ``locks/<repo>.check.lock``, taken without waiting:
+``check -i`` reads every object file, and gc deletes some.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -25,9 +34,13 @@ from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.maintenance.policy import (
     GcSettings,
+    TagCleanup,
     auto_tags_to_remove,
     gc_settings,
+    missing_tags,
+    next_tag_call,
     parse_last_gc,
+    tag_call_done,
 )
 from cvmfs_syncd.maintenance.runs import TaskContext, TaskResult, Verdict, command_failed
 from cvmfs_syncd.pipeline.transaction import describe
@@ -37,6 +50,8 @@ log = structlog.get_logger(__name__)
 #: gc of a large repository takes hours; it runs as a lane job, which the stall check
 #: exempts, so only this bound ends a gc that hangs.
 GC_TIMEOUT = 24 * 3600.0
+#: Seconds between one step of a gc run ending and the next being queued in the lane.
+STEP_PAUSE = 0.5
 
 
 class Jobs(Protocol):
@@ -47,6 +62,23 @@ class Jobs(Protocol):
 
     def run_job(self, name: str, fn: Callable[[], Any]) -> Future[Any]:
         """Run ``fn`` in the lane between batches, under the repository lock."""
+
+
+#: Runs one step with the repository lock held; None when the lock could not be had.
+Locked = Callable[[Callable[[], bool]], bool | None]
+
+
+@dataclass
+class _GcRun:
+    """A gc run between its steps. Times are ``runs.clock`` seconds, except ``started``
+    (``time.monotonic``, for the run's duration)."""
+
+    started: float
+    deadline: float
+    cleaning: bool
+    cleanup: TagCleanup
+    left: int | None = None
+    note: str = ""
 
 
 class GarbageCollection:
@@ -62,6 +94,8 @@ class GarbageCollection:
         self.on_demand = on_demand
         self._lock = threading.Lock()
         self._future: Future[Any] | None = None
+        self._run: _GcRun | None = None
+        self._last: TaskResult | None = None
         self._settings = GcSettings(False)
         self._set_settings(gc_settings(ctx.layout, ctx.settings, on_demand=on_demand))
 
@@ -98,6 +132,7 @@ class GarbageCollection:
             with self._lock:
                 # A job queued in a lane that has stopped will never run.
                 self._future = None
+                self._run = None
             self.runs.set_queued("gc", False)
             self.runs.run(
                 "gc",
@@ -112,27 +147,100 @@ class GarbageCollection:
             return
         with self._lock:
             pending = self._future
-            if pending is not None and not pending.done():
+            if self._run is not None or (pending is not None and not pending.done()):
                 log.info("gc already queued; this run is coalesced", repository=self.name)
                 return
-            self.runs.set_queued("gc", True)
-            future = self._future = lane.run_job("gc", self.run_locked)
-        future.add_done_callback(self._finished)
+        self._queue(lane)
         log.info("gc queued in the lane", repository=self.name)
 
-    def run_locked(self) -> TaskResult | None:
-        """Run gc now; the caller holds the repository lock (the lane, or the command line)."""
+    def _queue(self, lane: Jobs) -> None:
+        with self._lock:
+            self.runs.set_queued("gc", True)
+            future = self._future = lane.run_job("gc", self._lane_step)
+        future.add_done_callback(self._finished)
+
+    def _lane_step(self) -> bool:
         self.runs.set_queued("gc", False)
-        return self.runs.run("gc", self._body, retry=self.submit)
+        return self._step()
 
     def _finished(self, future: Future[Any]) -> None:
         self.runs.set_queued("gc", False)
         exc = future.exception() if not future.cancelled() else None
-        if exc is not None:
+        if exc is not None or future.cancelled():
             # The lane stopped before the job ran (it raises its stop signal then).
+            with self._lock:
+                self._run = None
             log.warning("gc did not run: the lane stopped", repository=self.name, error=repr(exc))
+            return
+        if future.result():
+            self.runs.set_queued("gc", True)
+            self.runs.run_soon("gc", self._next_step, STEP_PAUSE)
 
-    def _body(self) -> TaskResult:
+    def _next_step(self) -> None:
+        lane = self.lane
+        if lane is not None and lane.is_alive():
+            self._queue(lane)
+        else:
+            self.submit()  # records that the lane is not running, and retries
+
+    def run_locked(self) -> TaskResult | None:
+        """Run a whole gc now; the caller holds the repository lock (the lane, or tests)."""
+        self.runs.set_queued("gc", False)
+        while self._step():
+            pass
+        return self._last
+
+    def run_stepwise(self, locked: Locked) -> TaskResult | None:
+        """Run a whole gc now, each step under the lock ``locked`` takes and releases (the
+        command line: the daemon's lane may publish between two tag calls)."""
+        while True:
+            more = locked(self._step)
+            if more is None:
+                with self._lock:
+                    self._run = None
+                return None
+            if not more:
+                return self._last
+
+    def _step(self) -> bool:
+        """Do one step of the gc run (starting one); return True if another step follows."""
+        with self._lock:
+            run = self._run
+        started = time.monotonic() if run is None else run.started
+        more = False
+
+        def body() -> TaskResult | None:
+            nonlocal more
+            # Checked before every step: a transaction may have been opened in between.
+            refused = self._refused()
+            if refused is not None:
+                return refused
+            current = run or self._begin(started)
+            if current.cleaning and self._tag_step(current):
+                more = True
+                return None
+            return self._collect(current)
+
+        result = self.runs.run("gc", body, retry=self.submit, started=started)
+        with self._lock:
+            if not more:
+                self._run = None
+                self._last = result
+        return more
+
+    def _begin(self, started: float) -> _GcRun:
+        keep = self.ctx.settings.auto_tag_keep_seconds
+        run = _GcRun(
+            started=started,
+            deadline=self.runs.clock() + self.ctx.settings.tag_cleanup_seconds,
+            cleaning=keep is not None,
+            cleanup=TagCleanup(),
+        )
+        with self._lock:
+            self._run = run
+        return run
+
+    def _refused(self) -> TaskResult | None:
         layout = self._fresh_layout()
         settings = gc_settings(layout, self.ctx.settings, on_demand=self.on_demand)
         self._set_settings(settings)
@@ -149,6 +257,50 @@ class GarbageCollection:
                 "cvmfs_server gc refuses to run during one, and it is never aborted",
                 "foreign_transaction",
             )
+        return None
+
+    def _tag_step(self, run: _GcRun) -> bool:
+        """List the tags and remove the next call's worth; False when removal is over."""
+        keep = self.ctx.settings.auto_tag_keep_seconds or 0.0  # set: cleaning is on
+        server, timeout = self.ctx.server, self.ctx.timeout
+        listing = server.tag_list(self.name, timeout=timeout)
+        if not listing.ok:
+            return self._stop_cleaning(run, "cannot list tags: " + describe(listing.result))
+        old = [tag.name for tag in auto_tags_to_remove(listing.tags, self.runs.clock(), keep)]
+        left = run.left = len(old)
+        if run.cleanup.stopped:
+            return self._stop_cleaning(run, run.cleanup.stopped)
+        if self.runs.clock() >= run.deadline:
+            limit = self.ctx.settings.tag_cleanup_seconds
+            return self._stop_cleaning(run, f"tag cleanup stopped after {limit:.0f}s")
+        call = next_tag_call(run.cleanup, old)
+        if not call:
+            return self._stop_cleaning(run, "")
+        result = server.tag_remove(self.name, call, timeout=timeout)
+        missing = () if result.ok else missing_tags(result.stdout + "\n" + result.stderr)
+        run.cleanup = tag_call_done(run.cleanup, call, ok=result.ok, missing=missing)
+        if result.ok:
+            run.left = left - len(call)
+            log.info("removed old automatic tags", repository=self.name, tags=len(call))
+        else:
+            log.warning(
+                "removing old automatic tags failed",
+                repository=self.name,
+                tags=len(call),
+                missing=sorted(missing),
+                error=describe(result),
+            )
+        return True
+
+    def _stop_cleaning(self, run: _GcRun, note: str) -> bool:
+        run.cleaning = False
+        run.note = note
+        if run.left is not None:
+            self.ctx.runs.metrics.automatic_tags.labels(self.name).set(run.left)
+        return False
+
+    def _collect(self, run: _GcRun) -> TaskResult:
+        """Run ``cvmfs_server gc`` (whatever the tag removal came to) and say how it went."""
         check_lock = self.ctx.lock("check")
         # A check -i reads every object file; never wait for it here, the lane is held.
         if not check_lock.acquire(timeout=0.0):
@@ -159,12 +311,6 @@ class GarbageCollection:
                 "check_running",
             )
         try:
-            removed: list[str] = []
-            keep_tags = self.ctx.settings.auto_tag_keep_seconds
-            if keep_tags is not None:
-                failure = self._remove_old_auto_tags(keep_tags, removed)
-                if failure is not None:
-                    return failure
             keep = self.ctx.settings.gc_keep_seconds
             result = self.ctx.server.gc(
                 self.name,
@@ -176,7 +322,7 @@ class GarbageCollection:
             )
         finally:
             check_lock.release()
-        tags = f"; removed {len(removed)} automatic tags" if removed else ""
+        tags = self._tags_summary(run)
         if result.ok:
             return TaskResult("gc", Verdict.DONE, f"garbage collected{tags}", "ok")
         if result.outcome is Outcome.GC_NOT_ENABLED:
@@ -184,29 +330,29 @@ class GarbageCollection:
                 GcSettings(False, result.reason or "garbage collection is not enabled")
             )
             return TaskResult("gc", Verdict.SKIPPED, describe(result) + tags, "disabled")
-        return command_failed(
+        failed = command_failed(
             "gc",
             result,
             retry=result.outcome is not Outcome.NO_SUCH_REPOSITORY,
             ran=result.outcome is not Outcome.GC_IN_TRANSACTION,
         )
+        return TaskResult(failed.task, failed.verdict, failed.message + tags, failed.outcome)
 
-    def _remove_old_auto_tags(self, keep: float, removed: list[str]) -> TaskResult | None:
-        server, timeout = self.ctx.server, self.ctx.timeout
-        listing = server.tag_list(self.name, timeout=timeout)
-        if not listing.ok:
-            failed = command_failed("gc", listing.result, retry=True)
-            return replace(failed, message="cannot list tags: " + failed.message)
-        old = auto_tags_to_remove(listing.tags, self.runs.clock(), keep)
-        if not old:
-            return None
-        result = server.tag_remove(self.name, [tag.name for tag in old], timeout=timeout)
-        if not result.ok:
-            failed = command_failed("gc", result, retry=True)
-            return replace(failed, message="cannot remove old automatic tags: " + failed.message)
-        removed.extend(tag.name for tag in old)
-        log.info("removed old automatic tags", repository=self.name, tags=removed)
-        return None
+    def _tags_summary(self, run: _GcRun) -> str:
+        removed = run.cleanup.removed
+        text = f"; removed {removed} automatic tags" if removed else ""
+        if run.left:
+            why = f" ({run.note})" if run.note else ""
+            text += f"; {run.left} old automatic tags left{why}"
+            log.warning(
+                "old automatic tags left after gc's tag cleanup",
+                repository=self.name,
+                left=run.left,
+                reason=run.note or None,
+            )
+        elif run.note:
+            text += f"; {run.note}"
+        return text
 
     def _fresh_layout(self) -> RepositoryLayout:
         # server.conf may have been edited (e.g. gc enabled) since the daemon started.

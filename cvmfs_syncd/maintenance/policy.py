@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import Enum
 
@@ -85,6 +86,98 @@ def auto_tags_to_remove(tags: Iterable[Tag], now: float, keep_seconds: float) ->
         for tag in tags
         if tag.is_auto_tag and not tag.is_undo_tag and tag.timestamp.timestamp() < limit
     ]
+
+
+#: Names per ``tag -r`` call: what CernVM-FS's own automatic cleanup uses (faults.md F1).
+MAX_TAGS_PER_CALL = 100
+#: Bytes of the names of one call, joined by spaces. The tool pastes them into a single
+#: ``sh -c`` argument, which Linux caps at 128 KiB; half of it leaves room for the rest.
+MAX_TAG_CALL_BYTES = 64 * 1024
+#: Failed calls in a row after which the cleanup stops for this run (100 names halve
+#: down to one in 7 calls).
+MAX_TAG_CALL_FAILURES = 10
+
+_MISSING_TAG = re.compile(r"tag '([^']+)' does not exist")
+
+
+def missing_tags(output: str) -> frozenset[str]:
+    """Return the names a failed ``tag -r`` said do not exist (``tag 'X' does not exist``)."""
+    return frozenset(_MISSING_TAG.findall(output))
+
+
+@dataclass(frozen=True)
+class TagCleanup:
+    """Where the removal of old automatic tags stands between two ``tag -r`` calls.
+
+    ``limit``: names the next call may hold; ``skip``: names not tried again in this run
+    (said not to exist, or failing alone); ``retried``: the failing call was already
+    tried again without its missing names; ``failures``: failed calls in a row;
+    ``stopped``: why the cleanup gave up ("" while it goes on).
+    """
+
+    limit: int = MAX_TAGS_PER_CALL
+    skip: frozenset[str] = frozenset()
+    retried: bool = False
+    failures: int = 0
+    removed: int = 0
+    stopped: str = ""
+
+
+def next_tag_call(
+    state: TagCleanup, candidates: Sequence[str], *, max_bytes: int = MAX_TAG_CALL_BYTES
+) -> tuple[str, ...]:
+    """Return the names of the next ``tag -r`` call: the first of ``candidates`` not
+    skipped, at most ``state.limit`` of them and at most ``max_bytes`` joined by spaces
+    (always at least one name when there is one). Empty: nothing left to remove."""
+    call: list[str] = []
+    size = 0
+    for name in candidates:
+        if name in state.skip:
+            continue
+        grown = size + len(name.encode()) + (1 if call else 0)
+        if call and (len(call) >= state.limit or grown > max_bytes):
+            break
+        call.append(name)
+        size = grown
+    return tuple(call)
+
+
+def tag_call_done(
+    state: TagCleanup, call: Sequence[str], *, ok: bool, missing: Collection[str] = ()
+) -> TagCleanup:
+    """Return the cleanup's state after a ``tag -r`` of ``call`` succeeded or failed.
+
+    The tool removes all names of a call or none (F1). A success counts the names and
+    restores the full call size. A failure naming tags that do not exist drops them
+    and retries the rest once; a second failure, or one without a missing name (e.g.
+    "Argument list too long"), halves the call; a single name that fails is skipped.
+    After MAX_TAG_CALL_FAILURES failures in a row the cleanup stops.
+    """
+    if ok:
+        return replace(
+            state,
+            limit=MAX_TAGS_PER_CALL,
+            retried=False,
+            failures=0,
+            removed=state.removed + len(call),
+        )
+    failures = state.failures + 1
+    gone = frozenset(missing) & frozenset(call)
+    if gone and not state.retried:
+        after = replace(state, skip=state.skip | gone, retried=True, failures=failures)
+    elif len(call) <= 1:
+        after = replace(state, skip=state.skip | frozenset(call), retried=False, failures=failures)
+    else:
+        after = replace(
+            state,
+            skip=state.skip | gone,
+            limit=max(1, len(call) // 2),
+            retried=False,
+            failures=failures,
+        )
+    if failures >= MAX_TAG_CALL_FAILURES:
+        after = replace(after, stopped=f"{failures} tag removals failed in a row")
+    return after
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.maintenance.check import Check
-from cvmfs_syncd.maintenance.gc import GarbageCollection, Jobs
+from cvmfs_syncd.maintenance.gc import GarbageCollection, Jobs, Locked
 from cvmfs_syncd.maintenance.repair import read_mount_table, repair
 from cvmfs_syncd.maintenance.resign import Resign
 from cvmfs_syncd.maintenance.runs import Runs, Scheduling, TaskContext, TaskResult, Verdict
@@ -111,6 +111,10 @@ class RepositoryMaintenance:
         """Run gc now; the caller holds the repository lock (the lane, or :func:`run_once`)."""
         return self._gc.run_locked()
 
+    def gc_stepwise(self, locked: Locked) -> TaskResult | None:
+        """Run gc now, each of its steps under the repository lock ``locked`` takes."""
+        return self._gc.run_stepwise(locked)
+
     def check(self) -> TaskResult | None:
         """Run ``cvmfs_server check`` now, beside publishing; record the result."""
         return self._check.run()
@@ -163,6 +167,8 @@ class RepositoryMaintenance:
         body = self._resign.status()
         body["gc_settings"] = self._gc.settings_status()
         body["repair"] = list(self._repair_findings)
+        if self.settings.check_integrity:
+            body["integrity"] = self._check.status()
         body.update(self.runs.status())
         body["schedules"] = {"gc": self.settings.gc_schedule, "check": self.settings.check_schedule}
         body["problems"] = self.problems()
@@ -220,18 +226,29 @@ def _gc_once(
     on_wait: Callable[[str], None] | None,
 ) -> TaskResult:
     lock = RepositoryLock(config.daemon.state_dir, repo.name)
-    if not lock.acquire(timeout=1.0):
-        if on_wait is not None:
-            on_wait(f"waiting for the repository lock {lock.path} (a publish is in progress)")
-        if not lock.acquire(timeout=CLI_LOCK_WAIT):
-            return TaskResult(
-                "gc",
-                Verdict.NOT_RUN,
-                f"the repository lock {lock.path} stayed held for {CLI_LOCK_WAIT:.0f}s",
-                "locked",
-            )
-    try:
-        result = maint.gc_locked()
-    finally:
-        lock.release()
-    return result or TaskResult("gc", Verdict.NOT_RUN, "gc did not run")
+    waited = False
+
+    def locked(step: Callable[[], bool]) -> bool | None:
+        nonlocal waited
+        if not lock.acquire(timeout=1.0):
+            if on_wait is not None and not waited:
+                on_wait(f"waiting for the repository lock {lock.path} (a publish is in progress)")
+            waited = True
+            if not lock.acquire(timeout=CLI_LOCK_WAIT):
+                return None
+        try:
+            return step()
+        finally:
+            lock.release()
+
+    # Each step (one tag call, then gc) takes the lock and releases it: the daemon may
+    # publish between two of them.
+    result = maint.gc_stepwise(locked)
+    if result is None:
+        return TaskResult(
+            "gc",
+            Verdict.NOT_RUN,
+            f"the repository lock {lock.path} stayed held for {CLI_LOCK_WAIT:.0f}s",
+            "locked",
+        )
+    return result

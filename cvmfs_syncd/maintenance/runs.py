@@ -178,12 +178,15 @@ class Runs:
         body: Callable[[], TaskResult | None],
         *,
         retry: Callable[[], object],
+        started: float | None = None,
     ) -> TaskResult | None:
         """Run ``body`` as a run of ``task`` and record it; ``retry`` runs it again later.
 
-        A body that returns None had nothing to do: nothing is recorded.
+        A body that returns None had nothing to do (or is one step of a run that goes
+        on): nothing is recorded. ``started`` (``time.monotonic()``) is when a run made
+        of several steps began; its duration counts from there.
         """
-        started = time.monotonic()
+        started = time.monotonic() if started is None else started
         with self._lock:
             self._tasks[task].running = True
         try:
@@ -276,6 +279,15 @@ class Runs:
                 "maintenance task retry scheduled", repository=self.name, task=task, retry_in=delay
             )
             self.scheduling.run_soon(self.name, task, retry, delay)
+
+    def keep_record(self, name: str, *, outcome: str, message: str, success: bool) -> None:
+        """Keep a record beside the tasks' (e.g. where a sampled pass resumes), now."""
+        now = self.clock()
+        self._store(
+            lambda: self.state.record_maintenance_run(
+                self.name, name, at=now, outcome=outcome, message=message, success=success
+            )
+        )
 
     def _store(self, write: Callable[[], None]) -> None:
         try:

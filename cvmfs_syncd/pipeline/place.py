@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from cvmfs_syncd import fsops
 from cvmfs_syncd.config import Config, RepositoryConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
-from cvmfs_syncd.errors import RepositoryConfigError
+from cvmfs_syncd.errors import RepositoryConfigError, UnsafeName
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.model import Op, OpKind
@@ -133,7 +133,7 @@ class BatchWork:
                     writer.write(marker_path(op.repo_path), item.graft.encode(), mode=0o644)
                     writer.write(op.repo_path, b"", mode=item.mode, mtime_ns=item.mtime_ns)
                     placed.append(op)
-        except (OSError, ValueError) as exc:
+        except (OSError, UnsafeName) as exc:
             self.lane.log.warning("placing grafts failed", error=str(exc))
             self.errors += 1
             self.requeue([op for op in grafts if op not in placed])
@@ -180,7 +180,7 @@ class BatchWork:
                 self.errors += 1
                 self.requeue([op])
                 continue
-            except ValueError as exc:
+            except UnsafeName as exc:
                 # An unsafe name that slipped past planning: refuse it, keep the batch.
                 self._not_applied(op, Applied(ApplyOutcome.REFUSED, f"unsafe: {exc}"))
                 continue

@@ -108,12 +108,17 @@ class Planned:
     clear_set_aside: list[str] = field(default_factory=list)
     #: path -> reason refused or skipped in this plan (reported once per reason)
     reported: dict[str, str] = field(default_factory=dict)
+    #: replaced paths whose old entry goes without its replacement (not ready after
+    #: ``max_batch_seconds``): the source logs them
+    replaced_alone: list[str] = field(default_factory=list)
 
 
-def hold_deletes(plan: Plan, why: str, kind: HoldReason) -> None:
-    """Withhold every DELETE op of ``plan`` (the guard said ``why``)."""
-    plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE]
-    plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE]
+def hold_deletes(plan: Plan, why: str, kind: HoldReason, also: Iterable[str] = ()) -> None:
+    """Withhold every DELETE op of ``plan`` (the guard said ``why``), and the ops at the
+    repository paths ``also`` (replacements, which delete what they replace)."""
+    held = set(also)
+    plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE or o.repo_path in held]
+    plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE and o.repo_path not in held]
     plan.guard_reason = why
     plan.guard_kind = kind
 
@@ -137,6 +142,10 @@ def _report(result: Planned, entry: Pending, verdict: Verdict, reported: str) ->
 # --------------------------------------------------------------------------- staging
 
 
+#: The repository's ``max_batch_seconds`` when none is given (the configuration's default).
+DEFAULT_MAX_BATCH_SECONDS = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class StagingPolicy:
     """What a staging source's configuration says about planning (``StagingConfig``)."""
@@ -151,6 +160,8 @@ class StagingPolicy:
     prepare: bool = True
     graft_at: int = 0
     max_delete_share: float = 0.5
+    #: how long a replaced entry's deletion waits for its replacement (the repository's)
+    max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +178,8 @@ class StagedObservation:
     when no marker applies: none configured, or a top-level entry that is no directory).
     ``found``: the staged entry (None when absent, or ``skipped`` says why it cannot be
     published). ``live``/``live_source``: the index entry at ``repo_path``; ``live_below``:
-    the live paths of this source at and below it (for deletions). ``set_aside``: a
+    the live paths of this source at and below it (for deletions and replacements, see
+    :func:`replaces`). ``set_aside``: a
     set-aside record exists, ``aside`` its fingerprint. ``settle_at``: 0.0 once the file
     is settled, else when to look again (``batching.Settler``). ``writers``: whether a
     process has the file open for writing (None: the kernel cannot say).
@@ -213,6 +225,12 @@ def same_staged(found: Fingerprint, live: Fingerprint) -> bool:
         # keep size, mode and mtime: a new inode means new content until proven otherwise.
         return False
     return found.same_content(live)
+
+
+def replaces(obs: StagedObservation) -> bool:
+    """Return True if the staged entry replaces a live one of another type (a directory by
+    a file or symlink, or the other way round): publishing it deletes what it replaces."""
+    return obs.found is not None and obs.live is not None and obs.found.type != obs.live.type
 
 
 def reserved_in(rel: str) -> str | None:
@@ -290,13 +308,16 @@ def plan_staged(
 
     Unsettled files, and files a process still writes, are deferred; entries of a
     ready-marker directory without its marker wait for it, and such a directory goes
-    live whole (if one of its files is deferred, all of them are); deletions of a mirror
-    source pass the mass-deletion guard or are all held.
+    live whole (if one of its files is deferred, all of them are); a replacement goes in
+    one revision with what it replaces (:func:`_replace_whole`); deletions of a mirror
+    source, replaced subtrees counted, pass the mass-deletion guard or are all held.
     """
     result = Planned()
     plan = result.plan
     groups: dict[str, list[str]] = {}
-    deleted: list[tuple[str, ...]] = []
+    #: repo path -> the live paths its op removes (deletions and replacements)
+    removes: dict[str, tuple[str, ...]] = {}
+    replacements: list[StagedObservation] = []
     later = now + policy.settle_seconds
     for obs in observations:
         entry = obs.entry
@@ -312,13 +333,16 @@ def plan_staged(
         if fate in (Fate.GONE, Fate.DELETE, Fate.UNCHANGED):
             result.forget.append(entry.key)
         if fate is Fate.DELETE:
-            deleted.append(obs.live_below)
+            removes[obs.repo_path] = obs.live_below
             _add(plan, entry, Op(OpKind.DELETE, obs.repo_path, policy.source, rel))
         found = obs.found
         if found is not None and obs.set_aside and fate is not Fate.ASIDE:
             result.clear_set_aside.append(rel)
         if fate is not Fate.CHANGED or found is None:
             continue
+        if replaces(obs):
+            replacements.append(obs)
+            removes[obs.repo_path] = obs.live_below
         if found.type is EntryType.FILE:
             if obs.settle_at:
                 plan.deferred.append(entry.deferred_until(obs.settle_at))
@@ -354,12 +378,58 @@ def plan_staged(
             ]
             plan.ops = [o for o in plan.ops if o.repo_path not in held]
     plan.atomic_groups = [paths for paths in groups.values() if paths]
-    deletes = count_deleted(deleted)
+    replaced = _replace_whole(result, replacements, policy, now)
+    plan.atomic_groups += replaced
+    deletes = count_deleted(removes[o.repo_path] for o in plan.ops if o.repo_path in removes)
     if policy.mirror and deletes:
+        # A replacement deletes what it replaces: held with the deletions, and whole.
+        together = [path for paths in replaced for path in paths]
         if view.root_problem:
-            hold_deletes(plan, view.root_problem, HoldReason.STAGING_MISSING)
+            hold_deletes(plan, view.root_problem, HoldReason.STAGING_MISSING, together)
         else:
             why = deletion_guard(deletes, view.live_count, policy.max_delete_share)
             if why:
-                hold_deletes(plan, why, HoldReason.MASS_DELETE)
+                hold_deletes(plan, why, HoldReason.MASS_DELETE, together)
     return result
+
+
+def _below(rel: str, top: str) -> bool:
+    return rel == top or rel.startswith(top + "/")
+
+
+def _replace_whole(
+    result: Planned,
+    replacements: Sequence[StagedObservation],
+    policy: StagingPolicy,
+    now: float,
+) -> list[list[str]]:
+    """Keep each replacement in one revision; return the repo paths of each one's ops.
+
+    A replacement's ops are those at and below its path: the deletions of what was live
+    below a replaced directory, the new entry, and the content of a new directory. While
+    any of them is deferred (the new file, or a file of the new directory, settling or
+    still written), all of them wait, so the old entry stays live; that ends
+    ``max_batch_seconds`` after the change was first seen, and then what is ready goes
+    alone (the old entry's deletion first of all; recorded in ``replaced_alone``). The ops
+    of a replacement are an atomic group: the caps never split them across batches.
+    """
+    plan = result.plan
+    groups: list[list[str]] = []
+    for obs in sorted(replacements, key=lambda o: o.entry.rel_path.count("/")):
+        rel = obs.entry.rel_path
+        members = [o.repo_path for o in plan.ops if _below(o.source_path, rel)]
+        blockers = [e for e in plan.deferred if _below(e.rel_path, rel)]
+        if blockers:
+            seen = [obs.entry, *blockers, *(plan.origin[p] for p in members)]
+            deadline = min(e.first_at for e in seen) + policy.max_batch_seconds
+            if now < deadline:
+                until = min(*(e.not_before for e in blockers), deadline)
+                plan.deferred += [plan.origin.pop(p).deferred_until(until) for p in members]
+                held = set(members)
+                plan.ops = [o for o in plan.ops if o.repo_path not in held]
+                continue
+            if members:
+                result.replaced_alone.append(rel)
+        if members:
+            groups.append(members)
+    return groups

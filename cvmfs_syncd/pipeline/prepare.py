@@ -41,7 +41,7 @@ from cvmfs_syncd.cvmfs.hashing import object_name
 from cvmfs_syncd.cvmfs.objects import ObjectStore, StoredObjectWriter
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.storage import LocalObjectStore, RecordingSink, RecordingWriter, open_storage
-from cvmfs_syncd.errors import GraftError, RepositoryConfigError, StorageError
+from cvmfs_syncd.errors import GraftError, RepositoryConfigError, StorageError, UnsafeName
 from cvmfs_syncd.model import Op
 from cvmfs_syncd.paths import split_repo_path
 from cvmfs_syncd.planner import Applied, ApplyOutcome
@@ -365,7 +365,7 @@ class Preparer:
     ) -> _Encoded | None:
         try:
             outcome = run()
-        except ValueError as exc:
+        except UnsafeName as exc:
             outcome = Applied(ApplyOutcome.REFUSED, f"unsafe name: {exc}")
         except Exception as exc:
             # One input must not take the lane down: it goes back to pending.
@@ -436,7 +436,7 @@ class Preparer:
         assert fp is not None  # noqa: S101 (filtered by the caller)
         try:
             opened = opener(op)
-        except ValueError as exc:
+        except UnsafeName as exc:
             result.failed.append((op, Applied(ApplyOutcome.REFUSED, f"unsafe name: {exc}")))
             return
         except Exception as exc:

@@ -52,7 +52,7 @@ from cvmfs_syncd import fsops
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
-from cvmfs_syncd.errors import SourceError
+from cvmfs_syncd.errors import SourceError, UnsafeName
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import KeyRefused, repo_path, resolve_key_collisions
@@ -727,7 +727,7 @@ class S3Input:
             return ListedObservation(entry)
         try:
             path = repo_path(self.config.target, rel)
-        except ValueError as exc:
+        except UnsafeName as exc:
             return ListedObservation(entry, unmappable=str(exc))
         live = live_of(path)
         key = listing.winners.get(rel)

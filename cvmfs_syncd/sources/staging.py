@@ -8,6 +8,7 @@ kernel queue overflows silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -35,23 +36,27 @@ from watchdog.observers.inotify import InotifyObserver
 from cvmfs_syncd import fsops
 from cvmfs_syncd.batching import Pending, Settler
 from cvmfs_syncd.config import StagingConfig
+from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import is_ignored, repo_path
 from cvmfs_syncd.pipeline.plan import (
     COPY_ONLY,
+    DEFAULT_MAX_BATCH_SECONDS,
     ContentPolicy,
     Fate,
     StagedObservation,
     StagingPolicy,
     StagingView,
     plan_staged,
+    replaces,
     staged_content_verdict,
     staged_name_verdict,
 )
 from cvmfs_syncd.pipeline.plan import same_staged as _same
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
+from cvmfs_syncd.sources.staged import Lookup, StagedContent
 from cvmfs_syncd.state import PublishedEntry, State, dir_scan_key, file_scan_key
 
 log = structlog.get_logger(__name__)
@@ -102,6 +107,7 @@ class StagingInput:
         *,
         clock: Callable[[], float] = time.time,
         content: ContentPolicy = COPY_ONLY,
+        max_batch_seconds: float = DEFAULT_MAX_BATCH_SECONDS,
     ) -> None:
         self.repo = repo
         self.config = config
@@ -111,6 +117,7 @@ class StagingInput:
         self.metrics = metrics
         self.clock = clock
         self.content = content
+        self.max_batch_seconds = max_batch_seconds
         self.settler = Settler()
         self._submit: Callable[[Dirty], None] | None = None
         self._observer: InotifyObserver | None = None
@@ -312,7 +319,7 @@ class StagingInput:
             if base.is_dir() and not base.is_symlink():
                 try:
                     for rel, _ in fsops.walk_staging(self.root, subdir=entry.rel_path):
-                        result.setdefault(rel, _child(entry, rel))
+                        result.setdefault(rel, entry.below(rel))
                 except OSError as exc:
                     log.warning(
                         "rescanning failed", source=self.name, path=entry.rel_path, error=str(exc)
@@ -320,39 +327,48 @@ class StagingInput:
             if self.config.mode == "mirror":
                 try:
                     below = repo_path(self.config.target, entry.rel_path)
-                except ValueError:
+                except UnsafeName:
                     continue
                 for live in self.state.published_under(self.repo, below, self.name):
-                    result.setdefault(live.source_path, _child(entry, live.source_path))
+                    result.setdefault(live.source_path, entry.below(live.source_path))
         return list(result.values())
 
-    def _root_problem(self) -> str:
+    def _view(self) -> StagingView:
+        problem = ""
         if not self.root.is_dir():
-            return f"staging path {self.root} is missing"
-        if os.path.ismount(self.root) and not any(os.scandir(self.root)):
-            return f"staging path {self.root} is an empty mount point"
-        return ""
+            problem = f"staging path {self.root} is missing"
+        elif os.path.ismount(self.root) and not any(os.scandir(self.root)):
+            problem = f"staging path {self.root} is an empty mount point"
+        return StagingView(problem, self.state.count_published(self.repo, self.name))
 
     def plan(self, entries: Sequence[Pending], now: float) -> Plan:
-        """Turn pending paths into ops; defer unsettled files, hold marker-less directories.
-
-        Observes every entry (:meth:`_observe`), lets :func:`plan_staged` decide, then
-        records what the decision implies for this source's own memory.
-        """
+        """Observe every pending entry (:meth:`_observe`), let :func:`plan_staged` decide,
+        and record what the decision implies for this source's own memory."""
         policy = self._policy()
         markers: dict[str, bool] = {}
-        observations = [self._observe(e, policy, now, markers) for e in self._expand(entries)]
-        view = StagingView()
-        if self.config.mode == "mirror" and any(o.live_below for o in observations):
-            view = StagingView(
-                self._root_problem(), self.state.count_published(self.repo, self.name)
-            )
+        expanded = self._expand(entries)
+        # One query per 500 paths and one for the set-aside inputs, not two per path.
+        mapped = []
+        for entry in expanded:
+            with contextlib.suppress(UnsafeName):
+                mapped.append(repo_path(self.config.target, entry.rel_path))
+        lookup = Lookup(
+            self.state.published_entries(self.repo, mapped),
+            self.state.set_aside_entries(self.repo, self.name),
+        )
+        observations = [self._observe(e, policy, now, markers, lookup) for e in expanded]
+        deletes = self.config.mode == "mirror" and any(o.live_below for o in observations)
+        view = self._view() if deletes else StagingView()
         result = plan_staged(observations, policy, now, view)
         for key in result.forget:
             self.settler.forget(key)
         for rel in result.clear_set_aside:
             self.state.clear_set_aside(self.repo, self.name, rel)
         self._reported.update(result.reported)
+        for rel in result.replaced_alone:
+            log.warning(
+                "replacement not ready: old entry deleted first", source=self.name, path=rel
+            )
         return result.plan
 
     def _policy(self) -> StagingPolicy:
@@ -368,23 +384,29 @@ class StagingInput:
             prepare=config.prepare,
             graft_at=config.graft_threshold,
             max_delete_share=config.max_delete_share,
+            max_batch_seconds=self.max_batch_seconds,
         )
 
     def _observe(
-        self, entry: Pending, policy: StagingPolicy, now: float, markers: dict[str, bool]
+        self,
+        entry: Pending,
+        policy: StagingPolicy,
+        now: float,
+        markers: dict[str, bool],
+        lookup: Lookup,
     ) -> StagedObservation:
         """Look at one pending entry as far as the decision about it needs.
 
         In the decision's order, stopping where it is made: the name, the ready marker
         (``markers`` caches it per top-level directory), the staged entry with its index
         and set-aside records, then for a changed file the settle time and, once settled,
-        the writer check; for a deletion the live paths below.
+        the writer check; for a deletion or a replacement (:func:`replaces`), what is below.
         """
         rel = entry.rel_path
         obs = StagedObservation(entry, reported=self._reported.get(rel, ""))
         try:
             obs = replace(obs, repo_path=repo_path(self.config.target, rel))
-        except ValueError as exc:
+        except UnsafeName as exc:
             obs = replace(obs, unmappable=str(exc))
         if staged_name_verdict(obs, policy) is not None:
             return obs
@@ -397,7 +419,7 @@ class StagingInput:
             if not markers[top]:
                 return obs
         found = self._stat(rel)
-        live = self.state.published_entry(self.repo, obs.repo_path)
+        live = lookup.live.get(obs.repo_path)
         obs = replace(
             obs,
             found=found if isinstance(found, Fingerprint) else None,
@@ -406,13 +428,13 @@ class StagingInput:
             live_source=live.source if live is not None else "",
         )
         if isinstance(found, Fingerprint):
-            aside = self.state.set_aside_entry(self.repo, self.name, rel)
+            aside = lookup.aside.get(rel)
             if aside is not None:
                 obs = replace(obs, set_aside=True, aside=aside[1])
         fate = staged_content_verdict(obs, policy).fate
-        if fate is Fate.DELETE:
+        if fate is Fate.DELETE or (fate is Fate.CHANGED and replaces(obs)):
             below = self.state.published_under(self.repo, obs.repo_path, self.name)
-            return replace(obs, live_below=tuple(e.path for e in below))
+            obs = replace(obs, live_below=tuple(e.path for e in below))
         if fate is not Fate.CHANGED or obs.found is None or obs.found.type is not EntryType.FILE:
             return obs
         settle_at = self.settler.observe(entry.key, obs.found, now, policy.settle_seconds)
@@ -467,7 +489,7 @@ class StagingInput:
         opened = fsops.open_staged(self.root, op.source_path, fp)
         if isinstance(opened, fsops.CopyOutcome):
             return _applied(opened)
-        return _StagedContent(opened, fp)
+        return StagedContent(opened, fp)
 
     def still_current(self, op: Op) -> bool:
         """Return True if the staged entry of ``op`` is still the planned version.
@@ -500,7 +522,7 @@ class StagingInput:
             return None
         try:
             rp = repo_path(self.config.target, rel)
-        except ValueError as exc:
+        except UnsafeName as exc:
             return {"live": False, "reason": f"unsafe name: {exc}"}
         live = self.state.published_entry(self.repo, rp)
         found = self._stat(rel) if rel else None
@@ -525,38 +547,6 @@ class StagingInput:
             result["revision"] = live.revision
             result["published_at"] = live.published_at
         return result
-
-
-class _StagedContent:
-    """A staged file opened for preparing: its bytes and whether it changed meanwhile."""
-
-    def __init__(self, fd: int, expected: Fingerprint) -> None:
-        self._file = os.fdopen(fd, "rb", closefd=True)
-        self._expected = expected
-        self.mode = expected.mode & 0o777
-        self.mtime_ns = expected.mtime_ns
-
-    def read(self, size: int = -1, /) -> bytes:
-        return self._file.read(size)
-
-    def unchanged(self, size: int) -> bool:
-        return size == self._expected.size and fsops.still_matches(
-            self._file.fileno(), self._expected
-        )
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _child(entry: Pending, rel: str) -> Pending:
-    return Pending(
-        source=entry.source,
-        rel_path=rel,
-        first_at=entry.first_at,
-        last_at=entry.last_at,
-        writing=False,
-        from_scan=entry.from_scan,
-    )
 
 
 def _applied(outcome: fsops.CopyOutcome) -> Applied:

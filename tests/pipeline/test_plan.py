@@ -25,10 +25,12 @@ from cvmfs_syncd.pipeline.plan import (
     count_deleted,
     file_op_kind,
     plan_staged,
+    replaces,
     same_staged,
     staged_verdict,
     writer_gone,
 )
+from cvmfs_syncd.planner import cut_to_caps
 
 MIB = 1024 * 1024
 WRITABLE = ContentPolicy(writable=True, small_limit=4 * MIB)
@@ -118,6 +120,11 @@ def gone(rel: str, below: Sequence[str] = (), **fields: Any) -> StagedObservatio
         live_below=(path, *below),
         **fields,
     )
+
+
+def under(rel: str, top: str) -> bool:
+    """Whether ``rel`` is ``top`` or below it."""
+    return rel == top or rel.startswith(top + "/")
 
 
 def where(planned: Planned) -> dict[str, str]:
@@ -290,6 +297,139 @@ def test_a_missing_staging_path_holds_any_deletion() -> None:
     assert planned.plan.guard_kind is HoldReason.STAGING_MISSING
 
 
+# A directory t/p (4 live paths) replaced by a file, and the hints of the deletions below.
+OLD_TREE = ("t/p", "t/p/a", "t/p/s", "t/p/s/b")
+
+
+def dir_to_file(**fields: Any) -> list[StagedObservation]:
+    """The new file p (as ``fields`` say) and the deletions of what was live below it."""
+    new = seen("p", file_fp(), live=DIR_FP, live_source=SOURCE, live_below=OLD_TREE, **fields)
+    return [new, gone("p/a"), gone("p/s", ["t/p/s/b"]), gone("p/s/b"), seen("q")]
+
+
+def test_a_replaced_directory_stays_live_while_its_file_settles() -> None:
+    """The deletions below a directory replaced by a file wait with the file: one revision."""
+    settling = plan_staged(dir_to_file(settle_at=NOW + 1), MIRROR, NOW)
+    assert where(settling) == {
+        "p": "deferred",
+        "p/a": "deferred",
+        "p/s": "deferred",
+        "p/s/b": "deferred",
+        "q": "copy",
+    }
+    assert {e.rel_path: e.not_before for e in settling.plan.deferred}["p/a"] == NOW + 1
+    assert settling.forget == [(SOURCE, "p/a"), (SOURCE, "p/s"), (SOURCE, "p/s/b")]
+    writing = plan_staged(dir_to_file(writers=True), MIRROR, NOW)
+    assert {e.rel_path for e in writing.plan.deferred} == {"p", "p/a", "p/s", "p/s/b"}
+    settled = plan_staged(dir_to_file(), MIRROR, NOW)
+    assert where(settled) == {
+        "p": "copy",
+        "p/a": "delete",
+        "p/s": "delete",
+        "p/s/b": "delete",
+        "q": "copy",
+    }
+    assert [sorted(g) for g in settled.plan.atomic_groups] == [sorted(OLD_TREE)]
+    assert not settled.replaced_alone
+
+
+def test_after_max_batch_seconds_the_deletion_goes_alone() -> None:
+    """Seen 10 s ago: with max_batch_seconds 5 the deletions go without the file (which
+    still settles) and are reported; with 10.5 they wait until then, not for the file."""
+    alone = plan_staged(dir_to_file(settle_at=NOW + 1), replace(MIRROR, max_batch_seconds=5), NOW)
+    assert where(alone) == {
+        "p": "deferred",
+        "p/a": "delete",
+        "p/s": "delete",
+        "p/s/b": "delete",
+        "q": "copy",
+    }
+    assert alone.replaced_alone == ["p"]
+    assert [sorted(g) for g in alone.plan.atomic_groups] == [sorted(OLD_TREE[1:])]
+    soon = plan_staged(dir_to_file(settle_at=NOW + 1), replace(MIRROR, max_batch_seconds=10.5), NOW)
+    assert {e.rel_path: e.not_before for e in soon.plan.deferred} == {
+        "p": NOW + 1,
+        "p/a": NOW + 0.5,
+        "p/s": NOW + 0.5,
+        "p/s/b": NOW + 0.5,
+    }
+    assert not soon.replaced_alone
+
+
+def test_a_replacing_directory_waits_for_its_content() -> None:
+    """A file replaced by a directory: the directory goes with its content, once settled."""
+
+    def file_to_dir(**fields: Any) -> list[StagedObservation]:
+        return [
+            seen("p", DIR_FP, live=file_fp(), live_source=SOURCE, live_below=("t/p",)),
+            seen("p/a"),
+            seen("p/s", DIR_FP),
+            seen("p/s/b", **fields),
+        ]
+
+    settling = plan_staged(file_to_dir(settle_at=NOW + 1), MIRROR, NOW)
+    assert set(where(settling).values()) == {"deferred"}
+    assert {e.not_before for e in settling.plan.deferred} == {NOW + 1}
+    settled = plan_staged(file_to_dir(), MIRROR, NOW)
+    assert where(settled) == {"p": "mkdir", "p/a": "copy", "p/s": "mkdir", "p/s/b": "copy"}
+    assert [sorted(g) for g in settled.plan.atomic_groups] == [sorted(OLD_TREE)]
+
+
+def test_symlinks_replace_and_are_replaced_by_the_same_rule() -> None:
+    """A link needs no settling: it goes at once with the deletions below the directory it
+    replaces. A file or directory replacing a link waits like any other replacement."""
+    dir_to_link = [
+        seen("p", LINK_FP, live=DIR_FP, live_source=SOURCE, live_below=("t/p", "t/p/a")),
+        gone("p/a"),
+    ]
+    planned = plan_staged(dir_to_link, MIRROR, NOW)
+    assert where(planned) == {"p": "symlink", "p/a": "delete"}
+    assert [sorted(g) for g in planned.plan.atomic_groups] == [["t/p", "t/p/a"]]
+    link_to_file = seen("p", live=LINK_FP, live_source=SOURCE, settle_at=NOW + 1)
+    assert where(plan_staged([link_to_file], MIRROR, NOW)) == {"p": "deferred"}
+    link_to_dir = [
+        seen("p", DIR_FP, live=LINK_FP, live_source=SOURCE, live_below=("t/p",)),
+        seen("p/a", settle_at=NOW + 1),
+    ]
+    assert where(plan_staged(link_to_dir, MIRROR, NOW)) == {"p": "deferred", "p/a": "deferred"}
+    file_to_link = seen("p", LINK_FP, live=file_fp(), live_source=SOURCE, live_below=("t/p",))
+    planned = plan_staged([file_to_link], MIRROR, NOW)
+    assert where(planned) == {"p": "symlink"}
+    assert planned.plan.atomic_groups == [["t/p"]]
+
+
+def test_the_guard_counts_the_replaced_subtree() -> None:
+    """A directory of 10 live paths replaced by a file deletes 10 of 12, whether or not the
+    paths below were hinted; the guard then holds the replacement whole."""
+    big = tuple(["t/p"] + [f"t/p/f{i}" for i in range(9)])
+    new = seen("p", file_fp(), live=DIR_FP, live_source=SOURCE, live_below=big)
+    for observations in ([new], [new, *(gone(f"p/f{i}") for i in range(9))]):
+        held = plan_staged(observations, MIRROR, NOW, StagingView(live_count=12))
+        assert "delete 10 of 12 live paths" in held.plan.guard_reason
+        assert not held.plan.ops
+        assert set(where(held).values()) == {"guarded"}
+        assert {o.kind for o in held.plan.guarded} <= {OpKind.COPY_FILE, OpKind.DELETE}
+    passed = plan_staged([new], MIRROR, NOW, StagingView(live_count=30))
+    assert where(passed) == {"p": "copy"}
+    missing = plan_staged([new], MIRROR, NOW, StagingView("staging path /x is missing", 30))
+    assert where(missing) == {"p": "guarded"}
+    assert missing.plan.guard_kind is HoldReason.STAGING_MISSING
+
+
+def test_the_caps_never_split_a_replacement() -> None:
+    """Cut to one file per batch, a settled replacement still goes whole, deletions (deepest
+    first) before the entry that replaces them; the unrelated file waits."""
+    settled = plan_staged(dir_to_file(), MIRROR, NOW)
+    taken, later = cut_to_caps(settled.plan.ops, settled.plan.atomic_groups, 1, 10**9)
+    assert [(o.kind.value, o.repo_path) for o in taken] == [
+        ("delete", "t/p/s/b"),
+        ("delete", "t/p/a"),
+        ("delete", "t/p/s"),
+        ("copy", "t/p"),
+    ]
+    assert [o.repo_path for o in later] == ["t/q"]
+
+
 def test_inbox_mode_never_deletes() -> None:
     inbox = replace(MIRROR, mirror=False)
     planned = plan_staged([gone("a")], inbox, NOW, StagingView(root_problem="gone"))
@@ -436,6 +576,7 @@ def staged_observation(draw: st.DrawFn, rel: str) -> StagedObservation:
     mirror=st.booleans(),
     live_count=st.integers(0, 20),
     root_problem=st.sampled_from(["", "missing"]),
+    max_batch_seconds=st.sampled_from([60.0, 1000.0]),
 )
 def test_every_staged_entry_ends_up_in_exactly_one_place(
     observations: tuple[StagedObservation, ...],
@@ -443,9 +584,16 @@ def test_every_staged_entry_ends_up_in_exactly_one_place(
     mirror: bool,
     live_count: int,
     root_problem: str,
+    max_batch_seconds: float,
 ) -> None:
     """ops, deferred, waiting, guarded, refused, skipped, or nothing to do — exactly one."""
-    policy = replace(MIRROR, ready_marker=marker, mirror=mirror, ignore=("*.tmp",))
+    policy = replace(
+        MIRROR,
+        ready_marker=marker,
+        mirror=mirror,
+        ignore=("*.tmp",),
+        max_batch_seconds=max_batch_seconds,
+    )
     planned = plan_staged(observations, policy, NOW, StagingView(root_problem, live_count))
     placed = where(planned)  # asserts that no entry is in two places
     assert len(planned.plan.origin) == len(planned.plan.ops) + len(planned.plan.guarded)
@@ -456,10 +604,25 @@ def test_every_staged_entry_ends_up_in_exactly_one_place(
         )
         assert (obs.entry.rel_path not in placed) == nothing, (verdict, placed)
     for op in planned.plan.ops + planned.plan.guarded:
-        assert (op.kind is OpKind.DELETE) == (op in planned.plan.guarded or op.fingerprint is None)
-    assert all(op.kind is OpKind.DELETE for op in planned.plan.guarded)
+        assert (op.kind is OpKind.DELETE) == (op.fingerprint is None)
+    # What the guard holds besides deletions are whole replacements.
+    grouped = {path for group in planned.plan.atomic_groups for path in group}
+    for op in planned.plan.guarded:
+        assert op.kind is OpKind.DELETE or op.repo_path in grouped
     for group in planned.plan.atomic_groups:
-        assert set(group) <= {op.repo_path for op in planned.plan.ops}
+        assert set(group) <= {op.repo_path for op in planned.plan.ops + planned.plan.guarded}
+        assert set(group) & {o.repo_path for o in planned.plan.ops} in (set(), set(group))
+    # Nothing of a replacement goes while part of it waits, until max_batch_seconds have
+    # passed since the change was first seen (100 s before NOW here).
+    for obs in observations:
+        if staged_verdict(obs, policy).fate is not Fate.CHANGED or not replaces(obs):
+            continue
+        rel = obs.entry.rel_path
+        waits = any(under(e.rel_path, rel) for e in planned.plan.deferred)
+        goes = [o for o in planned.plan.ops + planned.plan.guarded if under(o.source_path, rel)]
+        if waits and goes:
+            assert max_batch_seconds <= 100
+            assert rel in planned.replaced_alone
     if marker:  # a marked directory goes whole: nothing of it published while some waits
         waiting = {e.rel_path.partition("/")[0] for e in planned.plan.deferred if "/" in e.rel_path}
         published = {
