@@ -45,8 +45,9 @@ from botocore.config import Config as BotoConfig
 from cvmfs_syncd import config as config_mod
 from cvmfs_syncd import log
 from cvmfs_syncd.config import S3Config as SourceConfig
+from cvmfs_syncd.cvmfs.outcomes import CommandResult
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer
+from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Op, OpKind
 from cvmfs_syncd.pipeline.prepare import Preparer

@@ -20,7 +20,7 @@ from typing import Any
 
 from cvmfs_syncd import __version__
 from cvmfs_syncd import config as config_mod
-from cvmfs_syncd.cvmfs.server import COMMAND_UMASK
+from cvmfs_syncd.cvmfs.procs import COMMAND_UMASK
 from cvmfs_syncd.errors import ConfigError, RepositoryConfigError, SyncdError
 
 EXIT_OK = 0

@@ -24,13 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
-from cvmfs_syncd.cvmfs.graft import (
-    DEFAULT_CHUNK_SIZE,
-    HASH_SUFFIXES,
-    MIB,
-    GraftOptions,
-    graft_stream,
-)
+from cvmfs_syncd.cvmfs.graft import DEFAULT_CHUNK_SIZE, MIB, GraftOptions, graft_stream
+from cvmfs_syncd.cvmfs.hashing import HASH_SUFFIXES
 from cvmfs_syncd.errors import GraftError
 
 PROGRAM: Final = "cvmfs-syncd graft"

@@ -24,8 +24,10 @@ import structlog
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
+from cvmfs_syncd.cvmfs.outcomes import Outcome
+from cvmfs_syncd.cvmfs.procs import stop_tagged
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import CvmfsServer, Outcome, stop_tagged
+from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics

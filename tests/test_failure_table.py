@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cvmfs_syncd import config as config_mod
-from cvmfs_syncd.cvmfs.server import CommandResult, Outcome
+from cvmfs_syncd.cvmfs.outcomes import CommandResult, Outcome
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.service import build_lane, make_server

@@ -19,8 +19,10 @@ import pytest
 
 from cvmfs_syncd import config as config_mod
 from cvmfs_syncd.config import Config, MaintenanceConfig
+from cvmfs_syncd.cvmfs.outcomes import Outcome
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, Whitelist, load_layout
-from cvmfs_syncd.cvmfs.server import CvmfsServer, Outcome, Tag
+from cvmfs_syncd.cvmfs.server import CvmfsServer
+from cvmfs_syncd.cvmfs.tags import Tag
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.maintenance import RepositoryMaintenance, Verdict
 from cvmfs_syncd.maintenance.policy import (

@@ -17,9 +17,11 @@ import pytest
 from botocore.config import Config as BotoConfig
 
 from cvmfs_syncd.config import Config
+from cvmfs_syncd.cvmfs.outcomes import CommandResult, classify, explain
 from cvmfs_syncd.cvmfs.repo import load_layout
-from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer, classify, explain
-from cvmfs_syncd.cvmfs.storage import S3ObjectStore, open_storage
+from cvmfs_syncd.cvmfs.s3storage import S3ObjectStore
+from cvmfs_syncd.cvmfs.server import CvmfsServer
+from cvmfs_syncd.cvmfs.storage import open_storage
 from cvmfs_syncd.maintenance import RepositoryMaintenance, Verdict, integrity
 from cvmfs_syncd.maintenance.integrity import integrity_skipped, sample_s3
 from cvmfs_syncd.metrics import Metrics

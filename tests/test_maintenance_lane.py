@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_syncd.cvmfs.server import Outcome
+from cvmfs_syncd.cvmfs.outcomes import Outcome
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.service import Service, build_lane, make_server

@@ -18,15 +18,10 @@ import pytest
 
 from cvmfs_syncd import cli
 from cvmfs_syncd.config import Config
+from cvmfs_syncd.cvmfs.outcomes import CommandResult, classify, explain
 from cvmfs_syncd.cvmfs.repo import load_layout
-from cvmfs_syncd.cvmfs.server import (
-    CommandResult,
-    CvmfsServer,
-    Tag,
-    TagListing,
-    classify,
-    explain,
-)
+from cvmfs_syncd.cvmfs.server import CvmfsServer
+from cvmfs_syncd.cvmfs.tags import Tag, TagListing
 from cvmfs_syncd.maintenance import RepositoryMaintenance, Verdict
 from cvmfs_syncd.maintenance.gc import STEP_PAUSE
 from cvmfs_syncd.maintenance.policy import (

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_syncd import config as config_mod
-from cvmfs_syncd.cvmfs.server import COMMAND_TAG_VARIABLE, stop_tagged, tagged_processes
+from cvmfs_syncd.cvmfs.procs import COMMAND_TAG_VARIABLE, stop_tagged, tagged_processes
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Op, OpKind
 from cvmfs_syncd.service import build_lane, make_server

@@ -12,7 +12,8 @@ import pytest
 from moto.core.authorization import enable_iam_authentication
 
 from cvmfs_syncd import config as config_mod
-from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX, object_name
+from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
+from cvmfs_syncd.cvmfs.hashing import object_name
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind

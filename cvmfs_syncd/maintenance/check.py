@@ -15,8 +15,9 @@ from typing import Any
 
 import structlog
 
-from cvmfs_syncd.cvmfs.server import Outcome
-from cvmfs_syncd.cvmfs.storage import S3ObjectStore, open_storage
+from cvmfs_syncd.cvmfs.outcomes import Outcome
+from cvmfs_syncd.cvmfs.s3storage import S3ObjectStore
+from cvmfs_syncd.cvmfs.storage import open_storage
 from cvmfs_syncd.errors import StorageError
 from cvmfs_syncd.maintenance import integrity
 from cvmfs_syncd.maintenance.integrity import RESULTS, Result, integrity_skipped

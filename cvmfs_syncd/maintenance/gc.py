@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from cvmfs_syncd.cvmfs.outcomes import Outcome
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
-from cvmfs_syncd.cvmfs.server import Outcome
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.maintenance.policy import (
     GcSettings,

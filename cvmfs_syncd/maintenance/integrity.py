@@ -6,7 +6,7 @@ runs the plain check and says "no problems found": that is not a verified storag
 :func:`integrity_skipped` recognises the skip from the output; on S3 the daemon then
 verifies a sample itself (:func:`sample_s3`): it lists ``<prefix>/data/`` keys after a
 cursor and downloads each the way clients do (anonymously) and hashes it
-(:meth:`~cvmfs_syncd.cvmfs.storage.S3ObjectStore.verify`), at most SAMPLE_OBJECTS per
+(:meth:`~cvmfs_syncd.cvmfs.s3storage.S3ObjectStore.verify`), at most SAMPLE_OBJECTS per
 check and SAMPLE_RATE per second. The next check resumes after the last key verified;
 the cursor is kept in the state database as the maintenance record of the pseudo task
 ``integrity`` (its message is the key), so that it survives restarts. The sample covers
@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
-from cvmfs_syncd.cvmfs.storage import OBJECT_NAME_PATTERN, S3ObjectStore
+from cvmfs_syncd.cvmfs.objects import OBJECT_NAME_PATTERN
+from cvmfs_syncd.cvmfs.s3storage import S3ObjectStore
 from cvmfs_syncd.errors import StorageError
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from enum import Enum
 
 from cvmfs_syncd.config import MaintenanceConfig
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import Tag
+from cvmfs_syncd.cvmfs.tags import Tag
 
 TASKS = ("resign", "gc", "check")
 

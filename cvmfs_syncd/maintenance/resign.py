@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from cvmfs_syncd.cvmfs.server import Outcome
+from cvmfs_syncd.cvmfs.outcomes import Outcome
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.maintenance.policy import ResignMode, iso, resign_due, resign_wanted
 from cvmfs_syncd.maintenance.runs import TaskContext, TaskResult, Verdict, command_failed

@@ -19,8 +19,9 @@ import structlog
 
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.config import Config, MaintenanceConfig, RepositoryConfig
+from cvmfs_syncd.cvmfs.outcomes import CommandResult
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer
+from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.errors import CvmfsCommandError, StateError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.maintenance.policy import TASKS, retry_allowed

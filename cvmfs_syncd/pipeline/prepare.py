@@ -36,22 +36,11 @@ from typing import BinaryIO, Protocol, cast
 
 import structlog
 
-from cvmfs_syncd.cvmfs.graft import (
-    GRAFT_PREFIX,
-    GraftOptions,
-    encode_object,
-    graft_stream,
-    object_name,
-)
+from cvmfs_syncd.cvmfs.graft import GRAFT_PREFIX, GraftOptions, encode_object, graft_stream
+from cvmfs_syncd.cvmfs.hashing import object_name
+from cvmfs_syncd.cvmfs.objects import ObjectStore, StoredObjectWriter
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.storage import (
-    LocalObjectStore,
-    ObjectStore,
-    RecordingSink,
-    RecordingWriter,
-    StoredObjectWriter,
-    open_storage,
-)
+from cvmfs_syncd.cvmfs.storage import LocalObjectStore, RecordingSink, RecordingWriter, open_storage
 from cvmfs_syncd.errors import GraftError, RepositoryConfigError, StorageError, UnsafeName
 from cvmfs_syncd.model import Op
 from cvmfs_syncd.paths import split_repo_path

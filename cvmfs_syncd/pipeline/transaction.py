@@ -14,8 +14,10 @@ from typing import Any, Protocol
 
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.config import Config, RepositoryConfig
+from cvmfs_syncd.cvmfs.outcomes import CommandResult, Outcome
+from cvmfs_syncd.cvmfs.procs import boot_id
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
-from cvmfs_syncd.cvmfs.server import CommandResult, CvmfsServer, Outcome, boot_id
+from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import HoldReason, JournalStage, Op
 from cvmfs_syncd.state import State

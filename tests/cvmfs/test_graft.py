@@ -16,18 +16,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cvmfs_syncd.cvmfs import graft
+from cvmfs_syncd.cvmfs import graft, hashing
 from cvmfs_syncd.cvmfs.graft import (
     Chunk,
-    ContentHasher,
     GraftOptions,
     GraftResult,
     MemorySink,
+    graft_file,
+    graft_stream,
+)
+from cvmfs_syncd.cvmfs.hashing import (
+    ContentHasher,
     Ripemd160,
     algorithm_of,
     content_checksum,
-    graft_file,
-    graft_stream,
     null_checksum,
     object_name,
 )
@@ -499,7 +501,7 @@ def test_ripemd160_known_answers() -> None:
 
 def test_fallback_is_used_without_openssl_ripemd160() -> None:
     """Without hashlib's ripemd160 the hasher switches to the pure-Python implementation."""
-    with mock.patch.object(graft, "_hashlib_has_ripemd160", return_value=False):
+    with mock.patch.object(hashing, "_hashlib_has_ripemd160", return_value=False):
         hasher = ContentHasher("rmd160")
         hasher.update(b"abc")
         assert hasher.checksum() == "8eb208f7e05d987a9b044a8e98c6b087f15a0bfc-rmd160"

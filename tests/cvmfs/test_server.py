@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import structlog
 
-from cvmfs_syncd.cvmfs.server import (
+from cvmfs_syncd.cvmfs.outcomes import (
     CommandResult,
-    CvmfsServer,
     Outcome,
-    Tag,
     classify,
-    command_environment,
     explain,
     parse_lease_time_remaining,
 )
+from cvmfs_syncd.cvmfs.procs import command_environment
+from cvmfs_syncd.cvmfs.server import CvmfsServer
+from cvmfs_syncd.cvmfs.tags import Tag
 from cvmfs_syncd.errors import CvmfsCommandError
 
 STUB_HEADER = """\

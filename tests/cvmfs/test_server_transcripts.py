@@ -10,15 +10,15 @@ from functools import cache
 
 import pytest
 
-from cvmfs_syncd.cvmfs.server import (
+from cvmfs_syncd.cvmfs.outcomes import (
     Outcome,
     classify,
     explain,
     parse_invalid_graft_path,
     parse_lease_time_remaining,
     parse_open_file_holders,
-    parse_tag_listing,
 )
+from cvmfs_syncd.cvmfs.tags import parse_tag_listing
 from tests.support import needs, reference_dir
 
 REFERENCE_DIR = reference_dir()

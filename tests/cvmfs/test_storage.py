@@ -20,15 +20,9 @@ import pytest
 from botocore.config import Config
 
 from cvmfs_syncd.cvmfs.graft import GraftOptions, graft_stream
-from cvmfs_syncd.cvmfs.storage import (
-    LocalObjectStore,
-    ObjectStore,
-    RecordingSink,
-    S3Config,
-    S3ObjectStore,
-    checksum_of_object,
-    open_storage,
-)
+from cvmfs_syncd.cvmfs.objects import ObjectStore, checksum_of_object
+from cvmfs_syncd.cvmfs.s3storage import S3Config, S3ObjectStore
+from cvmfs_syncd.cvmfs.storage import LocalObjectStore, RecordingSink, open_storage
 from cvmfs_syncd.errors import StorageError
 
 if TYPE_CHECKING:
