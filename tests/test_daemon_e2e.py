@@ -300,6 +300,12 @@ def test_command_left_running_by_a_killed_daemon_is_stopped_at_restart(
 ) -> None:
     """kill -9 during a slow `transaction`: the restart stops that command before recovering,
     so it cannot open a transaction later that would look foreign forever."""
+    # The daemon must not kill the hanging command itself (its transaction timeout) before
+    # the test kills the daemon, however slow a loaded machine is.
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(
+        text.replace("transaction_timeout_seconds = 20", "transaction_timeout_seconds = 600")
+    )
     daemon.start()
     # it outlives the daemon whatever the machine's load; the restart must stop it
     daemon.stratum0.inject_fault("transaction", "hang", times=1)
