@@ -117,6 +117,11 @@ def hold_deletes(plan: Plan, why: str, kind: HoldReason, also: Iterable[str] = (
     """Withhold every DELETE op of ``plan`` (the guard said ``why``), and the ops at the
     repository paths ``also`` (replacements, which delete what they replace)."""
     held = set(also)
+    held |= {o.repo_path for o in plan.ops if o.kind is OpKind.DELETE}
+    # A group (a ready-marker directory, a replacement) is held whole or not at all.
+    for group in plan.atomic_groups:
+        if held.intersection(group):
+            held.update(group)
     plan.guarded = [o for o in plan.ops if o.kind is OpKind.DELETE or o.repo_path in held]
     plan.ops = [o for o in plan.ops if o.kind is not OpKind.DELETE and o.repo_path not in held]
     plan.guard_reason = why

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from cvmfs_syncd.batching import Pending
@@ -587,6 +587,10 @@ def test_every_staged_entry_ends_up_in_exactly_one_place(
     max_batch_seconds: float,
 ) -> None:
     """ops, deferred, waiting, guarded, refused, skipped, or nothing to do — exactly one."""
+    # A staged file with staged entries below it is a world no single look at a tree
+    # gives (it takes a race between two observations): its plan is not this test's subject.
+    files = {o.entry.rel_path for o in observations if o.found and o.found.type.value != "dir"}
+    assume(not any(o.found and o.entry.rel_path.rpartition("/")[0] in files for o in observations))
     policy = replace(
         MIRROR,
         ready_marker=marker,
