@@ -27,6 +27,10 @@ def no_leaked_threads() -> Iterator[None]:
     pytest.fail(f"threads leaked by the test: {[t.name for t in leaked]}")
 
 
+#: How often the leak checks look again, until their deadline.
+_POLL_SECONDS = 0.05
+
+
 def _children() -> set[int]:
     """Live (not zombie) child processes of this test process."""
     own = os.getpid()
@@ -68,7 +72,7 @@ def no_leaked_processes_or_watches() -> Iterator[None]:
         extra = _inotify_instances() - watches
         if not left and extra <= 0:
             return
-        time.sleep(0.05)
+        time.sleep(_POLL_SECONDS)
     problems = []
     if left:
         problems.append(f"child processes still running: {sorted(left)}")
