@@ -442,43 +442,27 @@ class S3Input:
         if op.kind is OpKind.MAKE_DIR:
             fsops.make_dir(union_dir, op.repo_path, DIR_MODE, replace=True)
             return Applied(ApplyOutcome.APPLIED)
-        fp = op.fingerprint
-        if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT):
-            return Applied(ApplyOutcome.REFUSED, f"an S3 source cannot {op.kind.value}")
-        with self._lock:
-            backing_off = self.clock() < self._status.retry_at
-        if backing_off:
-            # An earlier download of this batch failed: do not hold the transaction open
-            # for a timeout per remaining object against a dead or hanging endpoint.
-            raise OSError(errno.EAGAIN, f"{self.name} is backing off after a failed download")
-        try:
-            opened = self._open(op.source_path, fp)
-            if isinstance(opened, Applied):
-                result = opened
-            else:
-                # A GRAFT op reaches here only when its objects could not be prepared.
-                try:
-                    result = self._copy(op, fp, opened, union_dir)
-                finally:
-                    opened.close()
-        except OSError as exc:
-            self._trouble(str(exc))
-            raise
+        got = self._get_planned(op)
+        if isinstance(got, Applied):
+            result = got
+        else:
+            fp, opened = got
+            # A GRAFT op reaches here only when its objects could not be prepared.
+            try:
+                result = self._copy(op, fp, opened, union_dir)
+            except OSError as exc:
+                self._trouble(str(exc))
+                raise
+            finally:
+                opened.close()
         self._downloaded(op, result)
         return result
 
-    def _downloaded(self, op: Op, result: Applied) -> None:
-        with self._lock:
-            self._status.retry_at = 0.0
-            if result.outcome in (ApplyOutcome.CHANGED, ApplyOutcome.VANISHED):
-                # The listing is behind the bucket: re-planning from it would only fail
-                # again (and cost a transaction); wait for the next listing.
-                self._stale.add(op.source_path)
+    def _get_planned(self, op: Op) -> tuple[Fingerprint, StreamingBody] | Applied:
+        """GET exactly the planned version of ``op``'s object, or say why not.
 
-    def open_content(self, op: Op) -> Content | Applied:
-        """GET the planned version of ``op``'s object for preparing.
-
-        Raises OSError when S3 fails (the op goes back to pending; this source backs off).
+        Raises OSError when S3 fails, and while backing off after such a failure: a dead
+        or hanging endpoint must not cost a timeout per remaining object of a batch.
         """
         fp = op.fingerprint
         if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT):
@@ -493,8 +477,27 @@ class S3Input:
             self._trouble(str(exc))
             raise
         if isinstance(opened, Applied):
-            self._downloaded(op, opened)
             return opened
+        return fp, opened
+
+    def _downloaded(self, op: Op, result: Applied) -> None:
+        with self._lock:
+            self._status.retry_at = 0.0
+            if result.outcome in (ApplyOutcome.CHANGED, ApplyOutcome.VANISHED):
+                # The listing is behind the bucket: re-planning from it would only fail
+                # again (and cost a transaction); wait for the next listing.
+                self._stale.add(op.source_path)
+
+    def open_content(self, op: Op) -> Content | Applied:
+        """GET the planned version of ``op``'s object for preparing.
+
+        Raises OSError when S3 fails (the op goes back to pending; this source backs off).
+        """
+        got = self._get_planned(op)
+        if isinstance(got, Applied):
+            self._downloaded(op, got)
+            return got
+        fp, opened = got
         return S3Content(opened, op, fp, self._trouble, partial(self._downloaded, op))
 
     def still_current(self, op: Op) -> bool:  # noqa: ARG002 (protocol)
