@@ -22,15 +22,17 @@ working directory, umask and process tag in :mod:`cvmfs_syncd.cvmfs.procs`.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 
 import structlog
 
+from cvmfs_syncd.cvmfs import arguments
+from cvmfs_syncd.cvmfs.feed import POLL_SECONDS, FedResult, Feed, drain, feed_from
 from cvmfs_syncd.cvmfs.outcomes import (
     CommandResult,
     Outcome,
@@ -46,82 +48,10 @@ from cvmfs_syncd.cvmfs.procs import (
     command_environment,
     safe_cwd,
 )
-from cvmfs_syncd.cvmfs.tags import UNDO_TAGS, TagListing, parse_tag_listing
+from cvmfs_syncd.cvmfs.tags import TagListing, parse_tag_listing
 from cvmfs_syncd.errors import CvmfsCommandError
 
 log = structlog.get_logger(__name__)
-
-
-# --- argument validation ------------------------------------------------------------
-#
-# cvmfs_server is a shell script that re-assembles several arguments into command
-# strings run by `sh -c` (the publish message, tag names, the transaction path), so an
-# argument that is safe for our argv can still be split or interpreted there.  Only
-# characters that mean nothing to a shell are accepted.
-
-_REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,253}$")
-_SCOPE_COMPONENT = re.compile(r"^[A-Za-z0-9._+@%=,-]+$")
-_TAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+@-]*$")
-_MESSAGE = re.compile(r"^[A-Za-z0-9 ._,:+=@/%-]*$")
-_MESSAGE_MAX = 200
-
-
-def _repo(repo: str) -> str:
-    if not _REPO_NAME.match(repo):
-        raise CvmfsCommandError(f"invalid repository name {repo!r}")
-    return repo
-
-
-def _scoped(repo: str, path: str | None) -> str:
-    _repo(repo)
-    if path is None:
-        return repo
-    parts = [part for part in path.split("/") if part]
-    if not parts:
-        return repo
-    for part in parts:
-        if part in (".", "..") or not _SCOPE_COMPONENT.match(part):
-            raise CvmfsCommandError(f"invalid transaction path {path!r}")
-    return repo + "/" + "/".join(parts)
-
-
-def _message(message: str) -> str:
-    words = message.split()
-    if (
-        len(message) > _MESSAGE_MAX
-        or not _MESSAGE.match(message)
-        or any(word.startswith("-") for word in words)
-    ):
-        raise CvmfsCommandError(
-            f"publish message {message!r} must be at most {_MESSAGE_MAX} characters of "
-            "letters, digits, spaces and ._,:+=@/%- with no word starting with '-'"
-        )
-    return " ".join(words)
-
-
-def _tag_name(name: str) -> str:
-    if not _TAG_NAME.match(name):
-        raise CvmfsCommandError(f"invalid tag name {name!r}")
-    if name in UNDO_TAGS:
-        raise CvmfsCommandError(f"the undo tag {name!r} cannot be removed")
-    return name
-
-
-def _timeout(value: float | None, default: float) -> float:
-    chosen = default if value is None else value
-    if not chosen > 0:
-        raise CvmfsCommandError(f"timeout must be positive, not {chosen!r}")
-    return float(chosen)
-
-
-def _argv_prefix(name: str, prefix: tuple[str, ...]) -> tuple[str, ...]:
-    if (
-        not isinstance(prefix, tuple)
-        or not prefix
-        or not all(isinstance(part, str) and part for part in prefix)
-    ):
-        raise CvmfsCommandError(f"{name} must be a non-empty tuple of non-empty strings")
-    return prefix
 
 
 # --- logging helpers ------------------------------------------------------------------
@@ -166,10 +96,10 @@ class CvmfsServer:
         environ: Mapping[str, str] | None = None,
         extra_env: Mapping[str, str] | None = None,
     ) -> None:
-        self.server_command = _argv_prefix("server_command", server_command)
-        self.swissknife_command = _argv_prefix("swissknife_command", swissknife_command)
-        self.default_timeout = _timeout(None, default_timeout)
-        self.kill_grace = _timeout(None, kill_grace)
+        self.server_command = arguments.argv_prefix("server_command", server_command)
+        self.swissknife_command = arguments.argv_prefix("swissknife_command", swissknife_command)
+        self.default_timeout = arguments.timeout(None, default_timeout)
+        self.kill_grace = arguments.timeout(None, kill_grace)
         self.cwd = safe_cwd(cwd)
         self._env = command_environment(os.environ if environ is None else environ, extra_env)
 
@@ -190,7 +120,7 @@ class CvmfsServer:
         comes back at once and the caller retries.  A path scope does not restrict
         what is published; its parent must exist (:attr:`Outcome.PATH_SCOPE_MISSING`).
         """
-        return self._server(("transaction", _scoped(repo, path)), timeout, on_spawn, tag)
+        return self._server(("transaction", arguments.scoped(repo, path)), timeout, on_spawn, tag)
 
     def publish(
         self,
@@ -215,16 +145,16 @@ class CvmfsServer:
         args: tuple[str, ...] = ("publish",)
         if force:
             args += ("-f",)
-        text = _message(message)
+        text = arguments.message(message)
         if text:
             args += ("-m", text)
-        return self._server((*args, _repo(repo)), timeout, on_spawn, tag)
+        return self._server((*args, arguments.repo_name(repo)), timeout, on_spawn, tag)
 
     def abort(
         self, repo: str, *, timeout: float | None = None, tag: str | None = None
     ) -> CommandResult:
         """Discard the open transaction of ``repo`` (``abort -f R``); never prompts."""
-        return self._server(("abort", "-f", _repo(repo)), timeout, None, tag)
+        return self._server(("abort", "-f", arguments.repo_name(repo)), timeout, None, tag)
 
     # -- signatures
 
@@ -236,11 +166,11 @@ class CvmfsServer:
         """
         if type(days) is not int or not 1 <= days <= 365:
             raise CvmfsCommandError(f"whitelist validity must be 1..365 days, not {days!r}")
-        return self._server(("resign", "-f", "-d", str(days), _repo(repo)), timeout)
+        return self._server(("resign", "-f", "-d", str(days), arguments.repo_name(repo)), timeout)
 
     def resign_manifest(self, repo: str, *, timeout: float | None = None) -> CommandResult:
         """Re-sign the published manifest of ``repo`` (``resign -p R``)."""
-        return self._server(("resign", "-p", _repo(repo)), timeout)
+        return self._server(("resign", "-p", arguments.repo_name(repo)), timeout)
 
     # -- garbage collection and tags
 
@@ -276,7 +206,7 @@ class CvmfsServer:
             if keep_since.tzinfo is None or keep_since.utcoffset() is None:
                 raise CvmfsCommandError("gc: keep_since must be timezone-aware")
             args += ("-t", f"@{int(keep_since.timestamp())}")
-        return self._server((*args, _repo(repo)), timeout)
+        return self._server((*args, arguments.repo_name(repo)), timeout)
 
     def tag_list(self, repo: str, *, timeout: float | None = None) -> TagListing:
         """List the tags of ``repo`` (``tag -lx R``).
@@ -285,7 +215,7 @@ class CvmfsServer:
         (see ``listing.result.outcome``).  Raise :class:`CvmfsCommandError` when a
         successful listing cannot be parsed.
         """
-        result = self._server(("tag", "-lx", _repo(repo)), timeout)
+        result = self._server(("tag", "-lx", arguments.repo_name(repo)), timeout)
         tags = parse_tag_listing(result.stdout) if result.ok else ()
         return TagListing(result=result, tags=tags)
 
@@ -299,10 +229,10 @@ class CvmfsServer:
         """
         args: list[str] = ["tag"]
         for name in names:
-            args += ["-r", _tag_name(name)]
+            args += ["-r", arguments.tag_name(name)]
         if len(args) == 1:
             raise CvmfsCommandError("tag_remove needs at least one tag name")
-        return self._server((*args, "-f", _repo(repo)), timeout)
+        return self._server((*args, "-f", arguments.repo_name(repo)), timeout)
 
     # -- inspection and repair
 
@@ -315,15 +245,49 @@ class CvmfsServer:
         or not.  Problems found give :attr:`Outcome.CHECK_FAILED`.
         """
         args: tuple[str, ...] = ("check", "-i") if integrity else ("check",)
-        return self._server((*args, _repo(repo)), timeout)
+        return self._server((*args, arguments.repo_name(repo)), timeout)
 
     def mount(self, repo: str, *, timeout: float | None = None) -> CommandResult:
         """Mount the union and read-only mounts of ``repo`` again (``mount R``)."""
-        return self._server(("mount", _repo(repo)), timeout)
+        return self._server(("mount", arguments.repo_name(repo)), timeout)
 
     def info(self, repo: str, *, timeout: float | None = None) -> CommandResult:
         """Describe ``repo`` (``info R``); fails like ``abort`` on a bad whitelist."""
-        return self._server(("info", _repo(repo)), timeout)
+        return self._server(("info", arguments.repo_name(repo)), timeout)
+
+    # -- tarballs
+
+    def ingest(
+        self,
+        repo: str,
+        *,
+        base: str,
+        feed: Callable[[Feed], None],
+        catalog: bool = True,
+        deletes: Iterable[str] = (),
+        inactivity: float = 300.0,
+        on_spawn: Callable[[int], None] | None = None,
+        tag: str | None = None,
+    ) -> FedResult:
+        """Unpack the tar that ``feed`` writes under ``base`` in one revision.
+
+        ``ingest -t - -b BASE [-c] [-d PATH]... R``: ``feed`` writes a plain tar to the
+        :class:`Feed` it is given (the command's stdin); ``catalog`` puts a nested catalog
+        at the base; ``deletes`` are removed in the same revision.  ``ingest`` opens its own
+        transaction (:attr:`Outcome.ALREADY_IN_TRANSACTION` when one is open) and merges
+        into an existing base.  The tool pastes base and deletions into a shell command
+        unquoted, so each must be :func:`~cvmfs_syncd.cvmfs.arguments.is_shell_safe_path`
+        (else :class:`CvmfsCommandError`).  There is no total time limit: the command is
+        stopped after ``inactivity`` seconds in which nothing was fed and nothing printed.
+        """
+        args: tuple[str, ...] = ("ingest", "-t", "-", "-b", arguments.repo_path(base, "base"))
+        if catalog:
+            args += ("-c",)
+        for path in deletes:
+            args += ("-d", arguments.repo_path(path, "path to delete"))
+        return self._execute_fed(
+            (*args, arguments.repo_name(repo)), feed, inactivity, on_spawn, tag
+        )
 
     # -- swissknife
 
@@ -364,15 +328,92 @@ class CvmfsServer:
         the next start). Raise :class:`CvmfsCommandError` when the command cannot be
         started.
         """
-        limit = _timeout(timeout, self.default_timeout)
+        limit = arguments.timeout(timeout, self.default_timeout)
         argv = (*prefix, *args)
+        started = time.monotonic()
+        proc = self._spawn(argv, on_spawn, tag, stdin=subprocess.DEVNULL)
+        timed_out = False
+        try:
+            out, err = proc.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            out, err = self._kill_group(proc, argv)
+        except BaseException:
+            # Do not leave a headless command group behind if the caller is unwinding.
+            self._kill_group(proc, argv)
+            raise
+        reason = f"no exit within {limit:g} s" if timed_out else None
+        return self._result(argv, args[0], proc.returncode, out, err, started, reason)
+
+    def _execute_fed(
+        self,
+        args: tuple[str, ...],
+        feed: Callable[[Feed], None],
+        inactivity: float,
+        on_spawn: Callable[[int], None] | None,
+        tag: str | None,
+    ) -> FedResult:
+        """Run ``argv`` with ``feed`` writing its stdin; kill it after ``inactivity`` idle seconds.
+
+        Idle means: nothing fed and nothing printed.  When ``feed`` raises, the command is
+        given a tar header that promises more data than ever comes (:data:`_TRUNCATION`)
+        before its stdin closes, so that it reads a truncated archive and fails cleanly
+        instead of taking what it got so far for a whole one.  A command that stops reading
+        (a broken pipe) ends the feeding without an error of the feed's.
+        """
+        limit = arguments.timeout(inactivity, inactivity)
+        argv = (*self.server_command, *args)
+        started = time.monotonic()
+        proc = self._spawn(argv, on_spawn, tag, stdin=subprocess.PIPE)
+        if proc.stdin is None or proc.stdout is None or proc.stderr is None:  # pragma: no cover
+            raise CvmfsCommandError("pipes missing")
+        stream = Feed(proc.stdin)
+        out: list[bytes] = []
+        err: list[bytes] = []
+        failure: list[BaseException] = []
+        threads = [
+            threading.Thread(target=drain, args=(proc.stdout, out, stream), daemon=True),
+            threading.Thread(target=drain, args=(proc.stderr, err, stream), daemon=True),
+            threading.Thread(target=feed_from, args=(feed, stream, failure), daemon=True),
+        ]
+        idle = False
+        try:
+            for thread in threads:
+                thread.start()
+            while proc.poll() is None:
+                if time.monotonic() - stream.last_activity > limit:
+                    idle = True
+                    self._stop_group(proc)
+                    break
+                time.sleep(POLL_SECONDS)
+        except BaseException:
+            self._stop_group(proc)
+            raise
+        finally:
+            for thread in threads:
+                thread.join(self.kill_grace)
+            for pipe in (proc.stdout, proc.stderr):
+                pipe.close()
+        reason = f"idle for more than {limit:g} s" if idle else None
+        result = self._result(
+            argv, args[0], proc.wait(), b"".join(out), b"".join(err), started, reason
+        )
+        return FedResult(result, stream.fed, failure[0] if failure else None)
+
+    def _spawn(
+        self,
+        argv: tuple[str, ...],
+        on_spawn: Callable[[int], None] | None,
+        tag: str | None,
+        *,
+        stdin: int,
+    ) -> subprocess.Popen[bytes]:
         if any("\0" in part for part in argv):
             raise CvmfsCommandError(f"argv contains a NUL byte: {argv!r}")
-        started = time.monotonic()
         try:
             proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=self.cwd,
@@ -391,29 +432,31 @@ class CvmfsServer:
             except BaseException:
                 self._kill_group(proc, argv)
                 raise
-        timed_out = False
-        try:
-            out, err = proc.communicate(timeout=limit)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            out, err = self._kill_group(proc, argv)
-        except BaseException:
-            # Do not leave a headless command group behind if the caller is unwinding.
-            self._kill_group(proc, argv)
-            raise
-        duration = time.monotonic() - started
+        return proc
+
+    def _result(
+        self,
+        argv: tuple[str, ...],
+        subcommand: str,
+        exit_code: int | None,
+        out: bytes,
+        err: bytes,
+        started: float,
+        timeout_reason: str | None,
+    ) -> CommandResult:
+        """Classify and log what a finished command did; ``timeout_reason`` when it was killed."""
         stdout = out.decode("utf-8", errors="replace")
         stderr = err.decode("utf-8", errors="replace")
-        subcommand = args[0]
-        outcome = classify(subcommand, None if timed_out else proc.returncode, stdout, stderr)
+        timed_out = timeout_reason is not None
+        outcome = classify(subcommand, None if timed_out else exit_code, stdout, stderr)
         result = CommandResult(
             argv=argv,
-            exit_code=proc.returncode,
+            exit_code=exit_code,
             stdout=stdout,
             stderr=stderr,
-            duration_s=duration,
+            duration_s=time.monotonic() - started,
             outcome=outcome,
-            reason=f"no exit within {limit:g} s" if timed_out else explain(outcome, stdout, stderr),
+            reason=timeout_reason or explain(outcome, stdout, stderr),
             open_file_holders=parse_open_file_holders(stdout) if subcommand == "publish" else (),
             invalid_graft_path=(
                 parse_invalid_graft_path(stderr) if outcome is Outcome.INVALID_GRAFT else None
@@ -451,6 +494,19 @@ class CvmfsServer:
                 pipe.close()
         proc.wait()
         return partial
+
+    def _stop_group(self, proc: subprocess.Popen[bytes]) -> None:
+        """Terminate the process group of a fed command whose pipes other threads read.
+
+        SIGTERM first, SIGKILL after ``kill_grace``; its output keeps being drained.
+        """
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            _signal_group(proc.pid, signum)
+            try:
+                proc.wait(self.kill_grace)
+            except subprocess.TimeoutExpired:
+                continue
+            return
 
     @staticmethod
     def _log(result: CommandResult) -> None:
