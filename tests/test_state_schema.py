@@ -13,14 +13,8 @@ from hypothesis import strategies as st
 
 from cvmfs_syncd.errors import StateError
 from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind
-from cvmfs_syncd.state import (
-    _SCAN_KEY_SQL,
-    SCHEMA_VERSION,
-    MaintenanceRecord,
-    State,
-    _migrate_add_maintenance_runs,
-    scan_key,
-)
+from cvmfs_syncd.state import SCHEMA_VERSION, MaintenanceRecord, State, scan_key
+from cvmfs_syncd.state.schema import _SCAN_KEY_SQL, _migrate_add_maintenance_runs
 
 # The schema of release databases before versions were migrated (version 1), verbatim in
 # what matters here: ``published`` without ``scan_key``, ``batches`` without pgid/boot_id.
