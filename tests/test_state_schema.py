@@ -11,16 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import cvmfs_syncd.state
 from cvmfs_syncd.errors import StateError
 from cvmfs_syncd.model import EntryType, Fingerprint, Op, OpKind
-from cvmfs_syncd.state import (
-    _SCAN_KEY_SQL,
-    SCHEMA_VERSION,
-    MaintenanceRecord,
-    State,
-    _migrate_add_maintenance_runs,
-    scan_key,
-)
+from cvmfs_syncd.state import SCHEMA_VERSION, MaintenanceRecord, State, scan_key
+from cvmfs_syncd.state.schema import _SCAN_KEY_SQL, _migrate_add_maintenance_runs
 
 # The schema of release databases before versions were migrated (version 1), verbatim in
 # what matters here: ``published`` without ``scan_key``, ``batches`` without pgid/boot_id.
@@ -128,6 +123,25 @@ def test_a_new_database_starts_at_the_current_version(tmp_path: Path) -> None:
     """A fresh database records the version this code writes."""
     State(tmp_path / "state").close()
     assert _stored_version(tmp_path / "state") == str(SCHEMA_VERSION)
+
+
+def test_the_package_description_names_the_current_schema(tmp_path: Path) -> None:
+    """The state package's docstring names the schema version this code writes and every
+    table a new database has, so that a migration cannot leave it behind."""
+    State(tmp_path / "state").close()
+    db = sqlite3.connect(tmp_path / "state" / "state.sqlite")
+    try:
+        tables = {
+            str(row[0])
+            for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            )
+        }
+    finally:
+        db.close()
+    description = cvmfs_syncd.state.__doc__ or ""
+    assert f"Schema version {SCHEMA_VERSION} " in description
+    assert {t for t in tables if f"``{t}``" not in description} == set()
 
 
 def test_maintenance_records_of_the_json_files_are_imported_once(tmp_path: Path) -> None:
