@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cvmfs_syncd import fsops
-from cvmfs_syncd.fsops import CopyOutcome, Skipped
+from cvmfs_syncd.fsops import CopyOutcome, Skipped, copying, descriptors, walk
 from cvmfs_syncd.model import EntryType, Fingerprint
 from cvmfs_syncd.paths import TEMP_PREFIX, repo_path
 
@@ -173,7 +173,7 @@ def test_fifo_swapped_in_after_type_check_does_not_block(
         raise AssertionError("the FIFO must not be read")
 
     monkeypatch.setattr(os, "open", swapping_open)
-    monkeypatch.setattr(fsops, "_copy_bytes", no_copy)
+    monkeypatch.setattr(copying, "_copy_bytes", no_copy)
     assert fsops.copy_file(union, "f", src, "f", expected) is CopyOutcome.CHANGED
     assert _names(union) == []
 
@@ -233,7 +233,7 @@ def test_walk_does_not_enter_other_file_systems(src: Path, monkeypatch: pytest.M
     """A directory whose device differs from the root's is reported as a mount point."""
     (src / "mnt").mkdir()
     (src / "mnt" / "f").write_text("x")
-    real_lstat = fsops._lstat_at
+    real_lstat = descriptors.lstat_at
 
     def other_device(dir_fd: int, name: str) -> os.stat_result:
         st = real_lstat(dir_fd, name)
@@ -243,7 +243,7 @@ def test_walk_does_not_enter_other_file_systems(src: Path, monkeypatch: pytest.M
         fields[stat.ST_DEV] = st.st_dev + 1
         return os.stat_result(fields)
 
-    monkeypatch.setattr(fsops, "_lstat_at", other_device)
+    monkeypatch.setattr(walk, "lstat_at", other_device)
     assert _walk(src) == {"mnt": Skipped("mount-point", "a different file system is mounted here")}
     assert sorted(_walk(src, cross_mounts=True)) == ["mnt", "mnt/f"]
 
