@@ -81,7 +81,7 @@ def drain(pipe: IO[bytes], sink: list[bytes], feed: Feed) -> None:
         feed.touch()
 
 
-def feed_from(feed: Callable[[Feed], None], stream: Feed, failure: list[BaseException]) -> None:
+def feed_from(feed: Callable[[Feed], object], stream: Feed, failure: list[BaseException]) -> None:
     """Run ``feed`` on ``stream`` and close it; append what ``feed`` raised to ``failure``."""
     truncate = False
     try:

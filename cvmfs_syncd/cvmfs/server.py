@@ -262,7 +262,7 @@ class CvmfsServer:
         repo: str,
         *,
         base: str,
-        feed: Callable[[Feed], None],
+        feed: Callable[[Feed], object],
         catalog: bool = True,
         deletes: Iterable[str] = (),
         inactivity: float = 300.0,
@@ -348,7 +348,7 @@ class CvmfsServer:
     def _execute_fed(
         self,
         args: tuple[str, ...],
-        feed: Callable[[Feed], None],
+        feed: Callable[[Feed], object],
         inactivity: float,
         on_spawn: Callable[[int], None] | None,
         tag: str | None,
