@@ -1,10 +1,15 @@
 """One lane (thread) per repository: every write to the repository, one at a time.
 
-The lane owns the repository's pending changes, cuts batches, and for each batch: takes
-the host-wide repository lock, journals the batch, opens a transaction, applies the ops,
-publishes, updates the index of what is live, and tells the sources. Failures are handled
-by the table in docs/failures.md. Maintenance jobs that write (gc) run through the lane
-between batches, under the same lock.
+The lane owns the repository's pending changes (fed by its sources through a queue), its
+status and heartbeat, the holds on publishing, and the host-wide repository lock. Its loop
+takes hints and jobs from the queue, reconciles, watches for foreign transactions, and
+when a batch is due hands it to :class:`~cvmfs_syncd.pipeline.batch.BatchCycle` (plan,
+journal, prepare, transaction, place, publish, finish). At start
+:class:`~cvmfs_syncd.pipeline.restart.Recovery` finishes or rolls back what a previous run
+left; ``cvmfs-syncd sync`` runs :class:`~cvmfs_syncd.pipeline.one_shot.OneShotSync` in the
+caller's thread instead of the loop. Failures are handled by the table in
+docs/failures.md. Maintenance jobs that write (gc) run through the lane between batches,
+under the same lock.
 """
 
 from __future__ import annotations
@@ -21,24 +26,20 @@ from typing import Any
 
 import structlog
 
-from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import BatchPolicy, Pending, PendingChanges
 from cvmfs_syncd.config import Config, RepositoryConfig
-from cvmfs_syncd.cvmfs.outcomes import Outcome
-from cvmfs_syncd.cvmfs.procs import stop_tagged
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.errors import RepositoryConfigError
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Batch, Dirty, HoldReason, LaneStatus, Op, OpKind
-from cvmfs_syncd.model import JournalStage as Stage
-from cvmfs_syncd.pipeline import recovery
-from cvmfs_syncd.pipeline.place import BatchWork
+from cvmfs_syncd.model import Dirty, HoldReason, LaneStatus, Op
+from cvmfs_syncd.pipeline.batch import BatchCycle
+from cvmfs_syncd.pipeline.one_shot import DEADLINE_GRACE_SECONDS, DeadlineExpired, OneShotSync
 from cvmfs_syncd.pipeline.prepare import Preparer
-from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
-from cvmfs_syncd.pipeline.transaction import Transaction, describe
-from cvmfs_syncd.planner import Input, Plan, cut_to_caps
+from cvmfs_syncd.pipeline.restart import Recovery
+from cvmfs_syncd.pipeline.transaction import Stopping, Transaction
+from cvmfs_syncd.planner import Input
 from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
@@ -54,19 +55,6 @@ class _Job:
     name: str
     fn: Callable[[], Any]
     future: Future[Any]
-
-
-class _Stopping(Exception):
-    """The lane was asked to stop while waiting."""
-
-
-class _DeadlineExpired(_Stopping):
-    """A one-shot ``sync`` ran out of time (``--timeout``)."""
-
-
-#: A command started near a deadline may run this much past it (a short command must not
-#: be killed for being a moment late; a hanging one is killed and recovered like F9).
-DEADLINE_GRACE_SECONDS = 5.0
 
 
 class Lane(threading.Thread):
@@ -120,8 +108,6 @@ class Lane(threading.Thread):
             self._status.last_publish_at, self._status.last_revision = last
         self._next_rescan = 0.0
         self._release_granted = False
-        self._timings: dict[str, float] = {}
-        self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
         self._held_reason = ""
         self._guarded: list[Pending] = []
         self.open_batch: int | None = None
@@ -132,13 +118,16 @@ class Lane(threading.Thread):
         self.deadline: float | None = None
         #: Set when the deadline ended a ``sync``: what was left unfinished.
         self.deadline_report = ""
-        self._in_flight = 0
         #: True while a maintenance job (gc) runs: it may take hours under its own timeout.
         self.job_running = False
         self.on_whitelist_expired: Callable[[], None] | None = None
         # Maintenance start-up (re-sign an expired whitelist, repair mounts): runs before
         # recovery, whose transaction/publish/abort would all fail on an expired whitelist.
         self.on_start: Callable[[], None] | None = None
+        # The lane's collaborators, each given the lane as what it needs of it.
+        self.batches = BatchCycle(self)
+        self.recovery = Recovery(self, self.batches)
+        self.one_shot = OneShotSync(self, self.recovery, self.batches)
 
     # -- interface for other threads ----------------------------------------------------
 
@@ -214,15 +203,17 @@ class Lane(threading.Thread):
         left = self.deadline - time.monotonic()
         return max(1.0, min(configured, left + DEADLINE_GRACE_SECONDS))
 
-    def _check_deadline(self, wait: float = 0.0) -> None:
+    def check_deadline(self, wait: float = 0.0) -> None:
+        """Raise :class:`DeadlineExpired` if waiting ``wait`` seconds would pass the deadline
+        of a one-shot ``sync``."""
         if self.deadline is not None and time.monotonic() + wait > self.deadline:
-            raise _DeadlineExpired
+            raise DeadlineExpired
 
     def stop_now(self, why: str) -> None:
         """If the lane is asked to stop, record ``why`` and stop."""
         if self._stop_requested.is_set():
             self.exit_error = why
-            raise _Stopping
+            raise Stopping
 
     def whitelist_expired(self) -> None:
         """Hold publishing and ask for a resign."""
@@ -242,11 +233,11 @@ class Lane(threading.Thread):
                 source.start(self.submit)
             if self.on_start is not None:
                 self.on_start()
-            self.recover()
+            self.recovery.recover()
             self._schedule_rescan(now=0.0)
             while not self._stop_requested.is_set():
                 self.step()
-        except _Stopping:
+        except Stopping:
             pass
         except Exception as exc:
             self.log.exception("lane crashed")
@@ -267,12 +258,12 @@ class Lane(threading.Thread):
     def step(self, *, force_cut: bool = False) -> bool:
         """Do one unit of work (or wait for one); return True if a batch was published."""
         now = self.clock()
-        self._drain_inbox()
+        self.drain_inbox()
         if now >= self._next_rescan:
-            self._reconcile(now)
-        self._check_release()
+            self.reconcile(now)
+        self.check_release()
         self._update_pending_metrics()
-        if self._foreign_transaction_open():
+        if self.foreign_transaction_open():
             self.set_status(state="waiting: foreign transaction", foreign_transaction=True)
             self._wait(2.0)
             return False
@@ -286,7 +277,7 @@ class Lane(threading.Thread):
             self._wait(min(timeout, _IDLE_WAKE_SECONDS, max(0.0, self._next_rescan - now)))
             self._wake_on_submit = True
             return False
-        return self.publish_pending(reason, now)
+        return self.batches.publish_pending(reason, now)
 
     def _wait(self, timeout: float) -> None:
         self.heartbeat()
@@ -294,7 +285,8 @@ class Lane(threading.Thread):
             self._wake.wait(timeout)
         self._wake.clear()
 
-    def _drain_inbox(self) -> None:
+    def drain_inbox(self) -> None:
+        """Take the queued hints into pending and run the queued jobs."""
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -314,7 +306,7 @@ class Lane(threading.Thread):
         self.set_status(state=f"running {job.name}", busy_since=self.clock())
         self.job_running = True
         try:
-            with self._locked():
+            with self.locked():
                 result = job.fn()
         except BaseException as exc:
             job.future.set_exception(exc)
@@ -324,13 +316,14 @@ class Lane(threading.Thread):
             self.job_running = False
             self.set_status(state="idle", busy_since=None)
 
-    def _locked(self) -> _LockContext:
+    def locked(self) -> _LockContext:
+        """Hold the host-wide repository lock (waiting for it, heartbeat and stop kept)."""
         return _LockContext(self)
 
     def _schedule_rescan(self, now: float) -> None:
         self._next_rescan = now
 
-    def _reconcile(self, now: float) -> None:
+    def reconcile(self, now: float) -> None:
         """Full comparison of every input with what is live (the healer)."""
         for source in self.inputs:
             try:
@@ -348,7 +341,35 @@ class Lane(threading.Thread):
                 self.log.info("reconciliation found changes", source=source.name, changes=missed)
         self._next_rescan = now + self.config.daemon.rescan_seconds
 
-    def _check_release(self) -> None:
+    def _update_pending_metrics(self) -> None:
+        count = len(self.pending) + len(self._guarded)
+        self.metrics.pending_changes.labels(self.repo.name).set(count)
+        self.set_status(pending=count)
+
+    def foreign_transaction_open(self) -> bool:
+        """True while a transaction the daemon did not open is in progress (gauges, log)."""
+        open_now = self.layout.in_transaction()
+        if open_now and self._txn_seen_since is None:
+            self._txn_seen_since = self.clock()
+        elif not open_now:
+            self._txn_seen_since = None
+        self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since or 0)
+        foreign = open_now and self.open_batch is None
+        self.metrics.foreign_transaction.labels(self.repo.name).set(1 if foreign else 0)
+        if foreign and not self._foreign_seen:
+            self.log.warning(
+                "a transaction the daemon did not open is in progress; waiting",
+                collecting=self.layout.is_collecting(),
+            )
+        elif self._foreign_seen and not foreign:
+            self.log.info("the foreign transaction is closed; publishing resumes")
+        self._foreign_seen = foreign
+        return foreign
+
+    # -- holds ---------------------------------------------------------------------------
+
+    def check_release(self) -> None:
+        """Take an operator's release of the held deletions, if one was asked for."""
         if self._guarded and self.state.take_release(self.repo.name):
             self.log.warning("operator released held deletions")
             for entry in self._guarded:
@@ -369,131 +390,32 @@ class Lane(threading.Thread):
         self._held_reason = reason
         self.set_status(held=reason)
 
-    def _update_pending_metrics(self) -> None:
-        count = len(self.pending) + len(self._guarded)
-        self.metrics.pending_changes.labels(self.repo.name).set(count)
-        self.set_status(pending=count)
+    @property
+    def guarded(self) -> list[Pending]:
+        """The deletions held until an operator's release."""
+        return self._guarded
 
-    def _foreign_transaction_open(self) -> bool:
-        open_now = self.layout.in_transaction()
-        if open_now and self._txn_seen_since is None:
-            self._txn_seen_since = self.clock()
-        elif not open_now:
-            self._txn_seen_since = None
-        self.metrics.transaction_open_since.labels(self.repo.name).set(self._txn_seen_since or 0)
-        foreign = open_now and self.open_batch is None
-        self.metrics.foreign_transaction.labels(self.repo.name).set(1 if foreign else 0)
-        if foreign and not self._foreign_seen:
-            self.log.warning(
-                "a transaction the daemon did not open is in progress; waiting",
-                collecting=self.layout.is_collecting(),
-            )
-        elif self._foreign_seen and not foreign:
-            self.log.info("the foreign transaction is closed; publishing resumes")
-        self._foreign_seen = foreign
-        return foreign
+    @property
+    def release_granted(self) -> bool:
+        """True when an operator released the held deletions since the last plan."""
+        return self._release_granted
 
-    # -- planning ------------------------------------------------------------------------
-
-    def plan(self, now: float) -> tuple[list[Op], dict[str, Pending], Plan]:
-        """Ask every source to plan its pending entries; return ops and where each came from."""
-        entries = self.pending.take()
-        by_source: dict[str, list[Pending]] = {}
+    def guard(self, entries: Sequence[Pending], reason: str, kind: HoldReason) -> None:
+        """Hold ``entries`` (deletions the guard withheld) until an operator's release."""
+        known = {held.key for held in self._guarded}
         for entry in entries:
-            by_source.setdefault(entry.source, []).append(entry)
-        ops: list[Op] = []
-        origin: dict[str, Pending] = {}
-        merged = Plan()
-        for source in self.inputs:
-            mine = by_source.pop(source.name, [])
-            if not mine:
-                continue
-            plan = source.plan(mine, now)
-            for entry in plan.deferred:
-                self.pending.put_back(entry)
-            for entry in plan.waiting_for_marker:
-                self.pending.put_back(replace(entry, held=True))
-            for reason, path in plan.skipped:
-                self.metrics.skipped.labels(self.repo.name, source.name, reason).inc()
-                self.log.warning("input skipped", source=source.name, path=path, reason=reason)
-            for aside in plan.set_aside:
-                self.metrics.skipped.labels(self.repo.name, source.name, "refused").inc()
-                self.state.set_aside(
-                    self.repo.name, aside.source, aside.rel_path, aside.reason, None
-                )
-                self.log.warning(
-                    "input set aside", source=source.name, path=aside.rel_path, reason=aside.reason
-                )
-            source_ops = list(plan.ops)
-            if plan.guarded:
-                if self._release_granted:
-                    source_ops += plan.guarded
-                else:
-                    known = {held.key for held in self._guarded}
-                    for o in plan.guarded:
-                        guarded = plan.origin.get(o.repo_path)
-                        if guarded is not None and guarded.key not in known:
-                            self._guarded.append(guarded)
-                            known.add(guarded.key)
-                    self.set_hold(
-                        f"{source.name}: {plan.guard_reason}",
-                        plan.guard_kind or HoldReason.MASS_DELETE,
-                    )
-            ops += source_ops
-            origin.update(plan.origin)
-            merged.atomic_groups += plan.atomic_groups
-        for leftover in by_source.values():  # a source removed by a reload
-            self.log.info(
-                "dropping changes of a source no longer configured", changes=len(leftover)
-            )
+            if entry.key not in known:
+                self._guarded.append(entry)
+                known.add(entry.key)
+        self.set_hold(reason, kind)
+
+    def after_plan(self) -> None:
+        """A plan was made: a release is used up, a deletion hold with nothing left lifts."""
         self._release_granted = False
         if not self._guarded and self._held_reason and "delete" in self._held_reason:
             self.set_hold("")
-        return ops, origin, merged
 
-    # -- publishing ----------------------------------------------------------------------
-
-    def publish_pending(self, reason: str, now: float) -> bool:
-        """Plan and publish one batch; return True if a revision was published."""
-        planning_started = time.monotonic()
-        ops, origin, plan = self.plan(now)
-        self._timings = {"plan": time.monotonic() - planning_started}
-        if not ops:
-            return False
-        taken, later = cut_to_caps(
-            ops, plan.atomic_groups, self.repo.max_batch_files, self.repo.max_batch_bytes
-        )
-        for op in later:
-            if op.repo_path in origin:
-                self.pending.put_back(origin[op.repo_path])
-        batch = Batch(
-            repo=self.repo.name,
-            ops=tuple(taken),
-            reason=reason,
-            first_change_at=min(
-                (origin[o.repo_path].first_at for o in taken if o.repo_path in origin), default=now
-            ),
-            changes=len(taken),
-            bytes=sum(o.fingerprint.size for o in taken if o.fingerprint),
-        )
-        self.metrics.batches.labels(self.repo.name, reason).inc()
-        first_seen = {
-            o.repo_path: origin[o.repo_path].first_at for o in taken if o.repo_path in origin
-        }
-        # Counted until the batch returns: a deadline that ends it reports them pending.
-        self._in_flight = len(taken)
-        try:
-            published = self._publish_batch(batch, origin, first_seen)
-        finally:
-            self.set_status(busy_since=None)
-        self._in_flight = 0
-        return published
-
-    def _requeue(self, ops: Sequence[Op], origin: dict[str, Pending]) -> None:
-        for op in ops:
-            entry = origin.get(op.repo_path)
-            if entry is not None:
-                self.pending.put_back(replace(entry, not_before=0.0))
+    # -- what the batch cycle, recovery and a one-shot sync need from their lane ----------
 
     def source_of(self, op: Op) -> Input | None:
         """The input an op came from (None if a reload removed it)."""
@@ -501,81 +423,6 @@ class Lane(threading.Thread):
             if source.name == op.source:
                 return source
         return None
-
-    def _publish_batch(
-        self, batch: Batch, origin: dict[str, Pending], first_seen: dict[str, float]
-    ) -> bool:
-        started = self.clock()
-        self.set_status(state="waiting for repository lock", busy_since=started)
-        with self._locked():
-            if self.layout.in_transaction():
-                # Someone opened a transaction since we looked: never touch it.
-                self._requeue(batch.ops, origin)
-                return False
-            base_revision = self.revision()
-            batch_id = self.state.create_batch(
-                self.repo.name,
-                batch.ops,
-                reason=batch.reason,
-                summary=batch.summary(),
-                first_seen=first_seen,
-            )
-            self.log.info(
-                "batch cut",
-                batch=batch_id,
-                reason=batch.reason,
-                ops=len(batch.ops),
-                bytes=batch.bytes,
-            )
-            work = BatchWork(self, lambda ops: self._requeue(ops, origin))
-            ops, prepared = work.prepare(batch_id, list(batch.ops))
-            self._timings.update(work.timings)
-            if not ops:
-                self.state.set_stage(batch_id, Stage.ABORTED, error="nothing left to publish")
-                self.abandon(batch_id)
-                self._back_off_after_errors(work.errors)
-                return False
-            if self.layout.in_transaction():
-                # A transaction appeared while the objects were written: never touch it.
-                self.state.set_stage(batch_id, Stage.ABORTED, error="a foreign transaction opened")
-                self.abandon(batch_id)
-                self._requeue(ops, origin)
-                return False
-            transaction = Transaction(self, batch_id)
-            if not transaction.open(base_revision):
-                self.abandon(batch_id)
-                self._requeue(ops, origin)
-                return False
-            phase = time.monotonic()
-            applied = work.place(batch_id, ops, prepared)
-            self._timings["place"] = time.monotonic() - phase
-            if not applied:
-                transaction.abort("nothing could be applied")
-                self._back_off_after_errors(work.errors)
-                return False
-            self._apply_backoff.reset()
-            # One commit for the whole batch: a crash before it leaves the stage at "open",
-            # and recovery aborts the half-applied transaction anyway.
-            done = {op.repo_path for op in applied}
-            self.state.mark_applied(
-                batch_id, [i for i, op in enumerate(batch.ops) if op.repo_path in done]
-            )
-            phase = time.monotonic()
-            revision = transaction.publish(
-                batch.summary(), applied, lambda ops: self._requeue(ops, origin)
-            )
-            self._timings["publish"] = time.monotonic() - phase
-            if revision is None:
-                return False
-            self._finish(batch_id, applied, revision, first_seen, started)
-            return True
-
-    def _back_off_after_errors(self, errors: int) -> None:
-        """A persistent error (EIO on an input, ENOSPC in the union directory) must not spin
-        batch after batch (or transaction/abort cycles): back off before the next try."""
-        if errors:
-            self.metrics.retries.labels(self.repo.name, "apply").inc()
-            self.pause(self._apply_backoff.next_delay())
 
     def revision(self) -> int | None:
         try:
@@ -586,241 +433,31 @@ class Lane(threading.Thread):
 
     def abandon(self, batch_id: int) -> None:
         """Delete the objects an abandoned batch created (never ones it found stored)."""
-        created = self.state.created_objects(batch_id)
-        if not created:
-            return
-        if self.preparer is None:
-            self.log.error("objects of an abandoned batch cannot be deleted", count=len(created))
-            return
-        self.preparer.delete_objects(created)
-        self.state.forget_created_objects(batch_id)
+        self.batches.abandon(batch_id)
 
     def pause(self, delay: float, abort_batch: int | None = None) -> None:
         """Wait for a retry; on stop, abort our open transaction (if any) and stop. A wait
         that would pass the deadline of a one-shot ``sync`` ends it at once."""
-        self._check_deadline(delay)
+        self.check_deadline(delay)
         deadline = time.monotonic() + delay
         while time.monotonic() < deadline:
             self.heartbeat()
             if self._stop_requested.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
                 if abort_batch is not None:
                     Transaction(self, abort_batch).abort("daemon stopping while publish retries")
-                raise _Stopping
-
-    def _finish(
-        self,
-        batch_id: int,
-        ops: Sequence[Op],
-        revision: int,
-        first_seen: dict[str, float],
-        started: float,
-    ) -> None:
-        now = self.clock()
-        self.open_batch = None
-        self.metrics.transaction_open.labels(self.repo.name).set(0)
-        self.state.apply_published(self.repo.name, ops, revision if revision >= 0 else None)
-        self.state.forget_created_objects(batch_id)
-        by_source: dict[str, list[Op]] = {}
-        for op in ops:
-            by_source.setdefault(op.source, []).append(op)
-        for source in self.inputs:
-            if source.name in by_source:
-                try:
-                    source.published(by_source[source.name])
-                except Exception:
-                    self.log.exception("post-publish step failed", source=source.name)
-        self.state.set_stage(batch_id, Stage.DONE)
-        m = self.metrics
-        m.publishes.labels(self.repo.name).inc()
-        m.publish_duration.labels(self.repo.name).observe(max(0.0, now - started))
-        m.last_publish.labels(self.repo.name).set(now)
-        if revision >= 0:
-            m.revision.labels(self.repo.name).set(revision)
-        nbytes = sum(o.fingerprint.size for o in ops if o.fingerprint)
-        m.published_bytes.labels(self.repo.name).inc(nbytes)
-        m.grafted_files.labels(self.repo.name).inc(sum(1 for o in ops if o.kind is OpKind.GRAFT))
-        for op in ops:
-            m.drop_latency.labels(self.repo.name).observe(
-                max(0.0, now - first_seen.get(op.repo_path, now))
-            )
-        self.set_status(
-            state="idle",
-            last_publish_at=now,
-            last_revision=revision if revision >= 0 else None,
-            transaction_open=False,
-            last_error="",
-        )
-        self.log.info(
-            "published",
-            batch=batch_id,
-            revision=revision,
-            ops=len(ops),
-            bytes=nbytes,
-            seconds=round(now - started, 3),
-            **{f"{k}_seconds": round(v, 3) for k, v in self._timings.items()},
-        )
-        self._timings = {}
-
-    # -- recovery ------------------------------------------------------------------------
+                raise Stopping
 
     def command_tag(self, batch_id: int) -> str:
         """The tag in the environment of every process of a batch's commands: this state
         directory (two daemons on a host never touch each other's) and the batch."""
         return f"{self._instance}:{batch_id}"
 
-    def _stop_orphans(self, batch_id: int) -> None:
-        """Stop every process a killed daemon's command left (found by its tag, in any
-        session or group, whatever its name: F7, F8). Never go on beside a live one: while
-        one survives, publishing is held and the stop is tried again."""
-        backoff = Backoff(self.repo.retry_initial_seconds, self.repo.retry_max_seconds)
-        while survivors := stop_tagged(self.command_tag(batch_id)):
-            self.set_hold(
-                f"a command of batch {batch_id} left by the previous run survives SIGKILL "
-                f"(pids {', '.join(map(str, survivors))}); recovery waits for it",
-                HoldReason.ORPHANED_COMMAND,
-            )
-            self.pause(backoff.next_delay())
-        if self._held_reason.startswith("a command of batch"):
-            self.set_hold("")
-
-    def recover(self) -> None:
-        """Finish or roll back what a previous run left, using the journal and the spool."""
-        with self._locked():
-            self._recover_locked()
-
-    def _recover_locked(self) -> None:
-        # Journal and spool are read under the repository lock: a CLI command or another
-        # daemon may have finished (or opened) a transaction a moment ago.
-        batch = self.state.unfinished_batch(self.repo.name)
-        if batch is None:
-            return
-        self._stop_orphans(batch.id)
-        # Only now, with no command of ours left to change it, is the spool's word final.
-        in_txn = self.layout.in_transaction()
-        self.log.warning(
-            "recovering an unfinished batch",
-            batch=batch.id,
-            stage=batch.stage,
-            transaction_open=in_txn,
-        )
-        revision = self.revision()
-        rule = recovery.rule_for(
-            batch.stage, in_txn, recovery.revision_advanced(batch.base_revision, revision)
-        )
-        action = rule.action
-        self.log.warning("recovery", batch=batch.id, action=action.value)
-        ops = [op for op, _ in self.state.batch_ops(batch.id, applied_only=True)]
-        first_seen = {op.repo_path: at for op, at in self.state.batch_ops(batch.id)}
-        if action in (Action.MARK_ABORTED, Action.DELETE_PREPARED):
-            self.state.set_stage(batch.id, Stage.ABORTED, error=rule.why)
-            self.abandon(batch.id)
-        elif action is Action.ABORT_OWN:
-            self.open_batch = batch.id
-            Transaction(self, batch.id).abort(rule.why)
-        elif action is Action.MARK_FAILED:
-            self.state.set_stage(batch.id, Stage.FAILED, error=rule.why)
-            self.abandon(batch.id)
-        elif action in (Action.FINISH, Action.ABORT_LEFTOVER_THEN_FINISH):
-            self.state.set_stage(batch.id, Stage.PUBLISHED, revision=revision)
-            if action is Action.ABORT_LEFTOVER_THEN_FINISH:
-                # The publish went through but died before closing the transaction: what
-                # is open is ours and holds nothing new; abort it, then finish.
-                self.open_batch = batch.id
-                Transaction(self, batch.id).abort_leftover()
-            final = revision if revision is not None else -1
-            self._finish(batch.id, ops, final, first_seen, batch.created_at)
-        else:  # PUBLISH_THEN_FINISH: every op is in the open transaction
-            self.open_batch = batch.id
-            self.metrics.transaction_open.labels(self.repo.name).set(1)
-            new_revision = Transaction(self, batch.id).publish(batch.summary, ops, lambda _: None)
-            if new_revision is not None:
-                self._finish(batch.id, ops, new_revision, first_seen, batch.created_at)
-
     # -- one-shot mode -----------------------------------------------------------------
 
     def sync_once(self, timeout: float) -> tuple[bool, str]:
-        """Recover, reconcile, publish everything pending; return (in sync, why not).
-
-        Runs in the caller's thread (for ``cvmfs-syncd sync``). ``timeout`` is a deadline
-        for everything, retries and waits for locks included: each command gets at most the
-        time left plus :data:`DEADLINE_GRACE_SECONDS`. When it expires, our own open
-        transaction is aborted if its failure allows, ``deadline_report`` says what is left
-        unfinished, and (False, that) is returned.
-        """
-        self.deadline = time.monotonic() + timeout
-        self.deadline_report = ""
-        try:
-            return self._sync_until_deadline(timeout)
-        except _DeadlineExpired:
-            self.deadline_report = self._expire()
-            return False, self.deadline_report
-        finally:
-            self.deadline = None
-
-    def _sync_until_deadline(self, timeout: float) -> tuple[bool, str]:
-        self.recover()
-        self._reconcile(self.clock())
-        while True:
-            self._check_deadline()
-            self._drain_inbox()
-            self._check_release()
-            if self._foreign_transaction_open():
-                return False, "a transaction the daemon did not open is in progress"
-            if not len(self.pending):
-                leftover = []
-                for source in self.inputs:
-                    leftover += source.reconcile(self.clock())
-                # Everything publishable is live; held deletions keep us out of sync.
-                guarded = {entry.key for entry in self._guarded}
-                fresh = [h for h in leftover if (h.source, h.rel_path) not in guarded]
-                if not fresh:
-                    return (False, self._held_reason) if self._guarded else (True, "")
-                for hint in fresh:
-                    self.pending.add(hint)
-            now = self.clock()
-            items = self.pending.items()
-            if all(p.held for p in items):
-                return False, f"{len(items)} inputs wait for their ready marker"
-            if not any(p.not_before <= now for p in items if not p.held):
-                wait = (self.pending.next_deadline(now) or now) - now
-                left = (self.deadline or 0.0) - time.monotonic()
-                if wait >= left:
-                    return False, (
-                        f"not in sync after {timeout:.0f}s ({len(self.pending)} changes pending)"
-                    )
-                time.sleep(max(wait, 0.01))
-                continue
-            self.publish_pending("sync", now)
-
-    def _expire(self) -> str:
-        """The deadline passed: abort our own transaction where that loses nothing, and
-        say which batch is unfinished."""
-        self.deadline = None
-        batch = self.state.unfinished_batch(self.repo.name)
-        if batch is None:
-            return (
-                f"deadline reached with {len(self.pending) + self._in_flight} changes pending "
-                f"({self.status().last_error or 'waiting'}); nothing is left half-done"
-            )
-        where = f"batch {batch.id} ({batch.summary}) is unfinished at stage {batch.stage}"
-        if self.open_batch is not None and self.layout.in_transaction():
-            if batch.stage in (Stage.OPEN, Stage.OPENING, Stage.PUBLISHING):
-                # Nothing of it is live (a live revision is recorded as published): an
-                # abort loses nothing, and the changes are found again by the next run.
-                result = self.server.abort(
-                    self.repo.name, timeout=60.0, tag=self.command_tag(batch.id)
-                )
-                if result.outcome in (Outcome.OK, Outcome.NOT_IN_TRANSACTION):
-                    self.state.set_stage(batch.id, Stage.ABORTED, error="deadline reached")
-                    self.abandon(batch.id)
-                    self.transaction_closed()
-                    return f"deadline reached; {where}: its transaction was aborted"
-                return (
-                    f"deadline reached; {where}: its transaction is still open "
-                    f"(abort failed: {describe(result)}); the next run finishes it"
-                )
-            return f"deadline reached; {where}: its transaction is left open for the next run"
-        return f"deadline reached; {where}; the next run recovers it"
+        """Recover, reconcile, publish everything pending within ``timeout`` seconds; return
+        (in sync, why not). See :meth:`~cvmfs_syncd.pipeline.one_shot.OneShotSync.sync_once`."""
+        return self.one_shot.sync_once(timeout)
 
 
 class _LockContext:
@@ -831,8 +468,8 @@ class _LockContext:
         lane = self.lane
         while not lane.lock.acquire(timeout=5.0, stop=lane._stop_requested):
             if lane._stop_requested.is_set():
-                raise _Stopping
-            lane._check_deadline()
+                raise Stopping
+            lane.check_deadline()
             lane.log.info("waiting for the repository lock", path=str(lane.lock.path))
             lane.heartbeat()
 

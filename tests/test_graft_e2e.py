@@ -237,8 +237,8 @@ def test_graft_ops_are_planned_for_large_files(
     os.utime(staging / "big", (1, 1))
     os.utime(staging / "small", (1, 1))
     lane = lane_factory(f"\n  prepare = {str(prepare).lower()}")
-    lane._reconcile(lane.clock())
-    ops, _, _ = lane.plan(lane.clock())
+    lane.reconcile(lane.clock())
+    ops, _, _ = lane.batches.plan(lane.clock())
     kinds = {op.repo_path: op.kind for op in ops}
     assert kinds == {"big": OpKind.GRAFT, "small": small_kind}
 

@@ -518,9 +518,9 @@ def test_ready_marker_directory_waits_whole_for_its_slowest_file(
     (job / ".ready").write_text("")
     (job / "b.txt").write_text("b")  # written just now: not settled yet
     lane = lane_factory(staging_extra='  mode = "inbox"\n  ready_marker = ".ready"')
-    lane.recover()
-    lane._reconcile(lane.clock())
-    lane.publish_pending("test", lane.clock())
+    lane.recovery.recover()
+    lane.reconcile(lane.clock())
+    lane.batches.publish_pending("test", lane.clock())
     assert "job1/a.txt" not in published(stratum0)  # not without b.txt
     _sync(lane)
     assert {"job1/a.txt", "job1/b.txt"} <= set(published(stratum0))
@@ -612,7 +612,7 @@ def test_sync_timeout_bounds_a_hanging_publish(
     configured 1800 s publish timeout; its transaction is left to recovery or aborted."""
     import time
 
-    from cvmfs_syncd.lane import DEADLINE_GRACE_SECONDS
+    from cvmfs_syncd.pipeline.one_shot import DEADLINE_GRACE_SECONDS
 
     (staging / "a").write_text("a")
     stratum0.inject_fault("publish", "hang", times=1)

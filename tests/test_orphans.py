@@ -96,7 +96,7 @@ def test_recovery_stops_a_leftover_publish_before_acting(
         leftover = _spawn(lane.command_tag(batch), "exec sleep 60")
         processes.append(leftover)
         wait_for(lambda: tagged_processes(lane.command_tag(batch)), 10, "the leftover")
-        lane.recover()
+        lane.recovery.recover()
         assert leftover.wait(timeout=10) == -signal.SIGTERM
         assert not stratum0.in_transaction(REPO)
         assert state.recent_batches(REPO)[0].stage == "done"

@@ -23,6 +23,11 @@ from cvmfs_syncd.model import HoldReason, JournalStage, Op
 from cvmfs_syncd.state import State
 
 
+class Stopping(Exception):
+    """The lane was asked to stop while waiting: raised by ``LaneControl.pause``,
+    ``LaneControl.stop_now`` and the lane's wait for the repository lock."""
+
+
 class LaneControl(Protocol):
     """What a transaction needs from its lane."""
 

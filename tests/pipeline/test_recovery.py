@@ -189,7 +189,7 @@ def test_the_lane_does_what_the_table_says(
     before = stratum0.revision(REPO)
 
     lane = build_lane(config, config.repositories[0], state, Metrics(), make_server(config))
-    lane.recover()
+    lane.recovery.recover()
 
     after = state.batch(batch_id)
     action = decide(stage, is_open, advanced)

@@ -119,9 +119,9 @@ def test_reconciliation_counts_what_the_watcher_missed(tmp_path: Path) -> None:
     metrics = Metrics()
     lane = build_lane(config, config.repositories[0], state, metrics, make_server(config))
     source = lane.inputs[0]
-    lane._reconcile(1000.0)  # the start-up scan is not "missed"
+    lane.reconcile(1000.0)  # the start-up scan is not "missed"
     (staging / "missed").write_text("m")
-    lane._reconcile(1400.0)
+    lane.reconcile(1400.0)
     value = metrics.registry.get_sample_value(
         "cvmfs_syncd_reconciliation_changes_total", {"repository": "r.org", "source": source.name}
     )
