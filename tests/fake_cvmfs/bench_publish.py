@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from .cvmfs_server import main as engine_main
+from .server.cli import main as engine_main
 from .stratum0 import CALIBRATED_COSTS, FakeStratum0
 
 REPO = "bench.example.org"

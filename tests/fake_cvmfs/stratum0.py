@@ -1,7 +1,8 @@
 """Test-side handle on a fake CernVM-FS stratum 0 (see ``docs/fake-cvmfs.md``).
 
 ``FakeStratum0(root)`` creates an empty fake installation below ``root`` with an executable
-``root/bin/cvmfs_server`` wrapper around ``cvmfs_server.py``; tests drive it like the real
+``root/bin/cvmfs_server`` wrapper around ``cvmfs_server.py`` (the fake itself is the
+``server`` package); tests drive it like the real
 tool (``run(...)`` or the wrapper path handed to the code under test) and inspect the
 result through the same view a CVMFS client has (``published_tree``, ``read_file``).
 """
@@ -21,24 +22,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
-from . import cvmfs_server as engine
+from tests.fake_cvmfs import server as engine
+from tests.fake_cvmfs.server.faults import CALIBRATED_COSTS as CALIBRATED_COSTS  # noqa: PLC0414 (re-exported: set_costs's values)
+from tests.fake_cvmfs.server.faults import (
+    FaultAction,
+    add_rule,
+    clear_rules,
+    costs_in_effect,
+    pending_rules,
+    write_costs,
+)
 
-FAKE_SCRIPT = Path(engine.__file__).resolve()
+FAKE_SCRIPT = (Path(__file__).parent / "cvmfs_server.py").resolve()
 
-FaultAction = Literal["fail", "hang", "die", "exit", "delay", "orphaned", "unreachable"]
 EntryType = Literal["file", "dir", "symlink"]
-
-# Seconds the real CernVM-FS 2.12.0 `transaction`/`publish` take on a 2-core stratum 0 with
-# local storage, for FakeStratum0.set_costs (derivation in docs/fake-cvmfs.md, "Costs").
-CALIBRATED_COSTS: dict[str, dict[str, float]] = {
-    "transaction": {"base": 0.05},
-    "publish": {
-        "base": 0.30,
-        "per_file": 0.000465,
-        "per_graft": 0.00019,
-        "unlocked_per_file": 0.0001,
-    },
-}
 
 STATE_KEYS = (
     "in_transaction_lock",
@@ -459,33 +456,26 @@ class FakeStratum0:
         storage condition (actions "unreachable" / "hang"). ``times`` limits how often the
         rule fires (None = until cleared).
         """
-        path = self.root / "fake-faults.json"
-        with engine.flocked(self.root / "fake" / "faults.lock"):
-            rules = engine.read_json(path, [])
-            rule: dict[str, object] = {"command": command, "action": action, "at": at}
-            if command == "storage":
-                rule["at"] = "access"
-            optional: dict[str, object | None] = {
-                "repo": repo,
-                "exit_code": exit_code,
-                "stdout": stdout,
-                "stderr": stderr,
-                "times": times,
-                "delay": delay,
-            }
-            rule.update({k: v for k, v in optional.items() if v is not None})
-            rules.append(rule)
-            engine.write_json(path, rules)
+        add_rule(
+            self.root,
+            command,
+            action,
+            at=at,
+            repo=repo,
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            times=times,
+            delay=delay,
+        )
 
     def clear_faults(self) -> None:
         """Remove every fault rule."""
-        with engine.flocked(self.root / "fake" / "faults.lock"):
-            (self.root / "fake-faults.json").unlink(missing_ok=True)
+        clear_rules(self.root)
 
     def faults(self) -> list[dict[str, object]]:
         """The rules still pending (rules with ``times`` disappear once used up)."""
-        rules = engine.read_json(self.root / "fake-faults.json", [])
-        return [dict(r) for r in rules] if isinstance(rules, list) else []
+        return pending_rules(self.root)
 
     def set_clock(self, timestamp: float | None) -> None:
         """Freeze the fake's clock at ``timestamp`` (None: back to the real clock)."""
@@ -506,25 +496,11 @@ class FakeStratum0:
         measured on the real tool); None removes ``fake-costs.json`` (no padding, the
         default). Unknown commands or keys and negative values raise ValueError.
         """
-        path = self.root / "fake-costs.json"
-        if costs is None:
-            path.unlink(missing_ok=True)
-            return
-        rules: dict[str, dict[str, float]] = {}
-        for command, rule in costs.items():
-            allowed = engine.COST_KEYS.get(command)
-            if allowed is None:
-                raise ValueError(f"no costs for command {command!r}")
-            for key, value in rule.items():
-                if key not in allowed or value < 0:
-                    raise ValueError(f"invalid cost {command}.{key}={value!r}")
-            rules[command] = {key: float(value) for key, value in rule.items()}
-        engine.write_json(path, rules)
+        write_costs(self.root, costs)
 
     def costs(self) -> dict[str, dict[str, float]]:
         """The costs in effect (empty when none are set)."""
-        costs = {command: engine.command_costs(self.root, command) for command in engine.COST_KEYS}
-        return {command: rule for command, rule in costs.items() if rule}
+        return costs_in_effect(self.root)
 
     def now(self) -> float:
         """The fake's current time."""

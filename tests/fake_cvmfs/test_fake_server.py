@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_cvmfs import cvmfs_server as engine
+from tests.fake_cvmfs import server as engine
 from tests.fake_cvmfs.stratum0 import CALIBRATED_COSTS, FakeStratum0
 
 REPO = "ref.local"
