@@ -100,7 +100,6 @@ class Lane(threading.Thread):
         self._wake = threading.Event()
         self._wake_on_submit = True
         self._stop_requested = threading.Event()
-        self._drain = threading.Event()
         self._status_lock = threading.Lock()
         self._status = LaneStatus(repo=repo.name, progress_at=clock())
         last = state.last_publish(repo.name)  # a restart (or a cron sync) published before

@@ -148,13 +148,19 @@ def test_scrape_of_a_running_daemon_passes_promtool_check_metrics(
         with urllib.request.urlopen(url, timeout=10) as response:
             return str(response.read().decode())
 
-    wait_for(
-        lambda: (
-            f'cvmfs_syncd_whitelist_expiry_timestamp_seconds{{repository="{REPO}"}}' in scrape()
-        ),
-        30,
-        "the whitelist expiry series",
-    )
+    # The fixture sees the file published as soon as the catalog is signed; the lane sets
+    # its publish gauges a moment later.
+    def ready() -> bool:
+        text = scrape()
+        return all(
+            f'{series}{{repository="{REPO}"}}' in text
+            for series in (
+                "cvmfs_syncd_whitelist_expiry_timestamp_seconds",
+                "cvmfs_syncd_last_publish_timestamp_seconds",
+            )
+        )
+
+    wait_for(ready, 30, "the whitelist expiry and last publish series")
     text = scrape()
     for series in (
         "cvmfs_syncd_master_key_present",
