@@ -42,6 +42,7 @@ from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Fingerprint
 from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.sources.staging import StagingInput
+from cvmfs_syncd.sources.staging_merge import StagingMerge
 from cvmfs_syncd.state import State
 
 TARGET = "/sw"
@@ -202,7 +203,8 @@ def dict_reconcile(source: StagingInput) -> list[str]:
         e.source_path: e for e in source.state.published_under(source.repo, target, source.name)
     }
     found_entries = list(fsops.walk_staging(source.root))
-    hints = [rel for rel, found in found_entries if source._differs(rel, found, live.get(rel))]
+    merge = StagingMerge(source, target, time.time())
+    hints = [rel for rel, found in found_entries if merge.differs(rel, found, live.get(rel))]
     seen = {rel for rel, _ in found_entries}
     hints += [rel for rel in live if rel and rel not in seen]
     return hints

@@ -1,0 +1,2 @@
+"""Everything that knows CernVM-FS: its commands (the one door, ``server.py``), its files,
+formats and storage, the gateway publishers go through."""

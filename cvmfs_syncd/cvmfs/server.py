@@ -337,10 +337,10 @@ class CvmfsServer:
             out, err = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
-            out, err = self._kill_group(proc, argv)
+            out, err = kill_group(proc, argv, self.kill_grace)
         except BaseException:
             # Do not leave a headless command group behind if the caller is unwinding.
-            self._kill_group(proc, argv)
+            kill_group(proc, argv, self.kill_grace)
             raise
         reason = f"no exit within {limit:g} s" if timed_out else None
         return self._result(argv, args[0], proc.returncode, out, err, started, reason)
@@ -383,11 +383,11 @@ class CvmfsServer:
             while proc.poll() is None:
                 if time.monotonic() - stream.last_activity > limit:
                     idle = True
-                    self._stop_group(proc)
+                    stop_group(proc, self.kill_grace)
                     break
                 time.sleep(POLL_SECONDS)
         except BaseException:
-            self._stop_group(proc)
+            stop_group(proc, self.kill_grace)
             raise
         finally:
             for thread in threads:
@@ -430,7 +430,7 @@ class CvmfsServer:
             try:
                 on_spawn(proc.pid)
             except BaseException:
-                self._kill_group(proc, argv)
+                kill_group(proc, argv, self.kill_grace)
                 raise
         return proc
 
@@ -465,71 +465,8 @@ class CvmfsServer:
                 parse_lease_time_remaining(stdout) if outcome is Outcome.LEASE_BUSY else None
             ),
         )
-        self._log(result)
+        log_result(result)
         return result
-
-    def _kill_group(
-        self, proc: subprocess.Popen[bytes], argv: tuple[str, ...]
-    ) -> tuple[bytes, bytes]:
-        """Terminate the whole process group of ``proc``; return what it wrote meanwhile.
-
-        SIGTERM first, SIGKILL after ``kill_grace``.  A killed ``cvmfs_server
-        transaction`` would otherwise leave its ``cvmfs_publish`` child behind, which
-        opens the transaction later on its own.
-        """
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            return proc.communicate(timeout=self.kill_grace)
-        except subprocess.TimeoutExpired:
-            pass
-        _signal_group(proc.pid, signal.SIGKILL)
-        try:
-            return proc.communicate(timeout=self.kill_grace)
-        except subprocess.TimeoutExpired as exc:
-            partial = (exc.output or b"", exc.stderr or b"")
-        # Something that left the group still holds our pipes: stop reading.
-        log.error("cvmfs command pipes held open after kill", argv=list(argv))
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
-        proc.wait()
-        return partial
-
-    def _stop_group(self, proc: subprocess.Popen[bytes]) -> None:
-        """Terminate the process group of a fed command whose pipes other threads read.
-
-        SIGTERM first, SIGKILL after ``kill_grace``; its output keeps being drained.
-        """
-        for signum in (signal.SIGTERM, signal.SIGKILL):
-            _signal_group(proc.pid, signum)
-            try:
-                proc.wait(self.kill_grace)
-            except subprocess.TimeoutExpired:
-                continue
-            return
-
-    @staticmethod
-    def _log(result: CommandResult) -> None:
-        fields: dict[str, object] = {
-            "argv": list(result.argv),
-            "outcome": result.outcome.value,
-            "exit_code": result.exit_code,
-            "duration_s": round(result.duration_s, 3),
-        }
-        if result.reason:
-            fields["reason"] = result.reason
-        if result.open_file_holders:
-            fields["open_file_holders"] = list(result.open_file_holders)
-        if result.invalid_graft_path:
-            fields["invalid_graft_path"] = result.invalid_graft_path
-        if result.lease_time_remaining_s is not None:
-            fields["lease_time_remaining_s"] = round(result.lease_time_remaining_s, 3)
-        fields["stdout"] = _clip(result.stdout)
-        fields["stderr"] = _clip(result.stderr)
-        if result.ok:
-            log.info("cvmfs command", **fields)
-        else:
-            log.warning("cvmfs command failed", **fields)
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
@@ -540,3 +477,69 @@ def _signal_group(pgid: int, signum: signal.Signals) -> None:
         pass
     except PermissionError:
         log.exception("cannot signal cvmfs command group", pgid=pgid, signal=signum.name)
+
+
+def kill_group(
+    proc: subprocess.Popen[bytes], argv: tuple[str, ...], grace: float
+) -> tuple[bytes, bytes]:
+    """Terminate the whole process group of ``proc``; return what it wrote meanwhile.
+
+    SIGTERM first, SIGKILL after ``grace`` seconds.  A killed ``cvmfs_server
+    transaction`` would otherwise leave its ``cvmfs_publish`` child behind, which
+    opens the transaction later on its own.
+    """
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc.pid, signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=grace)
+    except subprocess.TimeoutExpired as exc:
+        partial = (exc.output or b"", exc.stderr or b"")
+    # Something that left the group still holds our pipes: stop reading.
+    log.error("cvmfs command pipes held open after kill", argv=list(argv))
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    proc.wait()
+    return partial
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Terminate the process group of a fed command whose pipes other threads read.
+
+    SIGTERM first, SIGKILL after ``grace`` seconds; its output keeps being drained.
+    """
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        _signal_group(proc.pid, signum)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            continue
+        return
+
+
+def log_result(result: CommandResult) -> None:
+    """Log one command's result: info when it succeeded, a warning otherwise."""
+    fields: dict[str, object] = {
+        "argv": list(result.argv),
+        "outcome": result.outcome.value,
+        "exit_code": result.exit_code,
+        "duration_s": round(result.duration_s, 3),
+    }
+    if result.reason:
+        fields["reason"] = result.reason
+    if result.open_file_holders:
+        fields["open_file_holders"] = list(result.open_file_holders)
+    if result.invalid_graft_path:
+        fields["invalid_graft_path"] = result.invalid_graft_path
+    if result.lease_time_remaining_s is not None:
+        fields["lease_time_remaining_s"] = round(result.lease_time_remaining_s, 3)
+    fields["stdout"] = _clip(result.stdout)
+    fields["stderr"] = _clip(result.stderr)
+    if result.ok:
+        log.info("cvmfs command", **fields)
+    else:
+        log.warning("cvmfs command failed", **fields)

@@ -39,7 +39,7 @@ from cvmfs_syncd.config import StagingConfig
 from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
-from cvmfs_syncd.paths import is_ignored, repo_path
+from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.pipeline.plan import (
     COPY_ONLY,
     DEFAULT_MAX_BATCH_SECONDS,
@@ -58,7 +58,8 @@ from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
 from cvmfs_syncd.sources.index_records import IndexRecords, read_ahead
 from cvmfs_syncd.sources.staged import Lookup, StagedContent, applied_outcome
-from cvmfs_syncd.state import PublishedEntry, State
+from cvmfs_syncd.sources.staging_merge import StagingMerge
+from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
 
@@ -123,7 +124,8 @@ class StagingInput:
         self._submit: Callable[[Dirty], None] | None = None
         self._observer: InotifyObserver | None = None
         self._watch_error = ""
-        self._reported: dict[str, str] = {}
+        #: Paths refused or skipped already, with the reason reported (a watch event clears one).
+        self.reported: dict[str, str] = {}
         self._lock = threading.Lock()
 
     # -- watching ------------------------------------------------------------------------
@@ -195,7 +197,7 @@ class StagingInput:
             rel = self._relative(path)
             if rel is None:
                 continue
-            self._reported.pop(rel, None)
+            self.reported.pop(rel, None)
             closed = was_moved or event.event_type in ("closed", "deleted")
             rescan = event.is_directory and event.event_type in ("moved", "created", "deleted")
             self._submit(Dirty(self.name, rel, now, closed=closed, rescan=rescan))
@@ -230,85 +232,9 @@ class StagingInput:
         mirror = self.config.mode == "mirror"
         pages = read_ahead(self.state.scan_pages(self.repo, self.name, target))
         try:
-            return self._merge(IndexRecords(pages), mirror, target, now)
+            return StagingMerge(self, target, now).merge(IndexRecords(pages), mirror)
         finally:
             pages.close()  # stops the reader if the scan ended early
-
-    def _merge(self, index: IndexRecords, mirror: bool, target: str, now: float) -> list[Dirty]:
-        if not self.root.is_dir():
-            if not mirror:
-                return []
-            return [
-                Dirty(self.name, os.fsdecode(p), now, from_scan=True) for p in index.rest() if p
-            ]
-        hints: list[Dirty] = []
-        gone: list[Dirty] | None = [] if mirror else None
-        try:
-            for records, found in fsops.scan_staging_runs(self.root):
-                if not index.settles(records):
-                    self._merge_run(records, found, index, hints, gone, target, now)
-            for path in index.rest():
-                if gone is not None and path:
-                    gone.append(Dirty(self.name, os.fsdecode(path), now, from_scan=True))
-        except OSError as exc:
-            log.warning("reconciliation scan failed", source=self.name, error=str(exc))
-            return []
-        return hints + (gone or [])
-
-    def _merge_run(
-        self,
-        records: bytes,
-        found: dict[bytes, fsops.ScanFound],
-        index: IndexRecords,
-        hints: list[Dirty],
-        gone: list[Dirty] | None,
-        target: str,
-        now: float,
-    ) -> None:
-        """Merge a run of the tree with the index an entry at a time (it differs somewhere)."""
-        fields = records.split(b"\0")
-        for i in range(0, len(fields) - 1, 2):
-            rel_b, key = fields[i], fields[i + 1]
-            head = index.head()
-            while head is not None and head < rel_b:
-                if gone is not None and head:
-                    gone.append(Dirty(self.name, os.fsdecode(head), now, from_scan=True))
-                index.pop(head)
-                head = index.head()
-            live_key = index.pop(rel_b) if head == rel_b else None
-            if key and key == live_key:
-                continue  # no other rule can add a hint for what is live
-            live = None
-            if live_key is not None:
-                live = self.state.scan_entry(self.repo, self.name, rel_b, target)
-            entry = found.get(rel_b)
-            if entry is None:
-                fingerprint: Fingerprint | fsops.Skipped = fsops.file_fingerprint(key)
-            elif isinstance(entry, os.stat_result):
-                fingerprint = fsops.fingerprint_of(entry)
-            else:
-                fingerprint = entry
-            rel = os.fsdecode(rel_b)
-            if self._differs(rel, fingerprint, live):
-                hints.append(Dirty(self.name, rel, now, from_scan=True))
-
-    def _differs(
-        self, rel: str, found: Fingerprint | fsops.Skipped, live: PublishedEntry | None
-    ) -> bool:
-        """Return True if a scanned entry needs planning (new, changed, not yet reported)."""
-        if is_ignored(rel.rsplit("/", 1)[-1], self.config.ignore):
-            return False
-        marker = self.config.ready_marker
-        if marker and rel.count("/") == 1 and rel.endswith("/" + marker):
-            return False  # the marker itself is never published
-        if rel in self._reported:
-            return False  # refused or skipped already; a watch event brings it back
-        if not isinstance(found, Fingerprint):
-            return True
-        if live is not None and _same(found, live.fingerprint):
-            return False
-        aside = self.state.set_aside_entry(self.repo, self.name, rel)
-        return not (aside is not None and aside[1] is not None and _same(found, aside[1]))
 
     def _stat(self, rel: str) -> Fingerprint | fsops.Skipped | None:
         try:
@@ -377,7 +303,7 @@ class StagingInput:
             self.settler.forget(key)
         for rel in result.clear_set_aside:
             self.state.clear_set_aside(self.repo, self.name, rel)
-        self._reported.update(result.reported)
+        self.reported.update(result.reported)
         for rel in result.replaced_alone:
             log.warning(
                 "replacement not ready: old entry deleted first", source=self.name, path=rel
@@ -416,7 +342,7 @@ class StagingInput:
         the writer check; for a deletion or a replacement (:func:`replaces`), what is below.
         """
         rel = entry.rel_path
-        obs = StagedObservation(entry, reported=self._reported.get(rel, ""))
+        obs = StagedObservation(entry, reported=self.reported.get(rel, ""))
         try:
             obs = replace(obs, repo_path=repo_path(self.config.target, rel))
         except UnsafeName as exc:
@@ -484,7 +410,7 @@ class StagingInput:
         tops: set[str] = set()
         for op in ops:
             self.settler.forget((self.name, op.source_path))
-            self._reported.pop(op.source_path, None)
+            self.reported.pop(op.source_path, None)
             if self.config.mode != "inbox" or op.fingerprint is None:
                 continue
             removable = op.kind in (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.MAKE_SYMLINK)

@@ -25,6 +25,7 @@ from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.sources.index_records import read_ahead
 from cvmfs_syncd.sources.staging import StagingInput
+from cvmfs_syncd.sources.staging_merge import StagingMerge
 from cvmfs_syncd.state import State
 
 #: Names whose order differs between "component by component" and "whole path bytes"
@@ -62,7 +63,7 @@ def _naive(source: StagingInput, now: float) -> list[Dirty]:
     seen: set[str] = set()
     for rel, found in list(fsops.walk_staging(source.root)):
         seen.add(rel)
-        if source._differs(rel, found, live.get(rel)):
+        if StagingMerge(source, target, now).differs(rel, found, live.get(rel)):
             hints.append(Dirty(source.name, rel, now, from_scan=True))
     if source.config.mode == "mirror":
         hints += [
@@ -162,7 +163,7 @@ def test_the_merge_finds_exactly_what_a_dict_comparison_finds(
             walked = list(fsops.walk_staging(root))
             for i, (rel, found) in enumerate(walked):
                 if i in reported:
-                    source._reported[rel] = "refused"
+                    source.reported[rel] = "refused"
                 if i in aside and isinstance(found, Fingerprint):
                     state.set_aside("r", source.name, rel, "refused", found)
             merged = source.reconcile(1.0)
