@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.fake_cvmfs.stratum0 import FakeStratum0
-from tests.support import Tree, staging_tree, wait_for, write_config
+from tests.support import Tree, client_tree, staging_tree, wait_for, write_config
 
 REPO = "e2e.example.org"
 
@@ -135,17 +135,7 @@ class DaemonUnderTest:
 
     def published(self) -> Tree:
         """What a client sees at the latest revision (mkfs's own file left out)."""
-        tree: Tree = {}
-        for path, entry in self.stratum0.published_tree(REPO).items():
-            if path == "new_repository":
-                continue
-            if entry.type == "symlink":
-                tree[path] = ("symlink", 0o777, os.fsencode(entry.target or ""))
-            elif entry.type == "dir":
-                tree[path] = ("dir", entry.mode & 0o7777, b"")
-            else:
-                tree[path] = ("file", entry.mode & 0o777, self.stratum0.read_file(REPO, path))
-        return tree
+        return client_tree(self.stratum0, REPO)
 
     def converged(self) -> bool:
         """True when the published tree equals staging and no transaction is open."""

@@ -7,10 +7,14 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.fake_cvmfs.stratum0 import FakeStratum0
+
+#: path -> (type, permission bits, content or link target), as staging and clients see it.
 Tree = dict[str, tuple[str, int, bytes]]
 
 
@@ -45,6 +49,25 @@ def staging_tree(root: Path, *, ignore: Callable[[str], bool] = lambda _: False)
             elif stat.S_ISREG(st.st_mode):
                 tree[rel] = ("file", stat.S_IMODE(st.st_mode) & 0o777, full.read_bytes())
         dirnames[:] = [d for d in dirnames if not (Path(dirpath) / d).is_symlink()]
+    return tree
+
+
+def client_tree(stratum0: FakeStratum0, repo: str, revision: int | None = None) -> Tree:
+    """Return what a client sees of ``repo`` at ``revision`` (by default the latest) in the
+    shape of :func:`staging_tree`, from ``FakeStratum0.published_tree``; mkfs's own
+    ``new_repository`` file is left out. Raise OSError for a file a client cannot read."""
+    tree: Tree = {}
+    for path, entry in stratum0.published_tree(repo, revision).items():
+        if path == "new_repository":
+            continue
+        if entry.type == "symlink":
+            tree[path] = ("symlink", 0o777, os.fsencode(entry.target or ""))
+        elif entry.type == "dir":
+            tree[path] = ("dir", entry.mode & 0o7777, b"")
+        elif entry.content is None:
+            raise OSError(entry.error, f"a client cannot read {path} of {repo}", path)
+        else:
+            tree[path] = ("file", entry.mode & 0o777, entry.content)
     return tree
 
 

@@ -29,6 +29,9 @@ MISSING = (
     "(apt-get install prometheus) to run the alert rule tests"
 )
 
+# The running daemon's repository is garbage-collectable (mkfs -z).
+pytestmark = pytest.mark.stratum0(REPO, gc=True)
+
 
 @pytest.fixture
 def promtool() -> str:
@@ -112,12 +115,8 @@ def test_rules_use_only_metrics_the_daemon_exports() -> None:
 
 
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[Service]:
+def running(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[Service]:
     """A daemon in this process with maintenance scheduled, after its first publish."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO, gc=True)
-    staging = tmp_path / "staging"
-    staging.mkdir()
     (staging / "file.txt").write_text("content\n")
     config = load_config(
         tmp_path,
@@ -134,7 +133,6 @@ def running(tmp_path: Path) -> Iterator[Service]:
         if service.http is not None:
             service.http.stop()
         service.stop()
-        stratum0.kill_orphans()
 
 
 def test_scrape_of_a_running_daemon_passes_promtool_check_metrics(

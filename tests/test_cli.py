@@ -19,6 +19,8 @@ from tests.support import write_config
 
 REPO = "cli.example.org"
 
+pytestmark = pytest.mark.stratum0(REPO)
+
 
 def _config(tmp_path: Path, stratum0: FakeStratum0 | None = None) -> Path:
     staging = tmp_path / "staging"
@@ -58,21 +60,17 @@ def test_check_config_needs_the_repository_on_this_host(
 
 
 def test_check_config_accepts_a_valid_setup(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A valid configuration with an existing repository passes."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     assert main(["check-config", "-c", str(_config(tmp_path, stratum0))]) == 0
     assert "OK" in capsys.readouterr().out
 
 
 def test_check_config_refuses_world_readable_s3_credentials(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An S3 credentials file readable by other users is refused."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     creds = tmp_path / "creds"
     creds.write_text("[default]\naws_access_key_id = a\naws_secret_access_key = b\n")
     creds.chmod(0o644)
@@ -116,13 +114,11 @@ def test_version_and_module_entry_point() -> None:
 
 
 def test_sync_waits_for_the_repository_lock(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, stratum0: FakeStratum0, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A one-shot sync waits (publishing nothing) while another process holds the lock."""
     import fcntl
 
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     path = _config(tmp_path, stratum0)
     (tmp_path / "staging" / "f").write_text("f")
     lock = RepositoryLock(tmp_path / "state", REPO)
@@ -164,15 +160,13 @@ def _tree_snapshot(top: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_sync_dry_run_prints_the_plan_and_changes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--dry-run --json prints the ops per source, the bytes to prepare, what is held or
     refused, and the revisions the caps cut the batch into; it opens no transaction, writes
     no object, takes no lock and writes nothing under state_dir, even with a journal there."""
     import json
 
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     path = _config(tmp_path, stratum0)
     staging = tmp_path / "staging"
     (staging / "old").write_text("published before")
@@ -210,14 +204,12 @@ def test_sync_dry_run_prints_the_plan_and_changes_nothing(
 
 
 def test_sync_exits_4_when_its_deadline_expires_with_a_batch_unfinished(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """sync --timeout bounds publish retries; the exit code (4) differs from 'not in sync'
     (1) so that cron and CI can tell a deadline from a held batch."""
     from cvmfs_syncd.cli import EXIT_DEADLINE
 
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     path = _config(tmp_path, stratum0)
     (tmp_path / "staging" / "f").write_text("f")
     stratum0.inject_fault("publish", "fail")
@@ -227,12 +219,10 @@ def test_sync_exits_4_when_its_deadline_expires_with_a_batch_unfinished(
 
 
 def test_status_without_a_daemon_reports_the_last_publish_from_the_journal(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """On a host that publishes with a cron `sync`, status says when the last publish was
     (from the journal), not "never", and writes nothing under state_dir."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     path = _config(tmp_path, stratum0)
     (tmp_path / "staging" / "f").write_text("f")
     assert main(["sync", "-c", str(path), "--timeout", "60"]) == 0
@@ -246,14 +236,12 @@ def test_status_without_a_daemon_reports_the_last_publish_from_the_journal(
     assert _tree_snapshot(tmp_path / "state") == before
 
 
-def test_a_restarted_lane_reports_its_last_publish(tmp_path: Path) -> None:
+def test_a_restarted_lane_reports_its_last_publish(tmp_path: Path, stratum0: FakeStratum0) -> None:
     """/status of a freshly started daemon shows the journal's last publish."""
     from cvmfs_syncd import config as config_mod
     from cvmfs_syncd.metrics import Metrics
     from cvmfs_syncd.service import build_lane, make_server
 
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
     path = _config(tmp_path, stratum0)
     (tmp_path / "staging" / "f").write_text("f")
     assert main(["sync", "-c", str(path), "--timeout", "60"]) == 0

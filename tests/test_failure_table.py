@@ -25,13 +25,29 @@ from tests.support import write_config
 
 REPO = "failures.example.org"
 
+pytestmark = pytest.mark.stratum0(REPO)
+
+
+def _nothing() -> None:
+    pass
+
 
 class Recorder:
-    """Wraps the lane's cvmfs adapter: runs a hook before the first publish, records calls."""
+    """Wraps the lane's cvmfs adapter: records publish, abort and mount calls, and runs
+    hooks before the first publish, before every publish and after every publish."""
 
-    def __init__(self, lane: Lane, before_first_publish: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        lane: Lane,
+        before_first_publish: Callable[[], None] = _nothing,
+        *,
+        before_publish: Callable[[], None] = _nothing,
+        after_publish: Callable[[], None] = _nothing,
+    ) -> None:
         self.lane = lane
         self.hook = before_first_publish
+        self.before_publish = before_publish
+        self.after_publish = after_publish
         self.calls: list[tuple[str, dict[str, Any], Outcome]] = []
         self.server = lane.server
         self._publish = self.server.publish
@@ -44,7 +60,9 @@ class Recorder:
     def publish(self, repo: str, **kw: Any) -> CommandResult:
         if not any(name == "publish" for name, _, _ in self.calls):
             self.hook()
+        self.before_publish()
         result = self._publish(repo, **kw)
+        self.after_publish()
         self.calls.append(("publish", kw, result.outcome))
         return result
 
@@ -63,12 +81,10 @@ class Recorder:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[FakeStratum0, Path, Lane]]:
+def setup(
+    tmp_path: Path, stratum0: FakeStratum0, staging: Path
+) -> Iterator[tuple[FakeStratum0, Path, Lane]]:
     """A fake stratum 0, a staging directory with one file, and a lane."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
-    staging = tmp_path / "staging"
-    staging.mkdir()
     (staging / "file.txt").write_text("content\n")
     path = write_config(
         tmp_path / "c.toml",
@@ -106,17 +122,12 @@ def test_open_writers_are_waited_out_without_force(
     def hold_writer() -> None:
         handles.append((stratum0.union_dir(REPO) / "held").open("w"))
 
-    recorder = Recorder(lane, hold_writer)
-    original = recorder._publish
-
-    def publish_then_release(repo: str, **kw: Any) -> CommandResult:
-        result = original(repo, **kw)
+    def release() -> None:
         for handle in handles:
             handle.close()
         (stratum0.union_dir(REPO) / "held").unlink(missing_ok=True)
-        return result
 
-    recorder._publish = publish_then_release
+    recorder = Recorder(lane, hold_writer, after_publish=release)
     ok, why = lane.sync_once(30)
     assert ok, why
     assert recorder.names()[:2] == [
@@ -212,18 +223,15 @@ def test_own_stuck_transaction_sets_the_open_since_gauge(
     stratum0, _, lane = setup
     stratum0.inject_fault("publish", "fail", at="upload", times=1)
     seen: list[float | None] = []
-    recorder = Recorder(lane, lambda: None)
-    original = recorder._publish
 
-    def publish_and_look(repo: str, **kw: Any) -> CommandResult:
+    def look() -> None:
         seen.append(
             lane.metrics.registry.get_sample_value(
                 "cvmfs_syncd_transaction_open_since_timestamp_seconds", {"repository": REPO}
             )
         )
-        return original(repo, **kw)
 
-    recorder._publish = publish_and_look
+    Recorder(lane, before_publish=look)
     ok, why = lane.sync_once(30)
     assert ok, why
     assert len(seen) == 2

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from cvmfs_syncd import fsops
-from cvmfs_syncd.fsops import CopyOutcome, Skipped, copying, descriptors, walk
+from cvmfs_syncd.fsops import CopyOutcome, Skipped
 from cvmfs_syncd.model import EntryType, Fingerprint
 from cvmfs_syncd.paths import TEMP_PREFIX, repo_path
 
@@ -54,6 +54,33 @@ def opened_inodes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[os.stat_resu
 
     monkeypatch.setattr(os, "open", recording_open)
     yield seen
+
+
+def refuse_reading_fifos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way fsops copies bytes (copy_file_range, sendfile, pread) fail the test
+    when its source is a FIFO."""
+
+    def refuse(fd: int) -> None:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise AssertionError("the FIFO must not be read")
+
+    real_range, real_sendfile, real_pread = os.copy_file_range, os.sendfile, os.pread
+
+    def copy_file_range(src: int, dst: int, count: int, *args: Any) -> int:
+        refuse(src)
+        return real_range(src, dst, count, *args)
+
+    def sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        refuse(in_fd)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        refuse(fd)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    monkeypatch.setattr(os, "pread", pread)
 
 
 def _fp(root: Path, rel: str) -> Fingerprint:
@@ -169,11 +196,8 @@ def test_fifo_swapped_in_after_type_check_does_not_block(
             os.mkfifo(src / "f")
         return _real_open(path, flags, mode, **kw)
 
-    def no_copy(*_args: Any, **_kw: Any) -> int:
-        raise AssertionError("the FIFO must not be read")
-
     monkeypatch.setattr(os, "open", swapping_open)
-    monkeypatch.setattr(copying, "_copy_bytes", no_copy)
+    refuse_reading_fifos(monkeypatch)
     assert fsops.copy_file(union, "f", src, "f", expected) is CopyOutcome.CHANGED
     assert _names(union) == []
 
@@ -233,17 +257,17 @@ def test_walk_does_not_enter_other_file_systems(src: Path, monkeypatch: pytest.M
     """A directory whose device differs from the root's is reported as a mount point."""
     (src / "mnt").mkdir()
     (src / "mnt" / "f").write_text("x")
-    real_lstat = descriptors.lstat_at
+    real_stat = os.stat
 
-    def other_device(dir_fd: int, name: str) -> os.stat_result:
-        st = real_lstat(dir_fd, name)
-        if name != "mnt":
+    def other_device(path: Any, *, dir_fd: int | None = None, follow_symlinks: bool = True) -> Any:
+        st = real_stat(path, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+        if path != "mnt" or dir_fd is None:
             return st
         fields = list(st)
         fields[stat.ST_DEV] = st.st_dev + 1
         return os.stat_result(fields)
 
-    monkeypatch.setattr(walk, "lstat_at", other_device)
+    monkeypatch.setattr(os, "stat", other_device)
     assert _walk(src) == {"mnt": Skipped("mount-point", "a different file system is mounted here")}
     assert sorted(_walk(src, cross_mounts=True)) == ["mnt", "mnt/f"]
 

@@ -46,23 +46,11 @@ FILES = {
 }
 
 
-@pytest.fixture
-def stratum0(tmp_path: Path) -> FakeStratum0:
-    """A fake stratum 0 whose repository chunks files of 256 KiB and more at 1 MiB."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO)
-    fake.set_config(REPO, "CVMFS_MAX_CHUNK_SIZE", str(CHUNK))
-    # publish stores files below the minimum chunk size as one object, and so do grafts
-    fake.set_config(REPO, "CVMFS_MIN_CHUNK_SIZE", str(CHUNK // 4))
-    return fake
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    """An empty staging directory."""
-    path = tmp_path / "staging"
-    path.mkdir()
-    return path
+# The repository chunks files of 256 KiB and more at 1 MiB; publish stores files below the
+# minimum chunk size as one object, and so do grafts.
+pytestmark = pytest.mark.stratum0(
+    REPO, config={"CVMFS_MAX_CHUNK_SIZE": str(CHUNK), "CVMFS_MIN_CHUNK_SIZE": str(CHUNK // 4)}
+)
 
 
 @pytest.fixture

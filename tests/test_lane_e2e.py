@@ -17,27 +17,13 @@ from cvmfs_syncd.model import Op
 from cvmfs_syncd.service import build_lane, make_server
 from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
-from tests.support import Tree, staging_tree, write_config
+from tests.support import Tree, client_tree, staging_tree, write_config
 
 REPO = "test.example.org"
 
 LaneFactory = Callable[..., Lane]
 
-
-@pytest.fixture
-def stratum0(tmp_path: Path) -> FakeStratum0:
-    """A fake stratum 0 with one repository."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO)
-    return fake
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    """An empty staging directory."""
-    path = tmp_path / "staging"
-    path.mkdir()
-    return path
+pytestmark = pytest.mark.stratum0(REPO)
 
 
 def make_lane_config(tmp_path: Path, stratum0: FakeStratum0, staging: Path, **kw: str) -> Config:
@@ -70,22 +56,6 @@ def lane_factory(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Itera
         state.close()
 
 
-def published(stratum0: FakeStratum0, revision: int | None = None) -> Tree:
-    """Return the tree a client sees at ``revision`` (by default the latest)."""
-    tree: Tree = {}
-    for path, entry in stratum0.published_tree(REPO, revision=revision).items():
-        rel = path.strip("/")
-        if not rel or rel == "new_repository":  # mkfs's own file; mirror manages only its own
-            continue
-        if entry.type == "symlink":
-            tree[rel] = ("symlink", 0o777, os.fsencode(entry.target or ""))
-        elif entry.type == "dir":
-            tree[rel] = ("dir", entry.mode & 0o7777, b"")
-        else:
-            tree[rel] = ("file", entry.mode & 0o777, stratum0.read_file(REPO, path, revision))
-    return tree
-
-
 def _publish_then_delete_most(lane_factory: LaneFactory, staging: Path) -> Lane:
     """Publish 20 files, then delete 15 of them from staging (a mass deletion)."""
     for i in range(20):
@@ -115,7 +85,7 @@ def test_sync_publishes_a_tree_byte_for_byte(
     os.symlink("/etc/passwd", staging / "abs-link")
     lane = lane_factory()
     _sync(lane)
-    assert published(stratum0) == staging_tree(staging)
+    assert client_tree(stratum0, REPO) == staging_tree(staging)
     assert stratum0.revision(REPO) >= 2
     assert not stratum0.violations()
 
@@ -134,7 +104,7 @@ def test_mirror_propagates_changes_renames_and_deletes(
     os.rename(staging / "d" / "f1", staging / "d" / "renamed")
     (staging / "d" / "f2").unlink()
     _sync(lane)
-    assert published(stratum0) == staging_tree(staging)
+    assert client_tree(stratum0, REPO) == staging_tree(staging)
 
 
 def test_symlinks_are_never_followed(
@@ -147,7 +117,7 @@ def test_symlinks_are_never_followed(
     os.symlink(secret, staging / "escape")
     lane = lane_factory()
     _sync(lane)
-    tree = published(stratum0)
+    tree = client_tree(stratum0, REPO)
     assert tree["escape"] == ("symlink", 0o777, os.fsencode(str(secret)))
     assert "escape/secret.txt" not in tree
 
@@ -160,7 +130,7 @@ def test_fifo_is_skipped_and_counted(
     (staging / "ok").write_text("ok")
     lane = lane_factory()
     _sync(lane)
-    assert set(published(stratum0)) == {"ok"}
+    assert set(client_tree(stratum0, REPO)) == {"ok"}
     value = lane.metrics.registry.get_sample_value(
         "cvmfs_syncd_inputs_skipped_total",
         {"repository": REPO, "source": lane.inputs[0].name, "reason": "fifo"},
@@ -178,7 +148,7 @@ def test_reserved_names_are_refused(
     (staging / "fine").write_text("x")
     lane = lane_factory()
     _sync(lane)
-    assert set(published(stratum0)) == {"d", "fine"}
+    assert set(client_tree(stratum0, REPO)) == {"d", "fine"}
     reasons = lane.state.set_aside_list(REPO)
     assert {p for _, p, _ in reasons} == {".cvmfscatalog", "d/.cvmfsgraft-x"}
 
@@ -205,7 +175,7 @@ def test_non_utf8_and_long_names(
     (staging / long_name).write_text("long")
     lane = lane_factory()
     _sync(lane)
-    assert published(stratum0) == staging_tree(staging)
+    assert client_tree(stratum0, REPO) == staging_tree(staging)
 
 
 def test_temporary_names_are_ignored(
@@ -216,7 +186,7 @@ def test_temporary_names_are_ignored(
         (staging / name).write_text(name)
     lane = lane_factory()
     _sync(lane)
-    assert set(published(stratum0)) == {"real.bin"}
+    assert set(client_tree(stratum0, REPO)) == {"real.bin"}
 
 
 def test_inbox_removes_published_files(
@@ -234,12 +204,12 @@ def test_inbox_removes_published_files(
     }
     _sync(lane)
     assert not (staging / "drop.txt").exists()
-    assert published(stratum0)["drop.txt"][2] == b"one"
+    assert client_tree(stratum0, REPO)["drop.txt"][2] == b"one"
     answer = lane.inputs[0].path_status(staging / "drop.txt")  # type: ignore[attr-defined]
     assert answer["live"] is True
     (staging / "second.txt").write_text("two")
     _sync(lane)
-    assert set(published(stratum0)) == {"drop.txt", "second.txt"}
+    assert set(client_tree(stratum0, REPO)) == {"drop.txt", "second.txt"}
 
 
 def test_ready_marker_holds_a_directory(
@@ -253,10 +223,10 @@ def test_ready_marker_holds_a_directory(
     ok, why = lane.sync_once(10)
     assert not ok
     assert "ready marker" in why
-    assert set(published(stratum0)) == {"loose"}
+    assert set(client_tree(stratum0, REPO)) == {"loose"}
     (staging / "release" / ".ready").write_text("")
     _sync(lane)
-    assert set(published(stratum0)) == {"loose", "release", "release/a"}
+    assert set(client_tree(stratum0, REPO)) == {"loose", "release", "release/a"}
 
 
 def test_mass_deletion_is_held_until_released(
@@ -267,10 +237,10 @@ def test_mass_deletion_is_held_until_released(
     ok, why = lane.sync_once(10)
     assert not ok
     assert "release" in why
-    assert len(published(stratum0)) == 20
+    assert len(client_tree(stratum0, REPO)) == 20
     lane.state.request_release(REPO)
     _sync(lane)
-    assert set(published(stratum0)) == {f"f{i}" for i in range(15, 20)}
+    assert set(client_tree(stratum0, REPO)) == {f"f{i}" for i in range(15, 20)}
 
 
 def test_a_deep_tree_removed_counts_each_live_path_once(
@@ -286,12 +256,12 @@ def test_a_deep_tree_removed_counts_each_live_path_once(
         (staging / name).write_text(name)
     lane = lane_factory()
     _sync(lane)
-    assert len(published(stratum0)) == 13
+    assert len(client_tree(stratum0, REPO)) == 13
     shutil.rmtree(staging / "nested")
     (staging / "a").unlink()
     ok, why = lane.sync_once(10)
     assert ok, why
-    assert set(published(stratum0)) == set("bcdefgh")
+    assert set(client_tree(stratum0, REPO)) == set("bcdefgh")
 
 
 def test_missing_staging_path_never_wipes_the_repository(
@@ -306,7 +276,7 @@ def test_missing_staging_path_never_wipes_the_repository(
     ok, why = lane.sync_once(10)
     assert not ok
     assert "missing" in why
-    assert set(published(stratum0)) == {"a"}
+    assert set(client_tree(stratum0, REPO)) == {"a"}
     held = lane.metrics.registry.get_sample_value(
         "cvmfs_syncd_lane_held", {"repository": REPO, "reason": "staging-missing"}
     )
@@ -326,7 +296,7 @@ def test_foreign_transaction_is_never_aborted(
     assert stratum0.state(REPO)["in_transaction_lock"]
     stratum0.run("abort", "-f", REPO)
     _sync(lane)
-    assert set(published(stratum0)) == {"a"}
+    assert set(client_tree(stratum0, REPO)) == {"a"}
 
 
 #: The two ways a file's content reaches the repository: prepared objects, or a copy.
@@ -381,7 +351,7 @@ def test_unreadable_file_is_set_aside_and_the_batch_goes_on(
     (staging / "fine").write_text("yes")
     lane = lane_factory(**_content_config(prepare))
     _sync(lane)
-    assert set(published(stratum0)) == {"fine"}
+    assert set(client_tree(stratum0, REPO)) == {"fine"}
     assert lane.state.set_aside_list(REPO) == [(lane.inputs[0].name, "secret", "unreadable")]
 
 
@@ -408,7 +378,7 @@ def test_an_input_that_breaks_apply_does_not_stop_the_lane(
     lane = lane_factory(**_content_config(prepare))
     _sync(lane)
     assert failures == ["flaky"]
-    assert set(published(stratum0)) == {"flaky", "steady"}
+    assert set(client_tree(stratum0, REPO)) == {"flaky", "steady"}
 
 
 def test_file_still_open_for_writing_is_not_published_by_a_scan(
@@ -423,10 +393,10 @@ def test_file_still_open_for_writing_is_not_published_by_a_scan(
         lane = lane_factory()
         ok, _ = lane.sync_once(2)
         assert not ok
-        assert "download.iso" not in published(stratum0)
+        assert "download.iso" not in client_tree(stratum0, REPO)
         handle.write(b"second half")
     _sync(lane)
-    assert published(stratum0)["download.iso"][2] == b"first half second half"
+    assert client_tree(stratum0, REPO)["download.iso"][2] == b"first half second half"
 
 
 def test_replaced_file_with_same_size_and_mtime_is_republished(
@@ -441,7 +411,7 @@ def test_replaced_file_with_same_size_and_mtime_is_republished(
     os.utime(staging / "new.tmp", (1000, 1000))
     os.rename(staging / "new.tmp", staging / "lib.so")
     _sync(lane)
-    assert published(stratum0)["lib.so"][2] == b"version-2"
+    assert client_tree(stratum0, REPO)["lib.so"][2] == b"version-2"
 
 
 def test_publish_that_fails_after_going_live_counts_as_published(
@@ -521,9 +491,9 @@ def test_ready_marker_directory_waits_whole_for_its_slowest_file(
     lane.recovery.recover()
     lane.reconcile(lane.clock())
     lane.batches.publish_pending("test", lane.clock())
-    assert "job1/a.txt" not in published(stratum0)  # not without b.txt
+    assert "job1/a.txt" not in client_tree(stratum0, REPO)  # not without b.txt
     _sync(lane)
-    assert {"job1/a.txt", "job1/b.txt"} <= set(published(stratum0))
+    assert {"job1/a.txt", "job1/b.txt"} <= set(client_tree(stratum0, REPO))
     assert sorted(os.listdir(job)) == []
 
 
@@ -557,7 +527,7 @@ def test_mass_deletion_hold_survives_unrelated_publishes(
     (staging / "new").write_text("n")
     lane.sync_once(2)
     lane.sync_once(2)  # a second reconciliation must not guard the same paths twice
-    assert "new" in published(stratum0)
+    assert "new" in client_tree(stratum0, REPO)
     assert "release" in lane.status().held
     held = lane.metrics.registry.get_sample_value(
         "cvmfs_syncd_lane_held", {"repository": REPO, "reason": "mass-delete"}
@@ -587,7 +557,7 @@ def test_sync_timeout_is_a_deadline_for_publish_retries(
     assert not stratum0.in_transaction(REPO)
     stratum0.clear_faults()
     _sync(lane)
-    assert published(stratum0)["a"][2] == b"a"
+    assert client_tree(stratum0, REPO)["a"][2] == b"a"
 
 
 def test_sync_timeout_while_no_transaction_can_open_names_what_is_pending(
@@ -623,7 +593,7 @@ def test_sync_timeout_bounds_a_hanging_publish(
     assert "deadline reached" in why, why
     assert time.monotonic() - started < 2 + DEADLINE_GRACE_SECONDS + 10
     _sync(lane)
-    assert published(stratum0)["a"][2] == b"a"
+    assert client_tree(stratum0, REPO)["a"][2] == b"a"
 
 
 def _at(tree: Tree, path: str) -> Tree:
@@ -645,9 +615,9 @@ def _assert_replaced_in_one_revision(
 ) -> None:
     """Every revision after ``since`` shows ``path`` either as it was or as it is now."""
     new = _at(staging_tree(staging), path)
-    assert _at(published(stratum0), path) == new
+    assert _at(client_tree(stratum0, REPO), path) == new
     for revision in (r for r in stratum0.revisions(REPO) if r > since):
-        seen = _at(published(stratum0, revision), path)
+        seen = _at(client_tree(stratum0, REPO, revision), path)
         assert seen in (old, new), f"revision {revision} shows {sorted(seen)}"
 
 
@@ -664,14 +634,14 @@ def test_a_directory_replaced_by_a_file_is_published_in_one_revision(
     (staging / "other").write_text("o")
     lane = lane_factory()
     _sync(lane)
-    old, since = _at(published(stratum0), "pkg"), stratum0.revision(REPO)
+    old, since = _at(client_tree(stratum0, REPO), "pkg"), stratum0.revision(REPO)
     assert len(old) == 4
     shutil.rmtree(staging / "pkg")
     (staging / "pkg").write_text("now a file")
     _must_settle(staging / "pkg")
     _sync(lane)
     _assert_replaced_in_one_revision(stratum0, staging, "pkg", old, since)
-    assert published(stratum0) == staging_tree(staging)
+    assert client_tree(stratum0, REPO) == staging_tree(staging)
 
 
 def test_a_file_replaced_by_a_directory_is_published_in_one_revision(
@@ -683,7 +653,7 @@ def test_a_file_replaced_by_a_directory_is_published_in_one_revision(
     (staging / "other").write_text("o")
     lane = lane_factory()
     _sync(lane)
-    old, since = _at(published(stratum0), "pkg"), stratum0.revision(REPO)
+    old, since = _at(client_tree(stratum0, REPO), "pkg"), stratum0.revision(REPO)
     (staging / "pkg").unlink()
     (staging / "pkg" / "sub").mkdir(parents=True)
     (staging / "pkg" / "a").write_text("a")
@@ -691,7 +661,7 @@ def test_a_file_replaced_by_a_directory_is_published_in_one_revision(
     _must_settle(staging / "pkg" / "sub" / "b")
     _sync(lane)
     _assert_replaced_in_one_revision(stratum0, staging, "pkg", old, since)
-    assert published(stratum0) == staging_tree(staging)
+    assert client_tree(stratum0, REPO) == staging_tree(staging)
 
 
 def test_a_replaced_directory_counts_for_the_deletion_guard(
@@ -708,13 +678,13 @@ def test_a_replaced_directory_counts_for_the_deletion_guard(
         (staging / f"k{i}").write_text(str(i))
     lane = lane_factory()
     _sync(lane)
-    old, since = _at(published(stratum0), "big"), stratum0.revision(REPO)
+    old, since = _at(client_tree(stratum0, REPO), "big"), stratum0.revision(REPO)
     shutil.rmtree(staging / "big")
     (staging / "big").write_text("now a file")
     ok, why = lane.sync_once(10)
     assert not ok
     assert "delete 16 of 20 live paths" in why, why
-    assert _at(published(stratum0), "big") == old
+    assert _at(client_tree(stratum0, REPO), "big") == old
     lane.state.request_release(REPO)
     _sync(lane)
     _assert_replaced_in_one_revision(stratum0, staging, "big", old, since)

@@ -45,6 +45,9 @@ from tests.support import write_config
 REPO = "maint.example.org"
 DAY = 86400.0
 
+# The stratum0 fixture's repository is garbage-collectable (mkfs -z).
+pytestmark = pytest.mark.stratum0(REPO, gc=True)
+
 
 # -- helpers shared with test_maintenance_lane.py ------------------------------------------
 
@@ -178,23 +181,6 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
 
 
 # -- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def stratum0(tmp_path: Path) -> Iterator[FakeStratum0]:
-    """A fake stratum 0 with a garbage-collectable repository (mkfs -z)."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO, gc=True)
-    yield fake
-    fake.kill_orphans()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    """An empty staging directory."""
-    path = tmp_path / "staging"
-    path.mkdir()
-    return path
 
 
 Factory = Callable[..., RepositoryMaintenance]

@@ -44,6 +44,9 @@ SKIPPED = (
 )
 CHECKED = f"Verifying integrity of {REPO}...\nno problems found\n"
 
+# Of the stratum0 fixture only the server.conf is read.
+pytestmark = pytest.mark.stratum0(REPO, gc=True)
+
 
 class CheckStub(CvmfsServer):
     """`check` answers with the given stdout and exit 0."""
@@ -71,24 +74,13 @@ def name_for(data: bytes) -> str:
     return f"data/{digest[:2]}/{digest[2:]}"
 
 
-@pytest.fixture
-def stratum0(tmp_path: Path) -> Iterator[FakeStratum0]:
-    """A fake stratum 0: only its server.conf is read."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO, gc=True)
-    yield fake
-    fake.kill_orphans()
-
-
 Build = Callable[[CheckStub], RepositoryMaintenance]
 
 
 @pytest.fixture
-def build(tmp_path: Path, stratum0: FakeStratum0) -> Iterator[Build]:
+def build(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[Build]:
     """RepositoryMaintenance of REPO with check_integrity, checks going to a stub."""
     states: list[State] = []
-    staging = tmp_path / "staging"
-    staging.mkdir(exist_ok=True)
 
     def make(server: CheckStub) -> RepositoryMaintenance:
         keys = maintenance_toml(check_schedule='"0 4 * * *"', check_integrity="true")

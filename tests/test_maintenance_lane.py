@@ -35,22 +35,8 @@ COMMANDS = ("transaction", "publish", "abort", "gc", "check", "resign", "mount",
 SCHEDULED = maintenance_toml(gc_schedule='"0 3 * * 0"', check_schedule='"0 4 * * *"')
 
 
-@pytest.fixture
-def stratum0(tmp_path: Path) -> Iterator[FakeStratum0]:
-    """A fake stratum 0 with a garbage-collectable repository (mkfs -z)."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO, gc=True)
-    yield fake
-    fake.set_clock(None)
-    fake.kill_orphans()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    """An empty staging directory."""
-    path = tmp_path / "staging"
-    path.mkdir()
-    return path
+# The stratum0 fixture's repository is garbage-collectable (mkfs -z).
+pytestmark = pytest.mark.stratum0(REPO, gc=True)
 
 
 class Daemon:

@@ -43,6 +43,9 @@ NOW = 1_800_000_000.0
 ARG_MAX = 131072
 AUTO_TAGS = "cvmfs_syncd_automatic_tags"
 
+# Of the stratum0 fixture only the server.conf is used (the commands go to the stub).
+pytestmark = pytest.mark.stratum0(REPO, gc=True)
+
 
 def _result(args: tuple[str, ...], code: int, stdout: str = "", stderr: str = "") -> CommandResult:
     outcome = classify(args[0], code, stdout, stderr)
@@ -142,19 +145,8 @@ def old_names(count: int) -> list[str]:
 
 
 @pytest.fixture
-def stratum0(tmp_path: Path) -> Iterator[FakeStratum0]:
-    """A fake stratum 0: only its server.conf is used (the commands go to the stub)."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO, gc=True)
-    yield fake
-    fake.kill_orphans()
-
-
-@pytest.fixture
-def config(tmp_path: Path, stratum0: FakeStratum0) -> Config:
+def config(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Config:
     """gc scheduled, tags older than 7 days removed, at most 60 s of tag removal."""
-    staging = tmp_path / "staging"
-    staging.mkdir()
     keys = maintenance_toml(
         gc_schedule='"0 3 * * 0"', auto_tag_keep='"7d"', tag_cleanup_seconds="60"
     )

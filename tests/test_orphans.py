@@ -60,15 +60,15 @@ def test_every_tagged_process_is_stopped_and_nothing_else(
     assert tagged_processes("d1:7") == []
 
 
+@pytest.mark.stratum0(REPO)
 def test_recovery_stops_a_leftover_publish_before_acting(
-    tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+    tmp_path: Path,
+    stratum0: FakeStratum0,
+    staging: Path,
+    processes: list[subprocess.Popen[bytes]],
 ) -> None:
     """A batch left at `publishing` with its publish still running (orphaned, own session):
     recovery stops it first, then publishes the open transaction itself."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs(REPO)
-    staging = tmp_path / "staging"
-    staging.mkdir()
     (staging / "a").write_text("a")
     path = write_config(
         tmp_path / "c.toml",

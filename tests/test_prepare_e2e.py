@@ -22,21 +22,7 @@ REPO = "prepare.example.org"
 
 LaneFactory = Callable[[], Lane]
 
-
-@pytest.fixture
-def stratum0(tmp_path: Path) -> FakeStratum0:
-    """A fake stratum 0 with one repository."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO)
-    return fake
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    """An empty staging directory."""
-    path = tmp_path / "staging"
-    path.mkdir()
-    return path
+pytestmark = pytest.mark.stratum0(REPO)
 
 
 @pytest.fixture

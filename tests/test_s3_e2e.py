@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,6 +39,9 @@ MIB = 1024 * 1024
 
 LaneFactory = Callable[..., Lane]
 
+# The repository chunks grafts at 1 MiB (so tests stay small).
+pytestmark = pytest.mark.stratum0(REPO, config={"CVMFS_MAX_CHUNK_SIZE": str(MIB)})
+
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[Moto]:
@@ -53,15 +57,6 @@ def bucket(moto: Moto) -> Iterator[Bucket]:
     created = Bucket(moto)
     yield created
     created.close()
-
-
-@pytest.fixture
-def stratum0(tmp_path: Path) -> FakeStratum0:
-    """A fake stratum 0 whose repository chunks grafts at 1 MiB (so tests stay small)."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO)
-    fake.set_config(REPO, "CVMFS_MAX_CHUNK_SIZE", str(MIB))
-    return fake
 
 
 @pytest.fixture
@@ -368,14 +363,14 @@ def test_graft_objects_are_journalled_as_they_are_written_and_abandon_spares_reu
     [(_, changed)] = preparer.prepare(903, [op], source.open_content).failed
     assert changed.outcome is ApplyOutcome.CHANGED
     bucket.delete("builds/g.bin")
-    source._stale.clear()  # a new listing would have cleared it
+    source.refresh(time.time())  # a new listing clears what the GETs found changed
     [(_, gone)] = preparer.prepare(904, [op], source.open_content).failed
     assert gone.outcome is ApplyOutcome.VANISHED
     del tmp_path
 
 
 def test_an_endpoint_outage_is_survived_while_staging_keeps_publishing(
-    tmp_path: Path, stratum0: FakeStratum0, lanes: LaneFactory
+    tmp_path: Path, stratum0: FakeStratum0, staging: Path, lanes: LaneFactory
 ) -> None:
     """With its endpoint down the S3 source reports down (source_up 0) and plans nothing,
     a staging source of the same repository keeps publishing, and once the endpoint is
@@ -383,8 +378,6 @@ def test_an_endpoint_outage_is_survived_while_staging_keeps_publishing(
     del lanes  # this test runs its own server, which it stops and starts
     outage = Moto()
     bucket = Bucket(outage)
-    staging = tmp_path / "staging"
-    staging.mkdir()
     path = write_s3_config(
         tmp_path / "outage.toml",
         state_dir=tmp_path / "outage-state",

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.cvmfs.storage import unreadable_objects
 from tests.fake_cvmfs.stratum0 import FakeStratum0
@@ -27,20 +29,20 @@ def test_commands_run_with_umask_022_whatever_the_callers() -> None:
     assert result.stdout.strip() == "0022"
 
 
-def test_a_sync_from_a_027_shell_leaves_every_object_world_readable(tmp_path: Path) -> None:
+@pytest.mark.stratum0(REPO)
+def test_a_sync_from_a_027_shell_leaves_every_object_world_readable(
+    tmp_path: Path, stratum0: FakeStratum0, staging: Path
+) -> None:
     """The daemon's own objects and those its commands write are 0644 (clients read them
     through a web server that is neither owner nor group)."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO)
-    staging = tmp_path / "staging"
-    (staging / "sub").mkdir(parents=True)
+    (staging / "sub").mkdir()
     (staging / "sub" / "prepared.txt").write_text("prepared before the transaction\n")
     (staging / "copied.bin").write_bytes(os.urandom(5 * 1024 * 1024))  # above min chunk
     config = write_config(
         tmp_path / "c.toml",
         state_dir=tmp_path / "state",
-        server_command=fake.server_command,
-        config_dir=fake.config_dir,
+        server_command=stratum0.server_command,
+        config_dir=stratum0.config_dir,
         repo=REPO,
         staging=staging,
         metrics_address="",
@@ -59,11 +61,11 @@ def test_a_sync_from_a_027_shell_leaves_every_object_world_readable(tmp_path: Pa
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    data = fake.storage_dir(REPO) / "data"
+    data = stratum0.storage_dir(REPO) / "data"
     objects = [p for p in data.glob("??/*") if p.is_file()]
     assert objects
     assert [p for p in objects if not p.stat().st_mode & stat.S_IROTH] == []
-    tree = fake.published_tree(REPO)
+    tree = stratum0.published_tree(REPO)
     assert tree["sub/prepared.txt"].grafted and not tree["copied.bin"].grafted
 
 

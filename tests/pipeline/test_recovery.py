@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,8 @@ from tests.support import write_config
 
 A = RecoveryAction
 REPO = "test.example.org"
+
+pytestmark = pytest.mark.stratum0(REPO)
 
 
 def test_every_combination_matches_exactly_one_rule() -> None:
@@ -136,22 +137,6 @@ def test_rendered_table() -> None:
 # ------------------------------------------------------------- today's lane as the oracle
 
 
-@pytest.fixture
-def stratum0(tmp_path: Path) -> FakeStratum0:
-    """A fake stratum 0 with one repository."""
-    fake = FakeStratum0(tmp_path / "root")
-    fake.mkfs(REPO)
-    return fake
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[State]:
-    """The journal the lane under test recovers from."""
-    journal = State(tmp_path / "state")
-    yield journal
-    journal.close()
-
-
 # `preparing` is new: the lane does not know it yet.
 EXISTING = [combo for combo in combinations() if combo[0] != "preparing"]
 
@@ -160,14 +145,13 @@ EXISTING = [combo for combo in combinations() if combo[0] != "preparing"]
 def test_the_lane_does_what_the_table_says(
     tmp_path: Path,
     stratum0: FakeStratum0,
+    staging: Path,
     state: State,
     stage: str,
     is_open: bool,
     advanced: bool,
 ) -> None:
     """Leave a batch at ``stage`` with the facts given, restart, and observe the lane."""
-    staging = tmp_path / "staging"
-    staging.mkdir()
     path = write_config(
         tmp_path / "cvmfs-syncd.toml",
         state_dir=tmp_path / "state",

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from botocore.exceptions import EndpointConnectionError
@@ -22,7 +22,7 @@ from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
 from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import Dirty, EntryType, Fingerprint, ListedObject, Op, OpKind
+from cvmfs_syncd.model import Dirty, EntryType, ListedObject, Op, OpKind
 from cvmfs_syncd.paths import reserved_name, split_repo_path
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.planner import ApplyOutcome, Plan
@@ -31,6 +31,9 @@ from cvmfs_syncd.sources.s3_client import make_client
 from cvmfs_syncd.state import State
 from tests.sources.s3_support import FakeS3, write_credentials
 from tests.support import wait_for
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 REPO = "s3.example.org"
 T0 = 1_800_000_000.0
@@ -42,6 +45,7 @@ def make_source(
     *,
     content: ContentPolicy = COPY_ONLY,
     metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
     **config: object,
 ) -> S3Input:
     """An S3 source on ``fake`` with prefix ``builds/`` and target ``/ci``."""
@@ -54,6 +58,7 @@ def make_source(
         state,
         metrics or Metrics(),
         content=content,
+        clock=clock,
         client_factory=lambda _config: fake,  # type: ignore[arg-type,return-value]
     )
 
@@ -89,14 +94,6 @@ def skipped(metrics: Metrics, reason: str, source: str = "s3:ci/builds/") -> flo
         {"repository": REPO, "source": source, "reason": reason},
     )
     return value or 0.0
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[State]:
-    """A fresh state database."""
-    db = State(tmp_path / "state")
-    yield db
-    db.close()
 
 
 @pytest.fixture
@@ -574,7 +571,7 @@ def test_directories_carry_a_directory_fingerprint(state: State, fake: FakeS3) -
     )
 
 
-def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
+def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path, state: State) -> None:
     """After one failed download the rest of the batch fails at once, without a request each."""
     from tests.sources.s3_support import Bucket, Moto
 
@@ -582,6 +579,17 @@ def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
     bucket = Bucket(moto)
     for i in range(5):
         bucket.put(f"builds/f{i}", b"x" * 100)
+    bucket.client.close()
+    requests: list[str] = []
+
+    def count_get(params: dict[str, Any], **_: Any) -> None:
+        requests.append(params["Key"])
+
+    def counting_client(config: S3Config) -> S3Client:
+        client = make_client(config)
+        client.meta.events.register("provide-client-params.s3.GetObject", count_get)
+        return client
+
     creds = write_credentials(tmp_path / "creds")
     config = S3Config(
         bucket=bucket.name,
@@ -592,8 +600,7 @@ def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
         credentials_file=creds,
         poll_seconds=1.0,
     )
-    state = State(tmp_path / "state")
-    source = S3Input("r.example", config, state, Metrics())
+    source = S3Input("r.example", config, state, Metrics(), client_factory=counting_client)
     try:
         source.poll(T0)
         source.poll(T0 + 2)
@@ -603,14 +610,6 @@ def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
         moto.stop()
         union = tmp_path / "union"
         union.mkdir()
-        requests: list[str] = []
-        real_open = source._open
-
-        def counted(key: str, fp: Fingerprint) -> object:
-            requests.append(key)
-            return real_open(key, fp)
-
-        source._open = counted  # type: ignore[method-assign,assignment]
         failures = 0
         for op in files:
             try:
@@ -621,7 +620,7 @@ def test_a_dead_endpoint_is_tried_once_per_batch(tmp_path: Path) -> None:
         assert len(requests) == 1
     finally:
         source.stop()
-        state.close()
+        moto.stop()
 
 
 class _DeletingS3(FakeS3):
@@ -664,7 +663,8 @@ def test_inbox_keeps_the_marker_until_its_directory_is_empty(state: State, tmp_p
     fake = _DeletingS3()
     for key in ("builds/b1/a", "builds/b1/b", "builds/b1/.done"):
         fake.put(key, b"data-" + key.encode())
-    source = make_source(state, fake, mode="inbox", ready_marker=".done")
+    now = [T0]
+    source = make_source(state, fake, mode="inbox", ready_marker=".done", clock=lambda: now[0])
     plan = plan_hints(source, source.poll(T0), T0)
     fake.fail_get = frozenset({"builds/b1/b"})
     union = tmp_path / "union"
@@ -680,7 +680,7 @@ def test_inbox_keeps_the_marker_until_its_directory_is_empty(state: State, tmp_p
     source.published(applied)
     assert sorted(fake.objects) == ["builds/b1/.done", "builds/b1/b"]
     fake.fail_get = frozenset()
-    source._status.retry_at = 0.0  # the back-off after the failed GET has passed
+    now[0] += 60  # the back-off after the failed GET has passed
     retry = source.plan([Pending(source.name, "b1/b", T0, T0)], T0 + 500)
     assert [op.source_path for op in retry.ops] == ["builds/b1/b"]
     for op in retry.ops:

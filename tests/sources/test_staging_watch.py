@@ -25,17 +25,13 @@ from tests.support import wait_for, write_config
 
 
 @pytest.fixture
-def source(tmp_path: Path) -> Iterator[tuple[StagingInput, queue.Queue[Dirty], Path]]:
+def source(staging: Path, state: State) -> Iterator[tuple[StagingInput, queue.Queue[Dirty], Path]]:
     """A started staging source whose hints land in a queue."""
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    state = State(tmp_path / "state")
     hints: queue.Queue[Dirty] = queue.Queue()
     source = StagingInput("r", StagingConfig(path=staging, target="/sw"), state, Metrics())
     source.start(hints.put)
     yield source, hints, staging
     source.stop()
-    state.close()
 
 
 def _collect(hints: queue.Queue[Dirty]) -> list[Dirty]:
@@ -81,13 +77,10 @@ def test_watch_events_become_hints(
     wait_for(lambda: has("renamed", True), 10, "the delete event")
 
 
-def test_writer_check_decides_unclosed_files(tmp_path: Path) -> None:
+def test_writer_check_decides_unclosed_files(staging: Path, state: State) -> None:
     """A file seen without its close is published once no process has it open for writing."""
-    staging = tmp_path / "staging"
-    staging.mkdir()
     (staging / "f").write_text("data")
     os.utime(staging / "f", (1, 1))
-    state = State(tmp_path / "state")
     source = StagingInput("r", StagingConfig(path=staging), state, Metrics())
     entry = Pending(source.name, "f", 0.0, 99.0, writing=True)
     with (staging / "f").open("a"):
@@ -96,15 +89,13 @@ def test_writer_check_decides_unclosed_files(tmp_path: Path) -> None:
     assert [d.rel_path for d in held.deferred] == ["f"]
     free = source.plan([entry], 100.0)
     assert [op.repo_path for op in free.ops] == ["f"]
-    state.close()
 
 
-def test_reconciliation_counts_what_the_watcher_missed(tmp_path: Path) -> None:
+@pytest.mark.stratum0("r.org")
+def test_reconciliation_counts_what_the_watcher_missed(
+    tmp_path: Path, stratum0: FakeStratum0, staging: Path
+) -> None:
     """A file that appeared without a watch event is found by the next scan and counted."""
-    stratum0 = FakeStratum0(tmp_path / "root")
-    stratum0.mkfs("r.org")
-    staging = tmp_path / "staging"
-    staging.mkdir()
     config = config_mod.load(
         write_config(
             tmp_path / "c.toml",
