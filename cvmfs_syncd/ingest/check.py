@@ -26,7 +26,6 @@ import tarfile
 from cvmfs_syncd.ingest.links import SymlinkTree
 from cvmfs_syncd.ingest.members import MemberRefused, classify
 from cvmfs_syncd.ingest.model import (
-    ArchiveStreamError,
     IngestLimits,
     Manifest,
     Member,
@@ -37,7 +36,6 @@ from cvmfs_syncd.ingest.model import (
 )
 from cvmfs_syncd.ingest.names import Compression
 from cvmfs_syncd.ingest.streams import (
-    UNREADABLE_ERRORS,
     DamagedArchive,
     DigestReader,
     finish_archive,
@@ -148,13 +146,9 @@ class _Builder:
         )
 
 
-def describe_unreadable(exc: BaseException, raw: DigestReader) -> str:
+def describe_unreadable(exc: DamagedArchive, raw: DigestReader) -> str:
     """Return a sentence about why a stream could not be read as an archive."""
-    if raw.count == 0:
-        return "the archive is empty (0 bytes)"
-    if isinstance(exc, DamagedArchive):
-        return str(exc)
-    return f"{exc or 'failed'} ({type(exc).__name__})"
+    return "the archive is empty (0 bytes)" if raw.count == 0 else str(exc)
 
 
 def check_archive(
@@ -184,8 +178,6 @@ def check_archive(
             finish_archive(tar, raw)
     except MemberRefused as refused:
         return Refusal(refused.reason, builder.current, refused.message)
-    except ArchiveStreamError:
-        raise
-    except UNREADABLE_ERRORS as exc:
+    except DamagedArchive as exc:
         return Refusal(RefusalReason.UNREADABLE, builder.current, describe_unreadable(exc, raw))
     return builder.finish(raw)

@@ -28,7 +28,6 @@ from contextlib import ExitStack, contextmanager, suppress
 from cvmfs_syncd.ingest.members import MemberRefused, classify
 from cvmfs_syncd.ingest.model import (
     ArchiveChanged,
-    ArchiveStreamError,
     IngestLimits,
     Manifest,
     Member,
@@ -41,11 +40,12 @@ from cvmfs_syncd.ingest.streams import (
     CHUNK_BYTES,
     NAME_ENCODING,
     NAME_ERRORS,
-    UNREADABLE_ERRORS,
+    DamagedArchive,
     DigestReader,
     finish_archive,
     members,
     open_archive,
+    read_content,
 )
 
 BLOCK_BYTES = tarfile.BLOCKSIZE
@@ -116,14 +116,13 @@ class _TarWriter:
 
 @contextmanager
 def _reading(member: str) -> Iterator[None]:
-    """Turn a failure to read the archive again into ArchiveChanged (it was read once)."""
+    """Turn a member refused or an archive unreadable on the second read into
+    ArchiveChanged: the first read accepted both."""
     try:
         yield
-    except (ArchiveChanged, ArchiveStreamError):
-        raise
     except MemberRefused as exc:
         raise ArchiveChanged(member, exc.message) from None
-    except UNREADABLE_ERRORS as exc:
+    except DamagedArchive as exc:
         raise ArchiveChanged(member, f"it can no longer be read: {exc}") from exc
 
 
@@ -175,7 +174,7 @@ def _copy(
                 remaining = member.size
                 while remaining:
                     with _reading(name):
-                        chunk = content.read(min(CHUNK_BYTES, remaining))
+                        chunk = read_content(content, min(CHUNK_BYTES, remaining))
                     if not chunk:
                         raise ArchiveChanged(name, "its content ends early")
                     writer.content(chunk)

@@ -17,8 +17,8 @@ import lzma
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Self
+from contextlib import ExitStack, contextmanager
+from typing import IO, TYPE_CHECKING, Self
 
 from cvmfs_syncd.ingest.model import ArchiveStreamError, Readable
 from cvmfs_syncd.ingest.names import Compression
@@ -106,7 +106,7 @@ class DamagedArchive(tarfile.ReadError):
 #: ValueError on some malformed numeric and text fields; gzip raises BadGzipFile (an
 #: OSError) and bz2 a plain OSError. Failures of the underlying stream are
 #: ArchiveStreamError, which is none of these.
-UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
+_UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
     tarfile.TarError,
     EOFError,
     OSError,
@@ -114,6 +114,21 @@ UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
     lzma.LZMAError,
     ValueError,
 )
+
+
+@contextmanager
+def _as_damage() -> Iterator[None]:
+    """Raise what reading the archive raises as DamagedArchive (the cause chained).
+
+    Used around the reading calls only, so that an error of the caller's own code (or of
+    its output) is never taken for damage to the archive.
+    """
+    try:
+        yield
+    except (ArchiveStreamError, DamagedArchive):
+        raise
+    except _UNREADABLE_ERRORS as exc:
+        raise DamagedArchive(f"{exc or 'failed'} ({type(exc).__name__})") from exc
 
 
 class DigestReader(io.RawIOBase):
@@ -230,23 +245,25 @@ def open_archive(
     """Yield a streaming TarFile reading ``raw``, decompressed as ``compression`` says (None:
     as its first bytes show).
 
-    Raise :class:`DamagedArchive` or another of :data:`UNREADABLE_ERRORS` if the stream is
-    not such an archive, :class:`ArchiveStreamError` if reading it fails.
+    Raise :class:`DamagedArchive` if the stream is not such an archive (tarfile reads the
+    first member while opening), :class:`ArchiveStreamError` if reading it fails.
     """
-    if compression is None:
-        compression = detect_compression(raw.head(_MAGIC_BYTES))
-    buffered = io.BufferedReader(raw, CHUNK_BYTES)
-    with (
-        _OPENERS[compression](buffered) as plain,
-        tarfile.open(
-            fileobj=plain,
-            mode="r|",
-            tarinfo=CheckedTarInfo,
-            encoding=NAME_ENCODING,
-            errors=NAME_ERRORS,
-            bufsize=TAR_BUFFER_BYTES,
-        ) as tar,
-    ):
+    with ExitStack() as stack:
+        with _as_damage():
+            if compression is None:
+                compression = detect_compression(raw.head(_MAGIC_BYTES))
+            buffered = io.BufferedReader(raw, CHUNK_BYTES)
+            plain = stack.enter_context(_OPENERS[compression](buffered))
+            tar = stack.enter_context(
+                tarfile.open(
+                    fileobj=plain,
+                    mode="r|",
+                    tarinfo=CheckedTarInfo,
+                    encoding=NAME_ENCODING,
+                    errors=NAME_ERRORS,
+                    bufsize=TAR_BUFFER_BYTES,
+                )
+            )
         yield tar
 
 
@@ -255,11 +272,23 @@ def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
     A streaming TarFile remembers every member it returned (for extraction, which this
     package never does); forgetting them keeps the memory of a long archive bounded.
+    Raise :class:`DamagedArchive` or :class:`ArchiveStreamError` as :func:`open_archive`.
     """
     seen: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]  # set in TarFile.__init__, missing from the stubs
-    while (info := tar.next()) is not None:
+    while True:
+        with _as_damage():
+            info = tar.next()
+        if info is None:
+            return
         seen.clear()
         yield info
+
+
+def read_content(content: IO[bytes], size: int) -> bytes:
+    """Return up to ``size`` bytes of a member's content (``TarFile.extractfile``); raise
+    :class:`DamagedArchive` or :class:`ArchiveStreamError` as :func:`open_archive`."""
+    with _as_damage():
+        return content.read(size)
 
 
 def finish_archive(tar: tarfile.TarFile, raw: DigestReader) -> None:
@@ -270,10 +299,13 @@ def finish_archive(tar: tarfile.TarFile, raw: DigestReader) -> None:
     :data:`TRAILER_MAX` bytes of it.
     """
     seen = 0
-    while chunk := tar.fileobj.read(CHUNK_BYTES):
-        seen += len(chunk)
-        if chunk.count(0) != len(chunk):
-            raise DamagedArchive("data follows the end-of-archive marker")
-        if seen > TRAILER_MAX:
-            raise DamagedArchive(f"more than {TRAILER_MAX} bytes follow the end-of-archive marker")
-    raw.drain()
+    with _as_damage():
+        while chunk := tar.fileobj.read(CHUNK_BYTES):
+            seen += len(chunk)
+            if chunk.count(0) != len(chunk):
+                raise DamagedArchive("data follows the end-of-archive marker")
+            if seen > TRAILER_MAX:
+                raise DamagedArchive(
+                    f"more than {TRAILER_MAX} bytes follow the end-of-archive marker"
+                )
+        raw.drain()
