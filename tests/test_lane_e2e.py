@@ -14,6 +14,7 @@ from cvmfs_syncd.config import Config
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Op
+from cvmfs_syncd.pipeline.confirm import revision_of_batch
 from cvmfs_syncd.service import build_lane, make_server
 from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
@@ -88,6 +89,19 @@ def test_sync_publishes_a_tree_byte_for_byte(
     assert client_tree(stratum0, REPO) == staging_tree(staging)
     assert stratum0.revision(REPO) >= 2
     assert not stratum0.violations()
+
+
+def test_each_revision_names_its_batch_in_the_history(
+    lane_factory: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """The publish message names the batch, so the history ties a revision to it (which is
+    how a batch is confirmed live behind a gateway, where others move the revision too)."""
+    (staging / "a.txt").write_text("a")
+    lane = lane_factory()
+    _sync(lane)
+    batch = lane.state.recent_batches(REPO, 1)[0]
+    listing = lane.server.tag_list(REPO)
+    assert revision_of_batch(listing, lane.command_tag(batch.id), 1) == stratum0.revision(REPO)
 
 
 def test_mirror_propagates_changes_renames_and_deletes(

@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cvmfs_syncd.cvmfs.gateway import gateway_url
 from cvmfs_syncd.errors import RepositoryConfigError
 
 _HTTP_TIMEOUT = 10.0
@@ -49,6 +50,11 @@ class RepositoryLayout:
     def storage_type(self) -> str:
         """``local`` or ``S3`` (the first field of CVMFS_UPSTREAM_STORAGE)."""
         return self.upstream_storage.split(",", 1)[0]
+
+    @property
+    def gateway_url(self) -> str | None:
+        """The gateway's API URL when this host publishes through a repository gateway."""
+        return gateway_url(self.upstream_storage)
 
     @property
     def local_storage(self) -> Path | None:

@@ -5,8 +5,9 @@ previous run left behind:
 
 - the batch's journal ``stage``;
 - whether a transaction is open (the spool's ``in_transaction.lock`` exists);
-- whether the manifest revision advanced past the batch's ``base_revision`` (see
-  :func:`revision_advanced`). Only the ``publishing`` stage consults it: at ``published``
+- whether the batch went live: a revision past the batch's ``base_revision`` that is this
+  batch's (:func:`cvmfs_syncd.pipeline.confirm.live_revision`; behind a gateway other
+  publishers move the revision too). Only the ``publishing`` stage consults it: at ``published``
   the publish is known to have gone through, and before ``publishing`` no publish of the
   batch can have run.
 
@@ -123,15 +124,6 @@ RULES: Final[tuple[RecoveryRule, ...]] = (
 )
 """The decision table: for every stage in :data:`STAGES` and every pair of facts exactly
 one rule matches."""
-
-
-def revision_advanced(base_revision: int | None, revision: int | None) -> bool:
-    """Tell whether the manifest ``revision`` is past the batch's ``base_revision``.
-
-    Either being unknown (``None``: not journalled yet, manifest unreadable) counts as not
-    advanced.
-    """
-    return base_revision is not None and revision is not None and revision > base_revision
 
 
 def rule_for(stage: str, transaction_open: bool, revision_advanced: bool) -> RecoveryRule:

@@ -16,6 +16,7 @@ from cvmfs_syncd.model import HoldReason
 from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.pipeline import recovery
 from cvmfs_syncd.pipeline.batch import BatchCycle
+from cvmfs_syncd.pipeline.confirm import live_revision
 from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
 from cvmfs_syncd.pipeline.transaction import LaneControl, Transaction
 
@@ -73,9 +74,9 @@ class Recovery:
             transaction_open=in_txn,
         )
         revision = lane.revision()
-        rule = recovery.rule_for(
-            batch.stage, in_txn, recovery.revision_advanced(batch.base_revision, revision)
-        )
+        # Past the base and, behind a gateway, carrying this batch (pipeline/confirm.py).
+        live = live_revision(lane, batch.id, batch.base_revision) is not None
+        rule = recovery.rule_for(batch.stage, in_txn, live)
         action = rule.action
         lane.log.warning("recovery", batch=batch.id, action=action.value)
         ops = [op for op, _ in lane.state.batch_ops(batch.id, applied_only=True)]

@@ -20,6 +20,7 @@ from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import HoldReason, JournalStage, Op
+from cvmfs_syncd.pipeline.confirm import live_revision, publish_message
 from cvmfs_syncd.state import State
 
 
@@ -174,7 +175,7 @@ class Transaction:
             lane.set_status(state="publishing")
             result = lane.server.publish(
                 lane.repo.name,
-                message=summary,
+                message=publish_message(summary, lane.command_tag(self.batch_id)),
                 force=force,
                 timeout=lane.command_timeout(lane.config.cvmfs.publish_timeout_seconds),
                 on_spawn=self._journal_command(),
@@ -185,9 +186,9 @@ class Transaction:
                 self._stage(JournalStage.PUBLISHED, revision=revision)
                 lane.release_delete_hold()
                 return revision if revision is not None else -1
-            revision = lane.revision()
             base = lane.state.batch(self.batch_id).base_revision
-            if revision is not None and base is not None and revision > base:
+            revision = live_revision(lane, self.batch_id, base)
+            if revision is not None:
                 # It went live, then failed late (killed at its timeout, a late step died):
                 # the batch is published; a leftover transaction holds nothing new.
                 lane.log.warning(

@@ -18,7 +18,6 @@ from cvmfs_syncd.pipeline.recovery import (
     decide,
     markdown_rows,
     markdown_table,
-    revision_advanced,
     rule_for,
 )
 from cvmfs_syncd.service import build_lane, make_server
@@ -97,14 +96,6 @@ def test_journal_texts_are_those_the_lane_records() -> None:
     finishing = (A.FINISH, A.ABORT_LEFTOVER_THEN_FINISH, A.PUBLISH_THEN_FINISH)
     for rule in RULES:
         assert (rule.why == "") == (rule.action in finishing), rule
-
-
-@pytest.mark.parametrize(
-    ("base", "revision", "advanced"),
-    [(3, 4, True), (3, 3, False), (3, 2, False), (None, 4, False), (3, None, False)],
-)
-def test_revision_advanced(base: int | None, revision: int | None, advanced: bool) -> None:
-    assert revision_advanced(base, revision) is advanced
 
 
 EXPECTED_TABLE = """\
