@@ -216,7 +216,32 @@ def _check_config(args: argparse.Namespace) -> int:
                 )
     names = ", ".join(r.name for r in config.repositories)
     print(f"{args.config}: OK ({len(config.repositories)} repositories: {names})")
+    for repo in config.repositories:
+        for line in _repository_notes(config, repo):
+            print(f"{repo.name}: {line}")
     return EXIT_OK
+
+
+def _repository_notes(config: config_mod.Config, repo: config_mod.RepositoryConfig) -> list[str]:
+    """What an operator should know of how a valid repository will be served."""
+    from cvmfs_syncd.cvmfs.repo import load_layout
+    from cvmfs_syncd.maintenance.repository import GATEWAY_PUBLISHER_OFF
+
+    notes = []
+    if not repo.staging and not repo.s3:
+        notes.append("no inputs: maintenance only (resign, gc, check as configured)")
+    try:
+        layout = load_layout(config.cvmfs.config_dir, repo.name)
+    except RepositoryConfigError as exc:
+        return [*notes, f"server.conf unreadable: {exc}"]
+    if layout.gateway_url is not None:
+        notes.append(f"gateway publisher through {layout.gateway_url}")
+        notes.append(
+            "files are copied through the transaction (no prepared objects, no grafts): "
+            "writing objects beside a gateway is not recorded"
+        )
+        notes.append(f"resign, gc and tag cleanup are off: {GATEWAY_PUBLISHER_OFF}")
+    return notes
 
 
 def _schedule_problems(config: config_mod.Config) -> list[str]:

@@ -67,6 +67,33 @@ def test_check_config_accepts_a_valid_setup(
     assert "OK" in capsys.readouterr().out
 
 
+def test_check_config_explains_a_gateway_publisher(
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Behind a gateway check-config says how the repository is served and what is off."""
+    upstream = f"gw,/srv/cvmfs/{REPO}/data/txn,http://gateway.example:4929/api/v1"
+    stratum0.set_config(REPO, "CVMFS_UPSTREAM_STORAGE", upstream)
+    assert main(["check-config", "-c", str(_config(tmp_path, stratum0))]) == 0
+    out = capsys.readouterr().out
+    assert f"{REPO}: gateway publisher through http://gateway.example:4929/api/v1" in out
+    assert "copied through the transaction" in out
+    assert "resign, gc and tag cleanup are off" in out
+
+
+def test_check_config_names_a_maintenance_only_repository(
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A repository with no inputs is valid: the daemon only maintains it (the gateway host)."""
+    path = tmp_path / "m.toml"
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[cvmfs]\nconfig_dir = "{stratum0.config_dir}"\n'
+        f'[[repository]]\nname = "{REPO}"\n'
+    )
+    assert main(["check-config", "-c", str(path)]) == 0
+    assert f"{REPO}: no inputs: maintenance only" in capsys.readouterr().out
+
+
 def test_check_config_refuses_world_readable_s3_credentials(
     tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -709,3 +709,31 @@ def test_gc_waiting_behind_a_check_is_retried_beyond_the_cap(maintenance: Factor
     maint.submit_gc()  # no lane: a failure of its own, the (MAX_RETRIES + 6)th in a row
     assert retries.tasks() == []
     assert maint.status()["gc"]["last_outcome"] == "lane_not_running"
+
+
+def test_a_gateway_publisher_leaves_resign_and_gc_to_the_gateway_host(
+    stratum0: FakeStratum0, maintenance: Factory
+) -> None:
+    """Behind a gateway resign, gc and tag edits fail on a publisher (gateway.md 19): with a
+    resign due and gc asked for, nothing runs, nothing alerts, and status says why."""
+    expiry = stratum0.whitelist_expiry(REPO)
+    assert expiry is not None
+    stratum0.set_config(
+        REPO,
+        "CVMFS_UPSTREAM_STORAGE",
+        f"gw,/srv/cvmfs/{REPO}/data/txn,http://127.0.0.1:9/api/v1",
+    )
+    now = expiry - 3 * DAY
+    maint = maintenance(clock=lambda: now, gc_schedule='"0 3 * * *"')
+    calls = CallLog(maint.server, ["resign", "gc", "tag_list", "tag_remove"])
+    for result in (maint.resign_check(), maint.resign(), maint.gc_locked()):
+        assert result is not None
+        assert result.verdict is Verdict.SKIPPED
+        assert "gateway" in result.message
+    maint.request_resign()
+    assert calls.names() == []
+    assert sample(maint.metrics, ENABLED_SINCE, task="resign") == 0
+    assert sample(maint.metrics, ENABLED_SINCE, task="gc") == 0
+    status = maint.status()
+    assert status["gateway_publisher"]["off"] == ["resign", "gc", "tag cleanup"]
+    assert not any("master key" in p for p in maint.problems())

@@ -31,6 +31,12 @@ log = structlog.get_logger(__name__)
 #: How long a command-line run waits for a lock the daemon holds.
 CLI_LOCK_WAIT = 3600.0
 
+#: Why a gateway publisher leaves resign and gc (with its tag cleanup) alone.
+GATEWAY_PUBLISHER_OFF = (
+    "this host publishes through a repository gateway: resign, gc and tag edits fail on a "
+    "publisher (they need a gateway session, gateway.md 19) and belong to the gateway host"
+)
+
 
 class RepositoryMaintenance:
     """Resign, gc, check and repair for one repository.
@@ -80,40 +86,57 @@ class RepositoryMaintenance:
         self._gc = GarbageCollection(ctx, lane=lane, on_demand=on_demand)
         self._check = Check(ctx)
         self._repair_findings: list[str] = []
+        self.gateway_url = layout.gateway_url
+        if self.gateway_url is not None:
+            for task in ("resign", "gc"):
+                self.runs.set_enabled(task, False)
 
     def refresh(self) -> None:
         """Re-read the whitelist, the master key and the repository's last gc; set metrics."""
         self._resign.read()
+        if self.gateway_url is not None:
+            self.runs.set_enabled("resign", False)
+            return
         self._gc.read_last_gc()
+
+    def _off(self, task: str) -> TaskResult | None:
+        """On a gateway publisher: the result of ``task``, which does not run here."""
+        if self.gateway_url is None:
+            return None
+        return TaskResult(task, Verdict.SKIPPED, GATEWAY_PUBLISHER_OFF)
 
     # -- the tasks ---------------------------------------------------------------------------
 
     def resign_check(self) -> TaskResult | None:
         """The hourly (and start-up) check: re-sign when due; return the run, or None."""
         self.refresh()
-        return self._resign.check()
+        return self._off("resign") or self._resign.check()
 
     def resign(self, reason: str = "requested") -> TaskResult:
         """Re-sign the whitelist now, whatever its expiry (the command line's ``resign``)."""
-        return self._resign.force(reason) or TaskResult(
-            "resign", Verdict.NOT_RUN, "resign did not run"
+        return (
+            self._off("resign")
+            or self._resign.force(reason)
+            or TaskResult("resign", Verdict.NOT_RUN, "resign did not run")
         )
 
     def request_resign(self) -> None:
         """Re-sign at once because a command met an expired whitelist (the lane's hook)."""
-        self._resign.request()
+        if self.gateway_url is None:
+            self._resign.request()
 
     def submit_gc(self) -> None:
         """Queue a gc in the lane (the scheduler's gc job); it runs between batches."""
-        self._gc.submit()
+        if self.gateway_url is None:
+            self._gc.submit()
 
     def gc_locked(self) -> TaskResult | None:
         """Run gc now; the caller holds the repository lock (the lane, or :func:`run_once`)."""
-        return self._gc.run_locked()
+        return self._off("gc") or self._gc.run_locked()
 
     def gc_stepwise(self, locked: Locked) -> TaskResult | None:
         """Run gc now, each of its steps under the repository lock ``locked`` takes."""
-        return self._gc.run_stepwise(locked)
+        return self._off("gc") or self._gc.run_stepwise(locked)
 
     def check(self) -> TaskResult | None:
         """Run ``cvmfs_server check`` now, beside publishing; record the result."""
@@ -172,11 +195,22 @@ class RepositoryMaintenance:
         body.update(self.runs.status())
         body["schedules"] = {"gc": self.settings.gc_schedule, "check": self.settings.check_schedule}
         body["problems"] = self.problems()
+        if self.gateway_url is not None:
+            body["gateway_publisher"] = {
+                "gateway": self.gateway_url,
+                "off": ["resign", "gc", "tag cleanup"],
+                "why": GATEWAY_PUBLISHER_OFF,
+            }
         return body
 
     def problems(self) -> list[str]:
         """Return what needs an operator (for /status and the systemd STATUS line)."""
-        return self._resign.problems() + self.runs.problems()
+        whitelist = self._resign.problems()
+        if self.gateway_url is not None:
+            # Only an expired or unreadable whitelist concerns a publisher; re-signing is
+            # the gateway host's (a publisher has no master key, by design).
+            whitelist = [p for p in whitelist if "master key" not in p]
+        return whitelist + self.runs.problems()
 
 
 def run_once(

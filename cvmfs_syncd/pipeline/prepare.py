@@ -98,6 +98,11 @@ def unsupported(layout: RepositoryLayout) -> str:
 
     Then every file goes through the transaction as a copy.
     """
+    if layout.gateway_url is not None:
+        return (
+            "a gateway publisher: objects reach the storage through the gateway, and neither "
+            "grafts nor objects written beside it are recorded there"
+        )
     try:
         graft_options(layout)
     except GraftError as exc:
