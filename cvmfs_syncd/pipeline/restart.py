@@ -17,6 +17,7 @@ from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.pipeline import recovery
 from cvmfs_syncd.pipeline.batch import BatchCycle
 from cvmfs_syncd.pipeline.confirm import live_revision
+from cvmfs_syncd.pipeline.leases import release_left_lease
 from cvmfs_syncd.pipeline.recovery import RecoveryAction as Action
 from cvmfs_syncd.pipeline.transaction import LaneControl, Transaction
 
@@ -67,6 +68,9 @@ class Recovery:
         self._stop_orphans(batch.id)
         # Only now, with no command of ours left to change it, is the spool's word final.
         in_txn = lane.layout.in_transaction()
+        if not in_txn:
+            # Killed between the lease and the local transaction: drop what the gateway holds.
+            release_left_lease(lane.layout, lane.config.cvmfs.config_dir)
         lane.log.warning(
             "recovering an unfinished batch",
             batch=batch.id,

@@ -3,14 +3,9 @@ recorded replies (gateway.md, "API endpoints"; p_gateway_* ``gateway_leases``)."
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -27,75 +22,13 @@ from cvmfs_syncd.cvmfs.gateway import (
     read_session_token,
 )
 from cvmfs_syncd.errors import RepositoryConfigError
-
-SECRET = "s3cr3t"  # noqa: S105 (a test key)
-
-# As recorded in p_gateway_basic step 6 (after `transaction pub.gw.local/sw/a`).
-RECORDED_LISTING = {
-    "data": {
-        "pub.gw.local/sw/a": {
-            "key_id": "gwkey1",
-            "path": "pub.gw.local/sw/a",
-            "expires": "2026-12-03 12:36:11.917 +0000 UTC",
-            "hostname": "vm",
-        },
-        "other.gw.local/": {
-            "key_id": "k2",
-            "path": "other.gw.local/",
-            "expires": "2026-12-03 12:36:13.231 +0000 UTC",
-            "hostname": "vm",
-        },
-    },
-    "status": "ok",
-}
-
-
-class _Gateway(BaseHTTPRequestHandler):
-    tokens: dict[str, str]
-    seen: list[tuple[str, str, str]]
-
-    def log_message(self, *args: object) -> None:
-        del args
-
-    def _reply(self, payload: object, status: int = 200) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def do_GET(self) -> None:
-        if self.path == "/api/v1/leases":
-            self._reply(RECORDED_LISTING)
-        else:
-            self._reply({"status": "error", "reason": "not found"}, 404)
-
-    def do_DELETE(self) -> None:
-        token = self.path.removeprefix("/api/v1/leases/")
-        auth = self.headers.get("Authorization", "")
-        self.seen.append(("DELETE", token, auth))
-        digest = hmac.new(SECRET.encode(), token.encode(), hashlib.sha1).hexdigest()
-        if auth != "gwkey1 " + base64.b64encode(digest.encode()).decode():
-            self._reply({"reason": "invalid_hmac", "status": "error"}, 401)
-        elif token not in self.tokens:
-            self._reply({"reason": "invalid lease", "status": "error"})
-        else:
-            del self.tokens[token]
-            self._reply({"status": "ok"})
+from tests.gateway_stub import RECORDED_LISTING, SECRET, GatewayStub, running_gateway
 
 
 @pytest.fixture
-def gateway() -> Iterator[tuple[str, type[_Gateway]]]:
-    handler = type("Handler", (_Gateway,), {"tokens": {"tok-1": "pub.gw.local/sw/a"}, "seen": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/api/v1", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
+def gateway() -> Iterator[tuple[str, type[GatewayStub]]]:
+    with running_gateway() as served:
+        yield served
 
 
 def test_gateway_url_comes_from_a_gw_upstream_only() -> None:
@@ -146,7 +79,7 @@ def test_leases_conflict_hierarchically(held: str, wanted: str, conflicts: bool)
     assert lease.covers(wanted) is conflicts
 
 
-def test_client_finds_our_lease_by_path(gateway: tuple[str, type[_Gateway]]) -> None:
+def test_client_finds_our_lease_by_path(gateway: tuple[str, type[GatewayStub]]) -> None:
     """Leases are matched by repository and path, not by host name (gateway.md 21)."""
     url, _ = gateway
     client = GatewayClient(url)
@@ -158,7 +91,7 @@ def test_client_finds_our_lease_by_path(gateway: tuple[str, type[_Gateway]]) -> 
 
 
 def test_drop_signs_the_token_and_tells_gone_from_dropped(
-    gateway: tuple[str, type[_Gateway]],
+    gateway: tuple[str, type[GatewayStub]],
 ) -> None:
     """DELETE carries HMAC-SHA1 over the token; a second drop finds no lease."""
     url, handler = gateway
