@@ -156,6 +156,33 @@ def test_open_readers_are_logged_then_forced(setup: tuple[FakeStratum0, Path, La
     assert _published(stratum0)
 
 
+INVALID_LEASE_STDERR = """\
+SessionContext::DoUpload - error reply: {"reason":"invalid lease","status":"error"}
+terminate called after throwing an instance of 'ECvmfsException'
+  what():  PANIC: <src>/cvmfs/session_context.cc : 405
+SessionContext: could not submit payload. Aborting.
+Killed
+Synchronization failed
+"""
+
+
+def test_expired_gateway_lease_aborts_and_publishes_the_batch_again(
+    setup: tuple[FakeStratum0, Path, Lane],
+) -> None:
+    """LEASE_INVALID (p_gateway_lease_expiry 5): publish never succeeds on an expired lease,
+    so the transaction is aborted with -f and the batch planned and published again."""
+    stratum0, _, lane = setup
+    stratum0.inject_fault("publish", "fail", exit_code=1, stderr=INVALID_LEASE_STDERR, times=1)
+    recorder = Recorder(lane)
+    ok, why = lane.sync_once(30)
+    assert ok, why
+    names = recorder.names()
+    assert names[0] == ("publish", Outcome.LEASE_INVALID)
+    assert names[1] == ("abort", Outcome.OK)
+    assert names[-1] == ("publish", Outcome.OK)
+    assert _published(stratum0)
+
+
 def test_lost_union_mount_aborts_own_transaction_and_repairs(
     setup: tuple[FakeStratum0, Path, Lane],
 ) -> None:

@@ -219,6 +219,12 @@ class Transaction:
             if result.outcome is Outcome.INVALID_GRAFT:
                 self._reject_inputs(result, applied, requeue)
                 return None
+            if result.outcome is Outcome.LEASE_INVALID:
+                # The gateway lease expired (gateway.md 13-15): this transaction can never be
+                # published; `abort -f` ends it, and the batch is planned again.
+                if self.abort("gateway lease expired: " + describe(result)):
+                    requeue(applied)
+                return None
             if result.outcome in (Outcome.NOT_MOUNTED, Outcome.CANNOT_REPAIR):
                 # Recorded: only abort helps a transaction whose union mount vanished (the
                 # written files are lost); then `mount` repairs when auto-repair is off.
