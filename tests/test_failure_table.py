@@ -18,6 +18,7 @@ from cvmfs_syncd import config as config_mod
 from cvmfs_syncd.cvmfs.outcomes import CommandResult, Outcome
 from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
+from cvmfs_syncd.pipeline.transaction import lease_wait
 from cvmfs_syncd.service import build_lane, make_server
 from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
@@ -181,6 +182,36 @@ def test_expired_gateway_lease_aborts_and_publishes_the_batch_again(
     assert names[1] == ("abort", Outcome.OK)
     assert names[-1] == ("publish", Outcome.OK)
     assert _published(stratum0)
+
+
+def test_busy_gateway_lease_is_waited_for_without_an_error(
+    setup: tuple[FakeStratum0, Path, Lane],
+) -> None:
+    """LEASE_BUSY (p_gateway_conflict 2): contention with another publisher is a wait for
+    about the time the gateway says remains, not a failure shown to operators."""
+    stratum0, _, lane = setup
+    stratum0.inject_fault(
+        "transaction",
+        "fail",
+        exit_code=16,
+        stdout="Path busy. Time remaining = 0.2s\n",
+        stderr="CernVM-FS transaction error: lease path busy\n",
+        times=2,
+    )
+    ok, why = lane.sync_once(30)
+    assert ok, why
+    assert _published(stratum0)
+    assert lane.status().last_error == ""
+    assert stratum0.faults() == []
+
+
+def test_lease_wait_follows_the_remaining_time_within_the_back_off() -> None:
+    """Wait about the other lease's remaining time, never longer than the back-off, jittered."""
+    for _ in range(50):
+        assert 0.4 <= lease_wait(0.5, 10.0) <= 0.6
+        assert 8.0 <= lease_wait(30.0, 10.0) <= 12.0
+        assert 4.0 <= lease_wait(None, 5.0) <= 6.0
+        assert 0.4 <= lease_wait(0.0, 10.0) <= 0.6
 
 
 def test_lost_union_mount_aborts_own_transaction_and_repairs(

@@ -9,6 +9,7 @@ is done about it is the table of ``docs/failures.md``. The journal stage is comm
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -140,6 +141,15 @@ class Transaction:
                     "repository already in a transaction the daemon did not open; waiting"
                 )
                 return False
+            if result.outcome is Outcome.LEASE_BUSY:
+                # Another publisher holds an overlapping lease: contention, not a failure.
+                delay = lease_wait(result.lease_time_remaining_s, backoff.next_delay())
+                lane.log.info("gateway lease path busy; waiting", retry_in=round(delay, 1))
+                lane.set_status(state="waiting for a gateway lease")
+                lane.pause(delay)
+                if lane.layout.in_transaction():
+                    return False
+                continue
             if result.outcome is Outcome.WHITELIST_EXPIRED:
                 lane.whitelist_expired()
             if result.outcome is Outcome.NOT_MOUNTED:
@@ -313,6 +323,14 @@ class Transaction:
             lane.set_hold(f"abort failed: {describe(result)}", HoldReason.ABORT_FAILED)
             lane.metrics.retries.labels(lane.repo.name, "abort").inc()
             lane.pause(backoff.next_delay())
+
+
+def lease_wait(remaining: float | None, backoff_delay: float) -> float:
+    """How long to wait for a busy lease: until the other lease's time is up (it is often
+    published or dropped sooner, so at most the back-off delay), with jitter so that
+    publishers waiting for one path do not all ask again at once."""
+    base = backoff_delay if remaining is None else min(max(remaining, 0.5), backoff_delay)
+    return base * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not cryptography)
 
 
 def _command_timeout(lane: LaneControl) -> float:
