@@ -15,6 +15,7 @@ from cvmfs_syncd.lane import Lane
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import Op
 from cvmfs_syncd.pipeline.confirm import revision_of_batch
+from cvmfs_syncd.pipeline.transaction import Transaction
 from cvmfs_syncd.service import build_lane, make_server
 from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
@@ -102,6 +103,24 @@ def test_each_revision_names_its_batch_in_the_history(
     batch = lane.state.recent_batches(REPO, 1)[0]
     listing = lane.server.tag_list(REPO)
     assert revision_of_batch(listing, lane.command_tag(batch.id), 1) == stratum0.revision(REPO)
+
+
+def test_a_lease_on_a_missing_target_widens_to_an_existing_parent(
+    lane_factory: LaneFactory, stratum0: FakeStratum0
+) -> None:
+    """A path-scoped transaction on a target that does not exist yet is refused with the
+    missing path named (f_path_scoped_transaction 6; gateway.md 1); the lease moves to the
+    parent until one exists, and the transaction opens there."""
+    stratum0.check_run("transaction", REPO)
+    (stratum0.union_dir(REPO) / "sw").mkdir()
+    stratum0.check_run("publish", REPO)
+    lane = lane_factory()
+    batch_id = lane.state.create_batch(REPO, (), reason="test", summary="scoped")
+    transaction = Transaction(lane, batch_id, scope="sw/new/deeper")
+    assert transaction.open(stratum0.revision(REPO))
+    assert transaction.scope == "sw"
+    assert stratum0.in_transaction(REPO)
+    assert transaction.abort("test over")
 
 
 def test_mirror_propagates_changes_renames_and_deletes(

@@ -370,6 +370,20 @@ def parse_lease_time_remaining(stdout: str) -> float | None:
     )
 
 
+_MISSING_SCOPE = re.compile(r"cannot open transaction on non-existing path (\S+)")
+
+
+def parse_missing_scope(text: str) -> str | None:
+    """Given a :attr:`Outcome.PATH_SCOPE_MISSING` output, return the first missing component
+    of the transaction path as a repository path (``sw`` for ``/sw``), or None.
+
+    The tool names the first component that does not exist (``/sw`` for ``sw/a``,
+    ``/sw/a/new`` for ``sw/a/new/deeper``; gateway.md 1).  Pure.
+    """
+    match = _MISSING_SCOPE.search(text)
+    return match.group(1).strip("/") if match else None
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     """What one command did: the raw facts and their classification.

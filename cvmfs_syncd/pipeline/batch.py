@@ -19,7 +19,9 @@ from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import Pending, PendingChanges
 from cvmfs_syncd.model import Batch, HoldReason, Op, OpKind
 from cvmfs_syncd.model import JournalStage as Stage
+from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.pipeline.place import BatchWork, WorkControl
+from cvmfs_syncd.pipeline.scope import cut_to_scope
 from cvmfs_syncd.pipeline.transaction import LaneControl, Transaction
 from cvmfs_syncd.planner import Input, Plan, cut_to_caps
 
@@ -125,6 +127,11 @@ class BatchCycle:
         taken, later = cut_to_caps(
             ops, plan.atomic_groups, lane.repo.max_batch_files, lane.repo.max_batch_bytes
         )
+        scope: str | None = None
+        if lane.layout.gateway_url is not None:
+            # One lease per batch: nothing outside the leased path may be placed.
+            scope, taken, outside = cut_to_scope(taken, self._targets())
+            later = [*later, *outside]
         for op in later:
             if op.repo_path in origin:
                 lane.pending.put_back(origin[op.repo_path])
@@ -145,7 +152,7 @@ class BatchCycle:
         # Counted until the batch returns: a deadline that ends it reports them pending.
         self.in_flight = len(taken)
         try:
-            published = self._publish_batch(batch, origin, first_seen)
+            published = self._publish_batch(batch, origin, first_seen, scope)
         finally:
             lane.set_status(busy_since=None)
         self.in_flight = 0
@@ -157,8 +164,19 @@ class BatchCycle:
             if entry is not None:
                 self.lane.pending.put_back(replace(entry, not_before=0.0))
 
+    def _targets(self) -> dict[str, str]:
+        """Each source's target as a repository path."""
+        repo = self.lane.repo
+        targets = {source.name: repo_path(source.target, "") for source in repo.staging}
+        targets.update({source.name: repo_path(source.target, "") for source in repo.s3})
+        return targets
+
     def _publish_batch(
-        self, batch: Batch, origin: dict[str, Pending], first_seen: dict[str, float]
+        self,
+        batch: Batch,
+        origin: dict[str, Pending],
+        first_seen: dict[str, float],
+        scope: str | None = None,
     ) -> bool:
         lane = self.lane
         started = lane.clock()
@@ -197,7 +215,7 @@ class BatchCycle:
                 self.abandon(batch_id)
                 self._requeue(ops, origin)
                 return False
-            transaction = Transaction(lane, batch_id)
+            transaction = Transaction(lane, batch_id, scope=scope)
             if not transaction.open(base_revision):
                 self.abandon(batch_id)
                 self._requeue(ops, origin)

@@ -15,13 +15,14 @@ from typing import Any, Protocol
 
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.config import Config, RepositoryConfig
-from cvmfs_syncd.cvmfs.outcomes import CommandResult, Outcome
+from cvmfs_syncd.cvmfs.outcomes import CommandResult, Outcome, parse_missing_scope
 from cvmfs_syncd.cvmfs.procs import boot_id
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.metrics import Metrics
 from cvmfs_syncd.model import HoldReason, JournalStage, Op
 from cvmfs_syncd.pipeline.confirm import live_revision, publish_message
+from cvmfs_syncd.pipeline.scope import parent_scope
 from cvmfs_syncd.state import State
 
 
@@ -86,9 +87,12 @@ class LaneControl(Protocol):
 class Transaction:
     """The commands of one batch's transaction."""
 
-    def __init__(self, lane: LaneControl, batch_id: int) -> None:
+    def __init__(self, lane: LaneControl, batch_id: int, *, scope: str | None = None) -> None:
         self.lane = lane
         self.batch_id = batch_id
+        #: The lease path of a gateway publisher's transaction (None: the whole repository,
+        #: unscoped); it widens to an existing parent when the target does not exist yet.
+        self.scope = scope
 
     def _backoff(self) -> Backoff:
         repo = self.lane.repo
@@ -121,6 +125,7 @@ class Transaction:
             lane.set_status(state="opening transaction")
             result = lane.server.transaction(
                 lane.repo.name,
+                path=self.scope or None,
                 timeout=lane.command_timeout(lane.config.cvmfs.transaction_timeout_seconds),
                 on_spawn=self._journal_command(),
                 tag=lane.command_tag(self.batch_id),
@@ -141,6 +146,17 @@ class Transaction:
                     "repository already in a transaction the daemon did not open; waiting"
                 )
                 return False
+            missing = parse_missing_scope(result.stdout + result.stderr)
+            if result.outcome is Outcome.PATH_SCOPE_MISSING and self.scope and missing:
+                # Leased, then refused: the target does not exist yet (gateway.md 1). Lease
+                # its nearest existing parent instead; placing creates the target.
+                lane.log.info(
+                    "lease target does not exist yet; leasing its parent",
+                    target=self.scope,
+                    parent=parent_scope(missing) or "/",
+                )
+                self.scope = parent_scope(missing)
+                continue
             if result.outcome is Outcome.LEASE_BUSY:
                 # Another publisher holds an overlapping lease: contention, not a failure.
                 delay = lease_wait(result.lease_time_remaining_s, backoff.next_delay())
