@@ -231,4 +231,6 @@ class LaneStatus:
     foreign_transaction: bool = False
     progress_at: float = 0.0
     busy_since: float | None = None
+    #: Behind a gateway, the lease our open transaction holds: path and expiry (epoch s).
+    lease: dict[str, object] | None = None
     details: dict[str, object] = field(default_factory=dict)

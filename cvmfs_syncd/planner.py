@@ -123,9 +123,14 @@ def order_ops(ops: Sequence[Op]) -> list[Op]:
 
 
 def cut_to_caps(
-    ops: Sequence[Op], atomic_groups: Sequence[Sequence[str]], max_files: int, max_bytes: int
+    ops: Sequence[Op],
+    atomic_groups: Sequence[Sequence[str]],
+    max_files: int,
+    max_bytes: int,
+    fits: Callable[[int, int], bool] | None = None,
 ) -> tuple[list[Op], list[Op]]:
-    """Split ops into (this batch, later) under the file-count and byte caps.
+    """Split ops into (this batch, later) under the file-count and byte caps, and within
+    ``fits(count, bytes)`` when given (a gateway lease's time budget).
 
     Atomic groups (a ready-marker directory; a replacement with what it deletes and, for a
     new directory, its content) go whole into this batch, even above the caps, so that no
@@ -139,7 +144,8 @@ def cut_to_caps(
     later: list[Op] = []
     for op in order_ops([o for o in ops if o.repo_path not in grouped]):
         weight = op_weight(op)
-        if taken and (count + 1 > max_files or size + weight > max_bytes):
+        over = count + 1 > max_files or size + weight > max_bytes
+        if taken and (over or (fits is not None and not fits(count + 1, size + weight))):
             later.append(op)
             continue
         taken.append(op)

@@ -203,6 +203,9 @@ class CvmfsConfig:
     transaction_timeout_seconds: float = key(120.0, "limit of a transaction", unit="duration")
     publish_timeout_seconds: float = key(1800.0, "limit of a publish", unit="duration")
     command_timeout_seconds: float = key(600.0, "limit of other commands", unit="duration")
+    lease_seconds: float = key(
+        600.0, "gateway lease length until one is read from the gateway", unit="duration"
+    )
 
 
 @dataclass(frozen=True)

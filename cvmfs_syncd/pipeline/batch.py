@@ -20,10 +20,12 @@ from cvmfs_syncd.batching import Pending, PendingChanges
 from cvmfs_syncd.model import Batch, HoldReason, Op, OpKind
 from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.paths import repo_path
+from cvmfs_syncd.pipeline.budget import PublishCost, fits_lease, lease_length, too_big
+from cvmfs_syncd.pipeline.leases import read_lease_expiry
 from cvmfs_syncd.pipeline.place import BatchWork, WorkControl
 from cvmfs_syncd.pipeline.scope import cut_to_scope
 from cvmfs_syncd.pipeline.transaction import LaneControl, Transaction
-from cvmfs_syncd.planner import Input, Plan, cut_to_caps
+from cvmfs_syncd.planner import Input, Plan, cut_to_caps, op_weight
 
 
 class BatchControl(LaneControl, WorkControl, Protocol):
@@ -55,6 +57,10 @@ class BatchCycle:
         #: Changes of the batch being published (a deadline that ends it reports them).
         self.in_flight = 0
         self._timings: dict[str, float] = {}
+        #: Expected place + publish time, learned from this host's batches.
+        self.cost = PublishCost()
+        #: The gateway's lease length, once read from a granted lease.
+        self.lease_seconds: float | None = None
         repo = lane.repo
         self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
 
@@ -124,8 +130,15 @@ class BatchCycle:
         self._timings = {"plan": time.monotonic() - planning_started}
         if not ops:
             return False
+        fits = None
+        if lane.layout.gateway_url is not None:
+            lease = self.lease_seconds or lane.config.cvmfs.lease_seconds
+            ops = self._refuse_too_big(ops, lease)
+            fits = fits_lease(self.cost, lease)
+            if not ops:
+                return False
         taken, later = cut_to_caps(
-            ops, plan.atomic_groups, lane.repo.max_batch_files, lane.repo.max_batch_bytes
+            ops, plan.atomic_groups, lane.repo.max_batch_files, lane.repo.max_batch_bytes, fits
         )
         scope: str | None = None
         if lane.layout.gateway_url is not None:
@@ -163,6 +176,31 @@ class BatchCycle:
             entry = origin.get(op.repo_path)
             if entry is not None:
                 self.lane.pending.put_back(replace(entry, not_before=0.0))
+
+    def _refuse_too_big(self, ops: list[Op], lease: float) -> list[Op]:
+        """Set aside the files whose place + publish alone would outlast half a lease."""
+        lane = self.lane
+        refused = too_big(ops, self.cost, lease)
+        for op in refused:
+            expected = self.cost.estimate(1, op_weight(op))
+            lane.state.set_aside(
+                lane.repo.name,
+                op.source,
+                op.source_path,
+                f"cannot fit a gateway lease: publishing it is expected to take {expected:.0f} s,"
+                f" more than half of a {lease:.0f} s lease (raise the gateway's max_lease_time)",
+                op.fingerprint,
+            )
+            lane.metrics.skipped.labels(lane.repo.name, op.source, "lease").inc()
+            lane.log.error("input cannot fit a gateway lease; set aside", path=op.source_path)
+        return [op for op in ops if op not in refused]
+
+    def _learn_lease(self, scope: str | None, granted_at: float) -> None:
+        """Read our new lease's expiry; remember the lease length, show the lease."""
+        lane = self.lane
+        expires = read_lease_expiry(lane.layout, scope or "")
+        self.lease_seconds = lease_length(granted_at, expires, lane.config.cvmfs.lease_seconds)
+        lane.set_status(lease={"path": scope or "/", "expires_at": expires})
 
     def _targets(self) -> dict[str, str]:
         """Each source's target as a repository path."""
@@ -220,6 +258,8 @@ class BatchCycle:
                 self.abandon(batch_id)
                 self._requeue(ops, origin)
                 return False
+            if lane.layout.gateway_url is not None:
+                self._learn_lease(transaction.scope, lane.clock())
             phase = time.monotonic()
             applied = work.place(batch_id, ops, prepared)
             self._timings["place"] = time.monotonic() - phase
@@ -239,6 +279,12 @@ class BatchCycle:
                 batch.summary(), applied, lambda ops: self._requeue(ops, origin)
             )
             self._timings["publish"] = time.monotonic() - phase
+            self.cost.observe(
+                len(applied),
+                sum(op_weight(op) for op in applied),
+                self._timings["place"] + self._timings["publish"],
+            )
+            lane.set_status(lease=None)
             if revision is None:
                 return False
             self.finish(batch_id, applied, revision, first_seen, started)

@@ -83,3 +83,19 @@ def release_left_lease(
         dropped=dropped,
     )
     return LeaseRelease(dropped=dropped, gone=not dropped)
+
+
+def read_lease_expiry(
+    layout: RepositoryLayout, scope: str, *, timeout: float = 10.0
+) -> float | None:
+    """When the gateway says our lease on ``scope`` expires (epoch seconds), or None when it
+    cannot be read.  Leases are matched by path: host names collide (gateway.md 21)."""
+    url = layout.gateway_url
+    if url is None:
+        return None
+    try:
+        lease = GatewayClient(url, timeout=timeout).lease_on(layout.name, scope)
+    except GatewayError as exc:
+        log.info("lease expiry not readable; using lease_seconds", error=str(exc))
+        return None
+    return None if lease is None else lease.expires_at
