@@ -224,8 +224,9 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _repository_notes(config: config_mod.Config, repo: config_mod.RepositoryConfig) -> list[str]:
     """What an operator should know of how a valid repository will be served."""
+    from cvmfs_syncd.cvmfs.gateway import served_by_gateway_here
     from cvmfs_syncd.cvmfs.repo import load_layout
-    from cvmfs_syncd.maintenance.repository import GATEWAY_PUBLISHER_OFF
+    from cvmfs_syncd.maintenance.repository import GATEWAY_HOST_OFF, GATEWAY_PUBLISHER_OFF
 
     notes = []
     if not repo.staging and not repo.s3:
@@ -234,6 +235,8 @@ def _repository_notes(config: config_mod.Config, repo: config_mod.RepositoryConf
         layout = load_layout(config.cvmfs.config_dir, repo.name)
     except RepositoryConfigError as exc:
         return [*notes, f"server.conf unreadable: {exc}"]
+    if served_by_gateway_here(config.cvmfs.config_dir, repo.name):
+        notes.append(f"gateway host: gc and tag cleanup are off: {GATEWAY_HOST_OFF}")
     if layout.gateway_url is not None:
         notes.append(f"gateway publisher through {layout.gateway_url}")
         notes.append(

@@ -7,6 +7,7 @@ publishes, resign before recovery) is in test_maintenance_lane.py.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -737,3 +738,28 @@ def test_a_gateway_publisher_leaves_resign_and_gc_to_the_gateway_host(
     status = maint.status()
     assert status["gateway_publisher"]["off"] == ["resign", "gc", "tag cleanup"]
     assert not any("master key" in p for p in maint.problems())
+
+
+def test_on_the_gateway_host_gc_is_off_and_resign_runs(
+    stratum0: FakeStratum0, maintenance: Factory
+) -> None:
+    """The gateway host (its repo.json lists the repository) re-signs and checks; gc and tag
+    edits would race the receiver's commits (not recorded), so they stay off and say why."""
+    gateway_conf = stratum0.config_dir / "gateway" / "repo.json"
+    gateway_conf.parent.mkdir(parents=True, exist_ok=True)
+    gateway_conf.write_text(
+        json.dumps({"version": 2, "repos": [{"domain": REPO, "keys": [{"id": "k", "path": "/"}]}]})
+    )
+    expiry = stratum0.whitelist_expiry(REPO)
+    assert expiry is not None
+    maint = maintenance(clock=lambda: expiry - 3 * DAY, gc_schedule='"0 3 * * *"')
+    calls = CallLog(maint.server, ["gc", "tag_remove"])
+    result = maint.gc_locked()
+    assert result is not None
+    assert result.verdict is Verdict.SKIPPED
+    assert "gateway" in result.message
+    assert calls.names() == []
+    resigned = maint.resign_check()
+    assert resigned is not None
+    assert resigned.verdict is Verdict.DONE
+    assert maint.status()["gateway_host"]["off"] == ["gc", "tag cleanup"]

@@ -219,3 +219,17 @@ def read_session_token(spool_dir: Path) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise GatewayError(f"cannot read {spool_dir / SESSION_TOKEN_FILE}: {exc}") from None
     return token or None
+
+
+def served_by_gateway_here(config_dir: Path, repo: str) -> bool:
+    """Whether this host runs the repository gateway for ``repo``: its configuration
+    (``<config_dir>/gateway/repo.json``, version 2: ``{"repos": [{"domain": …}]}``) lists it.
+    An unreadable file counts as no."""
+    try:
+        document = json.loads((config_dir / "gateway" / "repo.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    repos = document.get("repos", []) if isinstance(document, dict) else []
+    return any(
+        (entry.get("domain") if isinstance(entry, dict) else entry) == repo for entry in repos
+    )

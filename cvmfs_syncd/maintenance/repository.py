@@ -15,6 +15,7 @@ import structlog
 
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.config import Config, MaintenanceConfig, RepositoryConfig
+from cvmfs_syncd.cvmfs.gateway import served_by_gateway_here
 from cvmfs_syncd.cvmfs.repo import RepositoryLayout, load_layout
 from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.locking import RepositoryLock
@@ -30,6 +31,13 @@ log = structlog.get_logger(__name__)
 
 #: How long a command-line run waits for a lock the daemon holds.
 CLI_LOCK_WAIT = 3600.0
+
+#: Why the gateway host leaves gc (with its tag cleanup) alone.
+GATEWAY_HOST_OFF = (
+    "this host runs the repository gateway: gc and tag edits would race the commits its "
+    "receiver makes for the publishers, and how they interact is not recorded; resign and "
+    "check run as configured"
+)
 
 #: Why a gateway publisher leaves resign and gc (with its tag cleanup) alone.
 GATEWAY_PUBLISHER_OFF = (
@@ -87,9 +95,9 @@ class RepositoryMaintenance:
         self._check = Check(ctx)
         self._repair_findings: list[str] = []
         self.gateway_url = layout.gateway_url
-        if self.gateway_url is not None:
-            for task in ("resign", "gc"):
-                self.runs.set_enabled(task, False)
+        self.gateway_host = served_by_gateway_here(config.cvmfs.config_dir, repo.name)
+        for task in self._off_tasks():
+            self.runs.set_enabled(task, False)
 
     def refresh(self) -> None:
         """Re-read the whitelist, the master key and the repository's last gc; set metrics."""
@@ -99,11 +107,18 @@ class RepositoryMaintenance:
             return
         self._gc.read_last_gc()
 
+    def _off_tasks(self) -> tuple[str, ...]:
+        if self.gateway_url is not None:
+            return ("resign", "gc")
+        return ("gc",) if self.gateway_host else ()
+
     def _off(self, task: str) -> TaskResult | None:
-        """On a gateway publisher: the result of ``task``, which does not run here."""
-        if self.gateway_url is None:
+        """The result of ``task`` where it does not run: on a gateway publisher (resign,
+        gc) or the gateway host (gc); None where it runs."""
+        if task not in self._off_tasks():
             return None
-        return TaskResult(task, Verdict.SKIPPED, GATEWAY_PUBLISHER_OFF)
+        why = GATEWAY_PUBLISHER_OFF if self.gateway_url is not None else GATEWAY_HOST_OFF
+        return TaskResult(task, Verdict.SKIPPED, why)
 
     # -- the tasks ---------------------------------------------------------------------------
 
@@ -127,7 +142,7 @@ class RepositoryMaintenance:
 
     def submit_gc(self) -> None:
         """Queue a gc in the lane (the scheduler's gc job); it runs between batches."""
-        if self.gateway_url is None:
+        if "gc" not in self._off_tasks():
             self._gc.submit()
 
     def gc_locked(self) -> TaskResult | None:
@@ -195,6 +210,8 @@ class RepositoryMaintenance:
         body.update(self.runs.status())
         body["schedules"] = {"gc": self.settings.gc_schedule, "check": self.settings.check_schedule}
         body["problems"] = self.problems()
+        if self.gateway_host:
+            body["gateway_host"] = {"off": ["gc", "tag cleanup"], "why": GATEWAY_HOST_OFF}
         if self.gateway_url is not None:
             body["gateway_publisher"] = {
                 "gateway": self.gateway_url,
