@@ -107,6 +107,12 @@ class Metrics:
             repo,
             registry=r,
         )
+        self.lease_wait_since = Gauge(
+            "cvmfs_syncd_lease_wait_since_timestamp_seconds",
+            "Behind a gateway: since when the next batch waits for a busy lease; 0 if it does not.",
+            repo,
+            registry=r,
+        )
         self.foreign_transaction = Gauge(
             "cvmfs_syncd_foreign_transaction_open",
             "1 while a transaction the daemon did not open (an operator's, gc's) is open.",
@@ -234,6 +240,7 @@ class Metrics:
             self.transaction_open,
             self.foreign_transaction,
             self.transaction_open_since,
+            self.lease_wait_since,
             self.published_bytes,
             self.grafted_files,
             self.unreadable_objects,

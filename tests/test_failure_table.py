@@ -198,11 +198,30 @@ def test_busy_gateway_lease_is_waited_for_without_an_error(
         stderr="CernVM-FS transaction error: lease path busy\n",
         times=2,
     )
+
+    def gauge() -> float | None:
+        return lane.metrics.registry.get_sample_value(
+            "cvmfs_syncd_lease_wait_since_timestamp_seconds", {"repository": REPO}
+        )
+
+    seen: list[float | None] = []
+    pause = lane.pause
+
+    def watching_pause(delay: float, abort_batch: int | None = None) -> None:
+        seen.append(gauge())
+        pause(delay, abort_batch)
+
+    lane.pause = watching_pause  # type: ignore[method-assign]
     ok, why = lane.sync_once(30)
     assert ok, why
     assert _published(stratum0)
     assert lane.status().last_error == ""
     assert stratum0.faults() == []
+    assert len(seen) == 2
+    assert seen[0] is not None
+    assert seen[0] > 0
+    assert seen[0] == seen[1]  # one wait, since its first refusal
+    assert gauge() == 0  # the alert's gauge clears once the lease is granted
 
 
 def test_lease_wait_follows_the_remaining_time_within_the_back_off() -> None:

@@ -42,6 +42,7 @@ class LaneControl(Protocol):
     metrics: Metrics
     log: Any
     open_batch: int | None
+    clock: Callable[[], float]
 
     @property
     def held_reason(self) -> str:
@@ -118,6 +119,7 @@ class Transaction:
         the batch is journalled aborted, or was aborted by us)."""
         lane = self.lane
         backoff = self._backoff()
+        waiting_since: float | None = None  # waiting for a busy gateway lease since then
         while True:
             # Journal first: after a crash, an open transaction is ours exactly when this says so.
             self._stage(JournalStage.OPENING, base_revision=base_revision, attempt=True)
@@ -130,6 +132,8 @@ class Transaction:
                 on_spawn=self._journal_command(),
                 tag=lane.command_tag(self.batch_id),
             )
+            if result.outcome is not Outcome.LEASE_BUSY:
+                lane.metrics.lease_wait_since.labels(lane.repo.name).set(0)
             if result.outcome is Outcome.OK:
                 self._stage(JournalStage.OPEN)
                 lane.transaction_opened()
@@ -159,6 +163,9 @@ class Transaction:
                 continue
             if result.outcome is Outcome.LEASE_BUSY:
                 # Another publisher holds an overlapping lease: contention, not a failure.
+                if waiting_since is None:
+                    waiting_since = lane.clock()
+                    lane.metrics.lease_wait_since.labels(lane.repo.name).set(waiting_since)
                 delay = lease_wait(result.lease_time_remaining_s, backoff.next_delay())
                 lane.log.info("gateway lease path busy; waiting", retry_in=round(delay, 1))
                 lane.set_status(state="waiting for a gateway lease")
