@@ -311,28 +311,47 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(body, indent=2))
         return EXIT_OK
     for name, lane in sorted(body.get("repositories", {}).items()):
-        last = lane.get("last_publish_at")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
-        print(
-            f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
-            f" (revision {lane.get('last_revision') or '-'})"
-        )
-        if lane.get("held"):
-            print(f"  HELD: {lane['held']}")
-        if lane.get("last_error"):
-            print(f"  last error: {lane['last_error']}")
-        for source, info in lane.get("sources", {}).items():
-            if not info.get("up"):
-                print(f"  source {source} DOWN: {info.get('detail')}")
+        print_lane(name, lane)
     for name, why in body.get("broken", {}).items():
         print(f"{name}: NOT SERVED: {why}")
     for name, maint in sorted(body.get("maintenance", {}).items()):
-        expires = (maint.get("whitelist") or {}).get("expires_at")
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(expires)) if expires else "unknown"
-        print(f"{name}: whitelist valid until {when}")
-        for problem in maint.get("problems", []):
-            print(f"  MAINTENANCE: {problem}")
+        print_maintenance(name, maint)
     return EXIT_OK
+
+
+def print_lane(name: str, lane: dict[str, Any], now: float | None = None) -> None:
+    """Print one repository's lane of a ``/status`` body for ``cvmfs-syncd status``."""
+    last = lane.get("last_publish_at")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "never"
+    print(
+        f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
+        f" (revision {lane.get('last_revision') or '-'})"
+    )
+    if lane.get("held"):
+        print(f"  HELD: {lane['held']}")
+    if lane.get("last_error"):
+        print(f"  last error: {lane['last_error']}")
+    lease = lane.get("lease") or {}
+    if lease:
+        expires = lease.get("expires_at")
+        left = f"{expires - (now or time.time()):.0f} s left" if expires else "expiry not read"
+        print(f"  gateway lease on {lease.get('path')}: {left}")
+    for source, info in lane.get("sources", {}).items():
+        if not info.get("up"):
+            print(f"  source {source} DOWN: {info.get('detail')}")
+
+
+def print_maintenance(name: str, maint: dict[str, Any]) -> None:
+    """Print one repository's maintenance of a ``/status`` body."""
+    expires = (maint.get("whitelist") or {}).get("expires_at")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(expires)) if expires else "unknown"
+    print(f"{name}: whitelist valid until {when}")
+    for role in ("gateway_publisher", "gateway_host"):
+        if maint.get(role):
+            off = ", ".join(maint[role].get("off", []))
+            print(f"  {role.replace('_', ' ')}: {off} off ({maint[role].get('why')})")
+    for problem in maint.get("problems", []):
+        print(f"  MAINTENANCE: {problem}")
 
 
 def _status_from_journal(config: config_mod.Config, why: str, *, as_json: bool) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cvmfs_syncd import __version__
-from cvmfs_syncd.cli import main
+from cvmfs_syncd.cli import main, print_lane, print_maintenance
 from cvmfs_syncd.locking import RepositoryLock
 from cvmfs_syncd.state import State
 from tests.fake_cvmfs.stratum0 import FakeStratum0
@@ -281,3 +281,20 @@ def test_a_restarted_lane_reports_its_last_publish(tmp_path: Path, stratum0: Fak
         assert status.last_revision == stratum0.revision(REPO)
     finally:
         state.close()
+
+
+def test_status_shows_the_gateway_lease_and_what_is_off(capsys: pytest.CaptureFixture[str]) -> None:
+    """Behind a gateway ``status`` shows the lease held with its time left, and which
+    maintenance tasks this host leaves to the gateway host and why."""
+    print_lane(
+        REPO,
+        {"state": "publishing", "lease": {"path": "sw/a", "expires_at": 1100.0}},
+        now=1000.0,
+    )
+    print_maintenance(
+        REPO,
+        {"gateway_publisher": {"off": ["resign", "gc", "tag cleanup"], "why": "a publisher"}},
+    )
+    out = capsys.readouterr().out
+    assert "gateway lease on sw/a: 100 s left" in out
+    assert "gateway publisher: resign, gc, tag cleanup off (a publisher)" in out
