@@ -12,7 +12,7 @@ refusals of maintenance commands, and the set-up of such a repository.
 from __future__ import annotations
 
 import json
-import socket
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,7 +50,7 @@ def host_name(repo: Repo) -> str:
         name = (repo.root / "etc" / "hostname").read_text().strip()
     except OSError:
         name = ""
-    return name or socket.gethostname()
+    return name or os.uname().nodename
 
 
 class GatewayReply:

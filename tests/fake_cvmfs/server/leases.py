@@ -39,7 +39,7 @@ Reply = tuple[int, bytes]
 def go_time(timestamp: float) -> str:
     """A lease's ``expires``: Go's ``time.Time.String`` of a time kept to the millisecond
     (``2026-12-03 12:38:43.592 +0000 UTC``; trailing zeros of the fraction dropped)."""
-    seconds, millis = divmod(int(timestamp * 1000), 1000)
+    seconds, millis = divmod(round(timestamp * 1000), 1000)
     text = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
     fraction = f"{millis:03d}".rstrip("0")
     return f"{text}{'.' + fraction if fraction else ''} +0000 UTC"
