@@ -293,7 +293,9 @@ class FakeStratum0:
 
     # -- state ------------------------------------------------------------------------
     def state(self, repo: str) -> RepoState:
-        """The repository state with the keys of the recordings' ``state_before/after``."""
+        """The repository state with the keys of the recordings' ``state_before/after``
+        (``revision``/``root_hash``: of the published manifest; on a gateway publisher of
+        the revision its mount shows, as in p_gateway_*)."""
         handle = self.repository(repo)
         spool = handle.spool
         exists = handle.exists()
@@ -312,6 +314,10 @@ class FakeStratum0:
             state["mount_mode"] = "rw" if mount.get("union_rw") else "ro"
         if lock.exists():
             state["in_transaction_lock_content"] = lock.read_text()
+        mounted = handle.mounted() if exists else None
+        if mounted is not None:  # a gateway publisher: what its mount shows
+            state["revision"], state["root_hash"] = mounted
+            return state
         try:
             manifest = handle.manifest()
         except (OSError, ValueError, KeyError):

@@ -58,6 +58,16 @@ SESSION_ONE = [
     "g_gc",
 ]
 
+# The gateway recordings, in the order they were recorded on one gateway repository: they
+# are replayed as one chain by test_gateway_replay.py.
+GATEWAY_SESSION = [
+    "p_gateway_basic",
+    "p_gateway_conflict",
+    "p_gateway_lease_expiry",
+    "p_gateway_down",
+    "p_gateway_maintenance",
+]
+
 # Transcripts of the later session that replay on a fresh root with these repositories.
 STANDALONE = {
     "h_resign": ["ref.local"],
@@ -106,6 +116,8 @@ def scenario_repo(name: str, step: int) -> str:
     """The repository a step's recorded state is about (see the reference README)."""
     if name in ("j_s3_publish_failure", "k_s3_cycle", "n2_graft_publish_s3"):
         return "refs3.local"
+    if name in GATEWAY_SESSION:
+        return "pub.gw.local"
     if name in ("g_gc", "o_gc_and_transactions"):
         return "refgc.local"
     if name == "h_resign" and step >= 29:
@@ -120,7 +132,7 @@ def scenario_repo(name: str, step: int) -> str:
 HEX = re.compile(r"\b[0-9a-f]{40}(-rmd160|-shake128)?[CPHXML]?\b")
 AUTO_TAG = re.compile(r"generic(_\d+)?-\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 GMT = re.compile(r"\[\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT\]")
-DAY = re.compile(r"\d\d \w{3} \d{4} \d\d:\d\d:\d\d")
+DAY = re.compile(r"\d{1,2} \w{3} \d{4} \d\d:\d\d:\d\d")
 SLASH_DATE = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d")
 LSOF = re.compile(r"^(\S+) +\d+ +(\S+) +(/\S.*)$")
 
@@ -498,17 +510,12 @@ def test_standalone_transcript_replays(tmp_path: Path, name: str) -> None:
 
 def test_every_recorded_cvmfs_server_step_is_covered() -> None:
     """Each recorded cvmfs_server step is replayed, scripted below or listed as not modelled."""
-    replayed = set(SESSION_ONE) | set(STANDALONE)
+    replayed = set(SESSION_ONE) | set(STANDALONE) | set(GATEWAY_SESSION)
     scripted = {"i_check", "j_s3_publish_failure", "n_graft_publish"}
     not_modelled = {
         "m_ingest": "ingest is not modelled by the fake",
         "n2_graft_publish_s3": "object ACLs of a real S3 bucket are not modelled",
         "m2_ingest": "ingest (replace/merge, hostile members, stdin) is not modelled yet",
-        "p_gateway_basic": "the repository gateway and its leases are not modelled yet",
-        "p_gateway_conflict": "hierarchical lease conflicts are not modelled yet",
-        "p_gateway_down": "a stopped gateway is not modelled yet",
-        "p_gateway_lease_expiry": "lease expiry at the gateway is not modelled yet",
-        "p_gateway_maintenance": "maintenance commands on a gateway publisher are not modelled yet",
     }
     names = {p.stem for p in TRANSCRIPTS.glob("*.jsonl")}
     assert names == replayed | scripted | set(not_modelled)

@@ -18,12 +18,15 @@ later ones in annotations only):
 - ``storage``: object names, hashes and contents; the signed manifest and whitelist
 - ``catalog``: the published tree (entries, revisions, tag rows) and the client view
 - ``repository``: ``Repo``, one repository's paths, configuration, objects, bookkeeping
+- ``leases``: the repository gateway itself (configuration, lease database, API replies)
 - ``union``: scans and snapshots of the union directory, and restoring it
 - ``faults``: injected faults and calibrated costs (and where F1 to F10 are modelled)
 - ``context``: one invocation (options, output, exit, locks, fault points)
 - ``checks``: what several commands check before acting
+- ``gateway``: a gateway publisher's side (lease calls, session token, mounted revision)
 - ``garbage``: mark and sweep, for ``gc`` and publish's automatic gc
 - ``sync``: publish's sync (the new catalog, uploads, grafts, the union afterwards)
+- ``receiver``: publish through the gateway (the commit onto the newest revision)
 - ``commands``: one module per subcommand, ``COMMANDS`` by name
 - ``cli``: the command line
 

@@ -92,7 +92,7 @@ def check_union_violations(ctx: Context, repo: Repo) -> None:
     ):
         log.writelines(lines)
     try:
-        catalog = repo.catalog(repo.manifest().root_hash)
+        catalog = repo.catalog(repo.mounted_root_hash())
     except (OSError, ValueError):
         return
     sync_union(repo, catalog, snap)
@@ -102,7 +102,7 @@ def check_union_violations(ctx: Context, repo: Repo) -> None:
 def remount_published(repo: Repo) -> None:
     """Show the published revision in the union directory again (after a repair)."""
     try:
-        catalog = repo.catalog(repo.manifest().root_hash)
+        catalog = repo.catalog(repo.mounted_root_hash())
     except (OSError, ValueError):
         return
     sync_union(repo, catalog, load_snapshot(repo))

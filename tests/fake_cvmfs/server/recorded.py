@@ -119,3 +119,57 @@ PUBLISH_STEPS_BEFORE_UPLOAD = (
     "Swissknife Sync: Processing changes...\n",
     "Waiting for upload of files before committing...\n",
 )
+
+# -- the repository gateway (p_gateway_basic, _conflict, _lease_expiry, _down, _maintenance)
+
+GATEWAY_REPLY_OK = "Gateway reply: ok\n"
+
+LEASE_BUSY_ERROR = "CernVM-FS transaction error: lease path busy\n"
+
+SESSION_FILE_MISSING = (
+    "[ERROR] Session token file has to be provided when upstream type is gw.\n"
+    "failed to init environment\n"
+)
+
+GATEWAY_UPLOADER_PANIC = (
+    "Failed to configure gateway uploader. Missing session token file.\n"
+    "\n"
+    "terminate called after throwing an instance of 'ECvmfsException'\n"
+    f"  what():  PANIC: {SOURCE_PLACEHOLDER}/cvmfs/upload_gateway.cc : 65\n"
+    "Error in parsing the spooler definition\n"
+    "Aborted\n"
+)
+
+UPLOAD_ERROR_REPLY = (
+    "SessionContext::DoUpload - error reply: {reply}\n"
+    "terminate called after throwing an instance of 'ECvmfsException'\n"
+    f"  what():  PANIC: {SOURCE_PLACEHOLDER}/cvmfs/session_context.cc : 405\n"
+    "SessionContext: could not submit payload. Aborting.\n"
+    "Killed\n"
+    "Synchronization failed\n"
+)
+
+FORCED_LEASE_DROP = (
+    "force abort, continue despite error while trying to drop lease, removing session "
+    "token. Error: gateway doesn't recognize the lease or cannot drop it\n"
+)
+
+TRACE_LEASE_ACQUIRE = (
+    "\n"
+    "Stacktrace:\n"
+    "/lib/libcvmfs_server.so.2.12.0(+0xe3ede) [0x7f0000ae3ede]\n"
+    "/lib/libcvmfs_server.so.2.12.0(+0xed6bb) [0x7f0000aed6bb]\n"
+    "/lib/libcvmfs_server.so.2.12.0(+0x2f551) [0x7f0000a2f551]\n"
+    "/lib/libcvmfs_server.so.2.12.0(_ZN7publish9Publisher15TransactionImplEv+0x51) "
+    "[0x7f0000b023e1]\n"
+    "/lib/libcvmfs_server.so.2.12.0(_ZN7publish9Publisher16TransactionRetryEv+0xa0) "
+    "[0x7f0000b03180]\n"
+    "/lib/libcvmfs_server.so.2.12.0(_ZN7publish9Publisher11TransactionEv+0x11) "
+    "[0x7f0000ae7651]\n"
+    "/usr/bin/cvmfs_publish(+0x6e379) [0x550000071379]\n"
+    "/usr/bin/cvmfs_publish(+0x1a9b4) [0x55000001d9b4]\n"
+    "/lib/x86_64-linux-gnu/libc.so.6(+0x2724a) [0x7f000004524a]\n"
+    "/lib/x86_64-linux-gnu/libc.so.6(__libc_start_main+0x85) [0x7f0000045305]\n"
+    "/usr/bin/cvmfs_publish(+0x1aaa1) [0x55000001daa1]\n"
+    "\n"
+)

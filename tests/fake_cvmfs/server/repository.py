@@ -101,9 +101,17 @@ class Repo:
         return self.conf.get("CVMFS_UPSTREAM_STORAGE", "").startswith("S3,")
 
     @property
+    def is_gateway(self) -> bool:
+        """Whether this host publishes through a repository gateway (upstream type gw)."""
+        return self.conf.get("CVMFS_UPSTREAM_STORAGE", "").startswith("gw,")
+
+    @property
     def storage(self) -> Path:
-        """The storage directory (for S3: a local directory standing in for the bucket)."""
+        """The storage directory (for S3: a local directory standing in for the bucket; for a
+        gateway publisher: the receiver's, ``TEST_CVMFS_RECEIVER_UPSTREAM_STORAGE``)."""
         upstream = self.conf.get("CVMFS_UPSTREAM_STORAGE", "")
+        if upstream.startswith("gw,"):
+            upstream = self.conf.get("TEST_CVMFS_RECEIVER_UPSTREAM_STORAGE", "")
         parts = upstream.split(",")
         if upstream.startswith("S3,") and len(parts) >= 3:
             s3conf = parts[2].partition("@")[2]
@@ -262,9 +270,37 @@ class Repo:
         else:
             io_file.unlink(missing_ok=True)
 
+    def receiver(self) -> Repo:
+        """The repository on the host whose storage this one publishes to: for a gateway
+        publisher the gateway's host (its ROOT in ``gateway.json``), else itself."""
+        link = read_json(self.state_dir / "gateway.json", None)
+        root = link.get("receiver_root") if isinstance(link, dict) else None
+        if not root or Path(str(root)) == self.root:
+            return self
+        return Repo(Path(str(root)), self.name)
+
+    def mounted(self) -> tuple[int, str] | None:
+        """(revision, root hash) the rdonly mount shows, when it is not simply the published
+        one: a gateway publisher keeps its revision until it remounts (``mounted.json``)."""
+        value = read_json(self.state_dir / "mounted.json", None)
+        if not isinstance(value, dict):
+            return None
+        return int(value["revision"]), str(value["root_hash"])
+
+    def set_mounted(self, revision: int, root_hash: str) -> None:
+        """Record the revision the rdonly mount shows (gateway publishers)."""
+        write_json(self.state_dir / "mounted.json", {"revision": revision, "root_hash": root_hash})
+
+    def mounted_root_hash(self) -> str:
+        """Root hash of the revision the union directory shows when no transaction is open."""
+        mounted = self.mounted()
+        return mounted[1] if mounted is not None else self.manifest().root_hash
+
     def revisions(self) -> list[dict[str, Any]]:
-        """Every revision ever published: revision, root_hash, timestamp, catalog_size."""
-        value = read_json(self.state_dir / "revisions.json", [])
+        """Every revision ever published: revision, root_hash, timestamp, catalog_size
+        (kept by the host that writes the storage)."""
+        owner = self.receiver()
+        value = read_json(owner.state_dir / "revisions.json", [])
         return value if isinstance(value, list) else []
 
     def add_revision(self, catalog: Catalog, root_hash: str, size: int) -> None:
@@ -279,7 +315,7 @@ class Repo:
             }
         )
         revs.sort(key=lambda r: int(r["revision"]))
-        write_json(self.state_dir / "revisions.json", revs)
+        write_json(self.receiver().state_dir / "revisions.json", revs)
 
     def in_transaction(self) -> bool:
         """Whether ``in_transaction.lock`` exists."""

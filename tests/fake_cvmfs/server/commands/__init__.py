@@ -13,11 +13,14 @@ from tests.fake_cvmfs.server.commands.diff import cmd_diff
 from tests.fake_cvmfs.server.commands.gc import cmd_gc
 from tests.fake_cvmfs.server.commands.info import cmd_info
 from tests.fake_cvmfs.server.commands.list import cmd_list
+from tests.fake_cvmfs.server.commands.list_catalogs import cmd_list_catalogs
 from tests.fake_cvmfs.server.commands.mkfs import cmd_mkfs
 from tests.fake_cvmfs.server.commands.mount import cmd_mount
 from tests.fake_cvmfs.server.commands.publish import cmd_publish
 from tests.fake_cvmfs.server.commands.resign import cmd_resign
 from tests.fake_cvmfs.server.commands.rmfs import cmd_rmfs
+from tests.fake_cvmfs.server.commands.rollback import cmd_rollback
+from tests.fake_cvmfs.server.commands.snapshot import cmd_snapshot
 from tests.fake_cvmfs.server.commands.tag import cmd_tag
 from tests.fake_cvmfs.server.commands.transaction import cmd_transaction
 from tests.fake_cvmfs.server.context import Context
@@ -36,4 +39,7 @@ COMMANDS: dict[str, Callable[[Context, list[str]], None]] = {
     "gc": cmd_gc,
     "rmfs": cmd_rmfs,
     "diff": cmd_diff,
+    "rollback": cmd_rollback,
+    "snapshot": cmd_snapshot,
+    "list-catalogs": cmd_list_catalogs,
 }

@@ -11,6 +11,7 @@ from tests.fake_cvmfs.server.checks import (
     whitelist_problem,
 )
 from tests.fake_cvmfs.server.context import CommandExit, Context, parse_options
+from tests.fake_cvmfs.server.gateway import release_lease
 from tests.fake_cvmfs.server.recorded import FUSE_CHATTER, TRACE_PUBLISHER
 from tests.fake_cvmfs.server.repository import Repo
 from tests.fake_cvmfs.server.union import load_snapshot, save_snapshot, scan_tree, sync_union
@@ -34,7 +35,8 @@ def cmd_abort(ctx: Context, args: list[str]) -> None:
             1,
         ),
     )
-    if not any(key == "-f" for key, _ in opts):
+    force = any(key == "-f" for key, _ in opts)
+    if not force:
         ctx.out(
             f"You are about to DISCARD ALL CHANGES OF THE CURRENT TRANSACTION for "
             f"{repo.name}!  Are you sure (y/N)? "
@@ -60,7 +62,9 @@ def cmd_abort(ctx: Context, args: list[str]) -> None:
     if (repo.spool / "is_collecting.lock").exists():
         ctx.err(f"Repository {repo.name} is busy: garbage collection is running\n")
         raise CommandExit(1)
-    catalog = repo.catalog(repo.manifest().root_hash)
+    if repo.is_gateway:
+        release_lease(ctx, repo, force=force)
+    catalog = repo.catalog(repo.mounted_root_hash())
     sync_union(repo, catalog, load_snapshot(repo))
     save_snapshot(repo, scan_tree(repo.union))
     ctx.fault("after_restore")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.fake_cvmfs.server.catalog import Catalog
 from tests.fake_cvmfs.server.checks import manifest_problem, require_repo, split_repo_arg
 from tests.fake_cvmfs.server.context import CommandExit, Context, parse_options
+from tests.fake_cvmfs.server.gateway import remount_if_stale
 from tests.fake_cvmfs.server.repository import Repo
 from tests.fake_cvmfs.server.storage import verify_object_bytes
 
@@ -19,7 +20,8 @@ def cmd_check(ctx: Context, args: list[str]) -> None:
     flags = {key for key, _ in opts}
     values = dict(opts)
     ctx.fault("start")
-    if "-i" in flags and repo.is_s3:
+    remount_if_stale(ctx, repo, style="check")
+    if "-i" in flags and (repo.is_s3 or repo.is_gateway):
         # faults.md F3, p_gateway_maintenance 8: only local storage is scanned
         ctx.out("Storage integrity check only works locally. skipping.\n")
     elif "-i" in flags:

@@ -45,6 +45,15 @@ def cmd_diff(ctx: Context, args: list[str]) -> None:
                 if machine
                 else f"{path} remove {word} -{before.size} bytes\n"
             )
+        elif (
+            before is not None
+            and after is not None
+            and after.kind == before.kind == "dir"
+            and before.mtime != after.mtime
+            and before.mode == after.mode
+        ):
+            # a directory whose entries changed (p_gateway_maintenance 15)
+            lines.append(f"M D {path}\n" if machine else f"{path} modify directory [timestamp]\n")
         elif before is not None and after is not None and _content_changed(before, after):
             word, letter = labels[after.kind]
             delta = after.size - before.size

@@ -6,7 +6,7 @@ from tests.fake_cvmfs.server.checks import manifest_problem, require_repo, split
 from tests.fake_cvmfs.server.clock import parse_gc_time, utc
 from tests.fake_cvmfs.server.context import CommandExit, Context, parse_options
 from tests.fake_cvmfs.server.garbage import collect_garbage, gc_plan
-from tests.fake_cvmfs.server.recorded import GC_DEFAULT_TIMESPAN
+from tests.fake_cvmfs.server.recorded import GATEWAY_UPLOADER_PANIC, GC_DEFAULT_TIMESPAN
 from tests.fake_cvmfs.server.repository import Repo
 
 
@@ -89,6 +89,13 @@ def _run_gc(
     try:
         ctx.fault("locked")
         ctx.out("Running Garbage Collection \n")
+        if repo.is_gateway:  # gc belongs to the gateway (maintenance 10, 11, 20)
+            reflog_known = (repo.spool / "reflog.chksum").exists()
+            ctx.err(
+                (GATEWAY_UPLOADER_PANIC if reflog_known else "Could not read reflog checksum\n")
+                + "Fail (6)!\n"
+            )
+            raise CommandExit(1)
         collect_garbage(ctx, repo, plan, dry=dry, listing=listing)
     finally:
         if not dry:

@@ -17,7 +17,7 @@ def cmd_list(ctx: Context, args: list[str]) -> None:
         if ctx.lock_repo(repo, wait=False):
             check_union_violations(ctx, repo)
             ctx.release_locks()
-        parts = ["S3" if repo.is_s3 else "local"]
+        parts = ["S3" if repo.is_s3 else "gw" if repo.is_gateway else "local"]
         if repo.in_transaction():
             parts.append("in transaction")
         state = repo.mount_state()

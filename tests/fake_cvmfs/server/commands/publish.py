@@ -26,6 +26,7 @@ from tests.fake_cvmfs.server.clock import parse_timespan, utc
 from tests.fake_cvmfs.server.context import CommandExit, Context, parse_options
 from tests.fake_cvmfs.server.faults import command_costs
 from tests.fake_cvmfs.server.garbage import auto_gc_due, auto_gc_threshold, collect_garbage, gc_plan
+from tests.fake_cvmfs.server.receiver import publish_through_gateway
 from tests.fake_cvmfs.server.recorded import PUBLISH_STEPS_BEFORE_UPLOAD
 from tests.fake_cvmfs.server.repository import Repo, record_refs
 from tests.fake_cvmfs.server.storage import Manifest
@@ -94,7 +95,10 @@ def cmd_publish(ctx: Context, args: list[str]) -> None:
     # cleanup trap (SIGKILL to its group) leaves it so, with the lock (faults.md F9)
     repo.set_mount_state(union_rw=False)
     try:
-        _run_publish(ctx, job)
+        if repo.is_gateway:
+            publish_through_gateway(ctx, job, options.get("-a"))
+        else:
+            _run_publish(ctx, job)
     except BaseException:
         # the cleanup trap (publish_failed): the transaction stays open, read/write
         if repo.in_transaction():

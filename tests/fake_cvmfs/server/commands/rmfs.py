@@ -26,7 +26,7 @@ def cmd_rmfs(ctx: Context, args: list[str]) -> None:
     shutil.rmtree(repo.spool, ignore_errors=True)
     shutil.rmtree(repo.union, ignore_errors=True)
     ctx.out("Removing Spool Area... done\n")
-    if not repo.is_s3:
+    if not repo.is_s3 and not repo.is_gateway:  # a publisher's storage is the gateway's
         shutil.rmtree(storage, ignore_errors=True)
         ctx.out("Removing Repository Storage... done\n")
     shutil.rmtree(repo.repo_conf_dir, ignore_errors=True)

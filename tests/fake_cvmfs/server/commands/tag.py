@@ -8,6 +8,8 @@ from tests.fake_cvmfs.server.catalog import store_history, tag_row
 from tests.fake_cvmfs.server.checks import manifest_problem, require_repo, split_repo_arg
 from tests.fake_cvmfs.server.clock import utc
 from tests.fake_cvmfs.server.context import CommandExit, Context, parse_options
+from tests.fake_cvmfs.server.gateway import remount_if_stale
+from tests.fake_cvmfs.server.recorded import SESSION_FILE_MISSING
 from tests.fake_cvmfs.server.repository import Repo, record_refs
 
 
@@ -19,6 +21,7 @@ def cmd_tag(ctx: Context, args: list[str]) -> None:
         raise CommandExit(1)
     repo = require_repo(ctx, split_repo_arg(rest[0])[0])
     ctx.fault("start")
+    remount_if_stale(ctx, repo, style="check")
     problem = manifest_problem(ctx, repo)
     if problem is not None:
         ctx.err(
@@ -31,6 +34,9 @@ def cmd_tag(ctx: Context, args: list[str]) -> None:
     removals = [value for key, value in opts if key == "-r"]
     if "-a" in values:
         ctx.lock_repo(repo)
+        if repo.is_gateway:  # tags need the session token of a transaction (maintenance 4)
+            ctx.err(SESSION_FILE_MISSING)
+            raise CommandExit(1)
         _tag_add(ctx, repo, values["-a"], values.get("-m", ""), values.get("-h"))
     elif removals:
         ctx.lock_repo(repo)
@@ -53,21 +59,24 @@ def _tags_machine_order(tags: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [tag for _, tag in indexed]
 
 
+def _listing_time(timestamp: float) -> str:
+    """A tag's time as the listing shows it: the day without padding (basic 18)."""
+    return utc("%d %b %Y %H:%M:%S", timestamp).removeprefix("0")
+
+
 def _tag_table(ctx: Context, tags: list[dict[str, Any]]) -> None:
     width = max([4, *(len(str(t["name"])) for t in tags)])
-    ctx.out(f"{'Name':<{width}} │ Revision │ Timestamp            │ Branch │ Description\n")
-    ctx.out(
-        "─" * (width + 1) + "┼" + "─" * 10 + "┼" + "─" * 22 + "┼" + "─" * 8 + "┼" + "─" * 13 + "\n"
-    )
-    for tag in tags:
-        stamp = utc("%d %b %Y %H:%M:%S", float(tag["timestamp"]))
+    stamps = [_listing_time(float(t["timestamp"])) for t in tags]
+    stamp_width = max([9, *(len(stamp) for stamp in stamps)])
+    ctx.out(f"{'Name':<{width}} │ Revision │ {'Timestamp':<{stamp_width}} │ Branch │ Description\n")
+    rule = ["─" * (width + 1), "─" * 10, "─" * (stamp_width + 2), "─" * 8, "─" * 13]
+    ctx.out("┼".join(rule) + "\n")
+    for tag, stamp in zip(tags, stamps, strict=True):
         ctx.out(
             f"{tag['name']:<{width}} │ {tag['revision']:>8} │ {stamp} │ "
             f"{tag.get('branch', ''):<6} │ {tag.get('description', '')}\n"
         )
-    ctx.out(
-        "─" * (width + 1) + "┴" + "─" * 10 + "┴" + "─" * 22 + "┴" + "─" * 8 + "┴" + "─" * 13 + "\n"
-    )
+    ctx.out("┴".join(rule) + "\n")
     ctx.out(f"listing contains {len(tags)} tags\n")
 
 
@@ -76,7 +85,7 @@ def _tag_inspect(ctx: Context, repo: Repo, name: str) -> None:
     if tag is None:
         ctx.err(f"tag '{name}' does not exist\n")
         raise CommandExit(1)
-    stamp = utc("%d %b %Y %H:%M:%S", float(tag["timestamp"]))
+    stamp = _listing_time(float(tag["timestamp"]))
     ctx.out(
         f"Name:         {tag['name']}\nRevision:     {tag['revision']}\n"
         f"Timestamp:    {stamp}\nBranch:       {tag.get('branch', '')}\n"
@@ -160,6 +169,9 @@ def _tag_remove(ctx: Context, repo: Repo, names: list[str], *, force: bool) -> N
         answer = ctx.ask()
         if answer is None or answer.lower() not in ("y", "yes"):
             raise CommandExit(1)
+    if repo.is_gateway:  # maintenance 6
+        ctx.err(SESSION_FILE_MISSING + "Did not remove anything\n")
+        raise CommandExit(1)
     argument = tag_remove_shell_argument(repo, names)
     if len(argument.encode("utf-8", "surrogateescape")) + 1 > MAX_ARG_STRLEN:
         ctx.err(
