@@ -259,7 +259,7 @@ class BatchCycle:
                 self._requeue(ops, origin)
                 return False
             if lane.layout.gateway_url is not None:
-                self._learn_lease(transaction.scope, lane.clock())
+                self._learn_lease(transaction.scope, transaction.requested_at)
             phase = time.monotonic()
             applied = work.place(batch_id, ops, prepared)
             self._timings["place"] = time.monotonic() - phase
@@ -279,14 +279,16 @@ class BatchCycle:
                 batch.summary(), applied, lambda ops: self._requeue(ops, origin)
             )
             self._timings["publish"] = time.monotonic() - phase
+            lane.set_status(lease=None)
+            if revision is None:
+                return False
+            # Only a publish that went through measures what a batch costs (a failed one
+            # may have waited out a dead endpoint or an expired lease).
             self.cost.observe(
                 len(applied),
                 sum(op_weight(op) for op in applied),
                 self._timings["place"] + self._timings["publish"],
             )
-            lane.set_status(lease=None)
-            if revision is None:
-                return False
             self.finish(batch_id, applied, revision, first_seen, started)
             return True
 

@@ -94,6 +94,9 @@ class Transaction:
         #: The lease path of a gateway publisher's transaction (None: the whole repository,
         #: unscoped); it widens to an existing parent when the target does not exist yet.
         self.scope = scope
+        #: When the last ``transaction`` command started: a lease granted by it lasts from
+        #: no earlier than this.
+        self.requested_at = 0.0
 
     def _backoff(self) -> Backoff:
         repo = self.lane.repo
@@ -125,6 +128,7 @@ class Transaction:
             self._stage(JournalStage.OPENING, base_revision=base_revision, attempt=True)
             lane.open_batch = self.batch_id
             lane.set_status(state="opening transaction")
+            self.requested_at = lane.clock()
             result = lane.server.transaction(
                 lane.repo.name,
                 path=self.scope or None,
