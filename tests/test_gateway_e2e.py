@@ -168,3 +168,51 @@ def test_a_lease_that_expires_mid_batch_loses_nothing(tmp_path: Path, gateway: F
     batches = [line for line in _history(gateway) if BATCH_WORD in line]
     assert len(batches) == 1
     assert gateway.leases() == {}
+
+
+def _journal_stages(publisher: Publisher) -> list[str]:
+    import sqlite3
+
+    path = publisher.dir / "state" / "state.sqlite"
+    if not path.exists():
+        return []
+    db = sqlite3.connect(path)
+    try:
+        return [str(row[0]) for row in db.execute("SELECT stage FROM batches ORDER BY id")]
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "point", "stage"),
+    [
+        ("transaction", "after_lock", "opening"),
+        ("publish", "after_upload", "publishing"),
+        ("publish", "end", "publishing"),
+    ],
+)
+def test_kill_9_of_a_publisher_leaves_no_lease_and_loses_nothing(
+    tmp_path: Path, gateway: FakeGateway, command: str, point: str, stage: str
+) -> None:
+    """kill -9 while the tool hangs holding a lease; the next run stops the leftover command,
+    recovers (abort -f drops the lease, or the publish is found in the history) and the file
+    is live once."""
+    host = gateway.publisher("p2")
+    publisher = Publisher(tmp_path, host, "p", "/")
+    (publisher.staging / "f.txt").write_text("f")
+    host.inject_fault(command, "hang", at=point, times=1)
+    first = publisher.start_sync()
+    try:
+        wait_for(
+            lambda: _journal_stages(publisher)[-1:] == [stage] and host.faults() == [],
+            60,
+            f"the run to hang at {command}/{point}",
+        )
+    finally:
+        first.kill()
+        first.wait()
+    _finish(publisher.start_sync(), publisher)
+    assert _live(gateway)["f.txt"] == "file"
+    assert len([line for line in _history(gateway) if BATCH_WORD in line]) == 1
+    assert gateway.leases() == {}
+    assert not host.orphans()
