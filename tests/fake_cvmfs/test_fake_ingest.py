@@ -547,6 +547,31 @@ def test_a_damaged_header_is_skipped_with_a_retry_note(fake: FakeStratum0) -> No
     assert set(tree(fake, "damaged")) == {"damaged", "damaged/a", "damaged/c"}
 
 
+def test_ingest_fault_points(fake: FakeStratum0) -> None:
+    """``start`` fails the ingest's own transaction (its message, then ``Impossible to
+    start a transaction``); ``upload`` fails swissknife after the archive was read: the
+    cleanup, ``Synchronization failed``, no revision and no lock either way."""
+    data = tar_bytes(file("x", b"x\n"))
+    fake.inject_fault("ingest", "fail", at="start", times=1)
+    code, _, stderr = ingest(fake, data, "faulty")
+    assert (code, stderr) == (
+        1,
+        EVAL + "cannot load whitelist [failed to download whitelist]\n"
+        "Impossible to start a transaction\n",
+    )
+    fake.inject_fault("ingest", "fail", at="upload", times=1)
+    code, stdout, stderr = ingest(fake, data, "faulty")
+    assert code == 1
+    assert stdout.endswith(CHATTER.format(spool=spool(fake)))
+    assert stderr.startswith(
+        EVAL + "fake fault: ingest failed at upload\nSynchronization failed\n\nExecuted Command:\n"
+    )
+    assert fake.revision(REPO) == 1
+    assert fake.state(REPO)["in_transaction_lock"] is False
+    assert not (fake.union_dir(REPO) / "faulty").exists()
+    assert ingest(fake, data, "faulty")[0] == 0
+
+
 # -- progress, defragmentation, costs -------------------------------------------------------
 
 
