@@ -12,6 +12,7 @@ from tests.fake_cvmfs.server.commands.check import cmd_check
 from tests.fake_cvmfs.server.commands.diff import cmd_diff
 from tests.fake_cvmfs.server.commands.gc import cmd_gc
 from tests.fake_cvmfs.server.commands.info import cmd_info
+from tests.fake_cvmfs.server.commands.ingest import cmd_ingest
 from tests.fake_cvmfs.server.commands.list import cmd_list
 from tests.fake_cvmfs.server.commands.list_catalogs import cmd_list_catalogs
 from tests.fake_cvmfs.server.commands.mkfs import cmd_mkfs
@@ -41,5 +42,6 @@ COMMANDS: dict[str, Callable[[Context, list[str]], None]] = {
     "diff": cmd_diff,
     "rollback": cmd_rollback,
     "snapshot": cmd_snapshot,
+    "ingest": cmd_ingest,
     "list-catalogs": cmd_list_catalogs,
 }
