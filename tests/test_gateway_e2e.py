@@ -4,6 +4,7 @@ publisher), each publisher a ``cvmfs-syncd sync`` process of its own host."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -171,14 +172,15 @@ def test_a_lease_that_expires_mid_batch_loses_nothing(tmp_path: Path, gateway: F
 
 
 def _journal_stages(publisher: Publisher) -> list[str]:
-    import sqlite3
-
+    """The journal's stages so far; [] while the database is being created or migrated."""
     path = publisher.dir / "state" / "state.sqlite"
     if not path.exists():
         return []
-    db = sqlite3.connect(path)
+    db = sqlite3.connect(path, timeout=5)
     try:
         return [str(row[0]) for row in db.execute("SELECT stage FROM batches ORDER BY id")]
+    except sqlite3.OperationalError:
+        return []  # no table yet: the run is still setting its state up
     finally:
         db.close()
 
