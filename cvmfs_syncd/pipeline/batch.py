@@ -280,6 +280,8 @@ class BatchCycle:
             )
             self._timings["publish"] = time.monotonic() - phase
             lane.set_status(lease=None)
+            if transaction.lease_expired:
+                self.cost.outlasted()  # the batch is planned again: smaller
             if revision is None:
                 return False
             # Only a publish that went through measures what a batch costs (a failed one

@@ -47,6 +47,11 @@ class PublishCost:
         """Expected seconds to place and publish ``ops`` ops of ``size`` bytes."""
         return self.raw(ops, size) * self.scale
 
+    def outlasted(self) -> None:
+        """A batch outlasted its lease: expect twice as long from now on, so that the next
+        cut is about half as big (measurements bring the scale back down)."""
+        self.scale *= 2
+
     def observe(self, ops: int, size: int, seconds: float) -> None:
         """Learn from a batch that took ``seconds`` to place and publish."""
         if seconds <= 0:

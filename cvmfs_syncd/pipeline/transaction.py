@@ -97,6 +97,8 @@ class Transaction:
         #: When the last ``transaction`` command started: a lease granted by it lasts from
         #: no earlier than this.
         self.requested_at = 0.0
+        #: Set when publish found the gateway lease expired (the batch is planned again).
+        self.lease_expired = False
 
     def _backoff(self) -> Backoff:
         repo = self.lane.repo
@@ -259,6 +261,7 @@ class Transaction:
             if result.outcome is Outcome.LEASE_INVALID:
                 # The gateway lease expired (gateway.md 13-15): this transaction can never be
                 # published; `abort -f` ends it, and the batch is planned again.
+                self.lease_expired = True
                 if self.abort("gateway lease expired: " + describe(result)):
                     requeue(applied)
                 return None

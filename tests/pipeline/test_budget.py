@@ -76,3 +76,13 @@ def test_the_lease_length_comes_from_the_gateway_else_the_setting() -> None:
     assert lease_length(1000.0, 1030.0, 600.0) == 30.0
     assert lease_length(1000.0, None, 600.0) == 600.0
     assert lease_length(1000.0, 990.0, 600.0) == 600.0
+
+
+def test_a_batch_that_outlasted_its_lease_makes_the_next_cut_smaller() -> None:
+    """After "invalid lease" the same lease holds about half as many ops."""
+    cost = PublishCost()
+    ops = [_file(f"f{i:05d}", 1024) for i in range(100_000)]
+    before, _ = cut_to_caps(ops, [], 1_000_000, 1 << 40, fits_lease(cost, 30.0))
+    cost.outlasted()
+    after, _ = cut_to_caps(ops, [], 1_000_000, 1 << 40, fits_lease(cost, 30.0))
+    assert 0.4 * len(before) < len(after) < 0.6 * len(before)
