@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
+from cvmfs_syncd.ingest import RefusedDrop
 from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, Op, OpKind, SetAside
 from cvmfs_syncd.paths import is_ignored, reserved_name
 from cvmfs_syncd.planner import Plan, deletion_guard
@@ -91,10 +92,18 @@ class Fate(enum.Enum):
 
 
 class Verdict(NamedTuple):
-    """A fate, with the reason an operator reads for REFUSED and SKIPPED."""
+    """A fate, with the reason an operator reads for REFUSED and SKIPPED (and for a refused
+    tarball the refusal's code)."""
 
     fate: Fate
     reason: str = ""
+    code: str = ""
+
+
+def drop_verdict(refused: RefusedDrop) -> Verdict:
+    """The verdict on a top-level tarball that is no drop (its base is taken or unsafe)."""
+    why = f"tarball refused ({refused.reason.value}): {refused.detail}"
+    return Verdict(Fate.REFUSED, why, refused.reason.value)
 
 
 @dataclass
@@ -128,6 +137,29 @@ def hold_deletes(plan: Plan, why: str, kind: HoldReason, also: Iterable[str] = (
     plan.guard_kind = kind
 
 
+def _below_any(path: str, bases: Iterable[str]) -> bool:
+    return any(path == base or path.startswith(base + "/") for base in bases)
+
+
+def defer_under_ingests(plan: Plan, until: float) -> None:
+    """Take every op at or below the base of one of the plan's INGEST ops out of the plan,
+    deferred until ``until``: the ingest replaces what is there (``cvmfs_server ingest``
+    runs in a revision of its own), and what is left to do there is planned again once
+    it is live."""
+    bases = [o.repo_path for o in plan.ops if o.kind is OpKind.INGEST]
+    if not bases:
+        return
+    kept: list[Op] = []
+    for op in plan.ops:
+        if op.kind is not OpKind.INGEST and _below_any(op.repo_path, bases):
+            entry = plan.origin.pop(op.repo_path, None)
+            if entry is not None:
+                plan.deferred.append(entry.deferred_until(until))
+            continue
+        kept.append(op)
+    plan.ops = kept
+
+
 def _add(plan: Plan, entry: Pending, op: Op) -> None:
     plan.ops.append(op)
     plan.origin[op.repo_path] = entry
@@ -139,7 +171,8 @@ def _report(result: Planned, entry: Pending, verdict: Verdict, reported: str) ->
         return
     result.reported[entry.rel_path] = verdict.reason
     if verdict.fate is Fate.REFUSED:
-        result.plan.set_aside.append(SetAside(entry.source, entry.rel_path, verdict.reason))
+        aside = SetAside(entry.source, entry.rel_path, verdict.reason, refusal=verdict.code)
+        result.plan.set_aside.append(aside)
     else:
         result.plan.skipped.append((verdict.reason, entry.rel_path))
 
@@ -188,6 +221,13 @@ class StagedObservation:
     set-aside record exists, ``aside`` its fingerprint. ``settle_at``: 0.0 once the file
     is settled, else when to look again (``batching.Settler``). ``writers``: whether a
     process has the file open for writing (None: the kernel cannot say).
+
+    Tarball drops (``tarballs = "ingest"``): ``drop`` says the entry is a top-level tarball
+    name and ``repo_path`` is its base (the directory it is published as);
+    ``refused_drop`` why it is no drop (another entry takes its base, or the base is
+    unsafe). ``live_elsewhere``: the entry live at ``repo_path`` came from another input of
+    this source (a tarball whose base holds it), so it is not this entry's to delete or
+    keep.
     """
 
     entry: Pending
@@ -204,6 +244,9 @@ class StagedObservation:
     aside: Fingerprint | None = None
     settle_at: float = 0.0
     writers: bool | None = None
+    drop: bool = False
+    refused_drop: RefusedDrop | None = None
+    live_elsewhere: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +277,14 @@ def same_staged(found: Fingerprint, live: Fingerprint) -> bool:
 
 def replaces(obs: StagedObservation) -> bool:
     """Return True if the staged entry replaces a live one of another type (a directory by
-    a file or symlink, or the other way round): publishing it deletes what it replaces."""
-    return obs.found is not None and obs.live is not None and obs.found.type != obs.live.type
+    a file or symlink, or the other way round): publishing it deletes what it replaces.
+    Never for a tarball drop, whose ingest replaces its base's content itself."""
+    return (
+        not obs.drop
+        and obs.found is not None
+        and obs.live is not None
+        and obs.found.type != obs.live.type
+    )
 
 
 def reserved_in(rel: str) -> str | None:
@@ -259,13 +308,15 @@ def staged_name_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdic
         return Verdict(Fate.REFUSED, refused)
     if policy.ready_marker and rel.partition("/")[2] == policy.ready_marker:
         return Verdict(Fate.IGNORED)  # the marker itself is never published
+    if obs.refused_drop is not None:
+        return drop_verdict(obs.refused_drop)
     return None
 
 
 def staged_content_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdict:
     """Decide by what is staged, live and set aside (the name and marker allowed it)."""
     found = obs.found
-    mine = obs.live is not None and obs.live_source == policy.source
+    mine = obs.live is not None and obs.live_source == policy.source and not obs.live_elsewhere
     if found is None:
         if obs.skipped:
             return Verdict(Fate.SKIPPED, obs.skipped)
@@ -314,8 +365,10 @@ def plan_staged(
     Unsettled files, and files a process still writes, are deferred; entries of a
     ready-marker directory without its marker wait for it, and such a directory goes
     live whole (if one of its files is deferred, all of them are); a replacement goes in
-    one revision with what it replaces (:func:`_replace_whole`); deletions of a mirror
-    source, replaced subtrees counted, pass the mass-deletion guard or are all held.
+    one revision with what it replaces (:func:`_replace_whole`); a settled tarball drop
+    becomes an INGEST op at its base, and what else the plan does there waits for it
+    (:func:`defer_under_ingests`); deletions of a mirror source, replaced subtrees (and
+    a deleted tarball's base) counted, pass the mass-deletion guard or are all held.
     """
     result = Planned()
     plan = result.plan
@@ -345,6 +398,9 @@ def plan_staged(
             result.clear_set_aside.append(rel)
         if fate is not Fate.CHANGED or found is None:
             continue
+        if obs.drop and found.type is not EntryType.FILE:
+            plan.deferred.append(entry.deferred_until(later))  # replaced since it was listed
+            continue
         if replaces(obs):
             replacements.append(obs)
             removes[obs.repo_path] = obs.live_below
@@ -355,12 +411,16 @@ def plan_staged(
             if not writer_gone(entry, obs.writers, now, policy.settle_seconds):
                 plan.deferred.append(entry.deferred_until(later))
                 continue
-            kind = file_op_kind(
-                rel.rsplit("/", 1)[-1],
-                found.size,
-                policy.content,
-                prepare=policy.prepare,
-                graft_at=policy.graft_at,
+            kind = (
+                OpKind.INGEST
+                if obs.drop
+                else file_op_kind(
+                    rel.rsplit("/", 1)[-1],
+                    found.size,
+                    policy.content,
+                    prepare=policy.prepare,
+                    graft_at=policy.graft_at,
+                )
             )
         elif found.type is EntryType.DIRECTORY:
             kind = OpKind.MAKE_DIR
@@ -385,6 +445,7 @@ def plan_staged(
     plan.atomic_groups = [paths for paths in groups.values() if paths]
     replaced = _replace_whole(result, replacements, policy, now)
     plan.atomic_groups += replaced
+    defer_under_ingests(plan, later)
     deletes = count_deleted(removes[o.repo_path] for o in plan.ops if o.repo_path in removes)
     if policy.mirror and deletes:
         # A replacement deletes what it replaces: held with the deletions, and whole.
