@@ -15,7 +15,7 @@ import enum
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
@@ -75,6 +75,14 @@ def count_deleted(subtrees: Iterable[Iterable[str]]) -> int:
 
 
 # --------------------------------------------------------------------------- shared
+
+
+class _Drop(Protocol):
+    @property
+    def drop(self) -> bool: ...
+
+
+_Observed = TypeVar("_Observed", bound=_Drop)
 
 
 class Fate(enum.Enum):
@@ -137,27 +145,34 @@ def hold_deletes(plan: Plan, why: str, kind: HoldReason, also: Iterable[str] = (
     plan.guard_kind = kind
 
 
-def _below_any(path: str, bases: Iterable[str]) -> bool:
-    return any(path == base or path.startswith(base + "/") for base in bases)
+class IngestBases:
+    """The bases of the INGEST ops of one plan, and what else must wait for them.
+
+    ``cvmfs_server ingest`` publishes a drop in a revision of its own and replaces its
+    base's content: another op at or below a base in the same plan is deferred until
+    ``until`` and planned again once the ingest is live. Planners look at drops first
+    (see :func:`drops_first`), so that the bases are known before anything else.
+    """
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.bases: list[str] = []
+
+    def add(self, plan: Plan, entry: Pending, op: Op) -> bool:
+        """Add ``op`` to ``plan`` (or defer ``entry`` when it waits for an ingest); return
+        True if it was added."""
+        if op.kind is OpKind.INGEST:
+            self.bases.append(op.repo_path)
+        elif any(op.repo_path == b or op.repo_path.startswith(b + "/") for b in self.bases):
+            plan.deferred.append(entry.deferred_until(self.until))
+            return False
+        _add(plan, entry, op)
+        return True
 
 
-def defer_under_ingests(plan: Plan, until: float) -> None:
-    """Take every op at or below the base of one of the plan's INGEST ops out of the plan,
-    deferred until ``until``: the ingest replaces what is there (``cvmfs_server ingest``
-    runs in a revision of its own), and what is left to do there is planned again once
-    it is live."""
-    bases = [o.repo_path for o in plan.ops if o.kind is OpKind.INGEST]
-    if not bases:
-        return
-    kept: list[Op] = []
-    for op in plan.ops:
-        if op.kind is not OpKind.INGEST and _below_any(op.repo_path, bases):
-            entry = plan.origin.pop(op.repo_path, None)
-            if entry is not None:
-                plan.deferred.append(entry.deferred_until(until))
-            continue
-        kept.append(op)
-    plan.ops = kept
+def drops_first(observations: Iterable[_Observed]) -> list[_Observed]:
+    """The observations with the tarball drops first (otherwise in their order)."""
+    return sorted(observations, key=lambda obs: not obs.drop)
 
 
 def _add(plan: Plan, entry: Pending, op: Op) -> None:
@@ -367,7 +382,7 @@ def plan_staged(
     live whole (if one of its files is deferred, all of them are); a replacement goes in
     one revision with what it replaces (:func:`_replace_whole`); a settled tarball drop
     becomes an INGEST op at its base, and what else the plan does there waits for it
-    (:func:`defer_under_ingests`); deletions of a mirror source, replaced subtrees (and
+    (:class:`IngestBases`); deletions of a mirror source, replaced subtrees (and
     a deleted tarball's base) counted, pass the mass-deletion guard or are all held.
     """
     result = Planned()
@@ -377,7 +392,8 @@ def plan_staged(
     removes: dict[str, tuple[str, ...]] = {}
     replacements: list[StagedObservation] = []
     later = now + policy.settle_seconds
-    for obs in observations:
+    ingests = IngestBases(later)
+    for obs in drops_first(observations):
         entry = obs.entry
         rel = entry.rel_path
         verdict = staged_verdict(obs, policy)
@@ -391,8 +407,9 @@ def plan_staged(
         if fate in (Fate.GONE, Fate.DELETE, Fate.UNCHANGED):
             result.forget.append(entry.key)
         if fate is Fate.DELETE:
-            removes[obs.repo_path] = obs.live_below
-            _add(plan, entry, Op(OpKind.DELETE, obs.repo_path, policy.source, rel))
+            delete = Op(OpKind.DELETE, obs.repo_path, policy.source, rel)
+            if ingests.add(plan, entry, delete):
+                removes[obs.repo_path] = obs.live_below
         found = obs.found
         if found is not None and obs.set_aside and fate is not Fate.ASIDE:
             result.clear_set_aside.append(rel)
@@ -426,7 +443,9 @@ def plan_staged(
             kind = OpKind.MAKE_DIR
         else:
             kind = OpKind.MAKE_SYMLINK
-        _add(plan, entry, Op(kind, obs.repo_path, policy.source, rel, found))
+        if not ingests.add(plan, entry, Op(kind, obs.repo_path, policy.source, rel, found)):
+            removes.pop(obs.repo_path, None)
+            continue
         top, _, inner = rel.partition("/")
         if policy.ready_marker and inner:
             groups.setdefault(top, []).append(obs.repo_path)
@@ -445,7 +464,6 @@ def plan_staged(
     plan.atomic_groups = [paths for paths in groups.values() if paths]
     replaced = _replace_whole(result, replacements, policy, now)
     plan.atomic_groups += replaced
-    defer_under_ingests(plan, later)
     deletes = count_deleted(removes[o.repo_path] for o in plan.ops if o.repo_path in removes)
     if policy.mirror and deletes:
         # A replacement deletes what it replaces: held with the deletions, and whole.

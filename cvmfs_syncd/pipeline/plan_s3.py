@@ -16,9 +16,10 @@ from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, Op, OpKind, Se
 from cvmfs_syncd.pipeline.plan import (
     COPY_ONLY,
     ContentPolicy,
+    IngestBases,
     Planned,
-    defer_under_ingests,
     drop_verdict,
+    drops_first,
     file_op_kind,
     hold_deletes,
 )
@@ -184,7 +185,8 @@ def plan_listed(
     groups: dict[str, list[str]] = {}
     deletes: dict[str, int] = {}  # path -> the live paths deleting it removes
     next_listing = max(view.listed_at + policy.poll_seconds, now + 1.0)
-    for obs in observations:
+    ingests = IngestBases(next_listing)
+    for obs in drops_first(observations):
         entry = obs.entry
         rel = entry.rel_path
         if not rel or obs.unmappable:
@@ -237,19 +239,17 @@ def plan_listed(
             # Counted once per path: every live path below a vanished directory is
             # hinted too (no index scan per deletion, which is quadratic for a prefix
             # of 100 000 keys that was emptied).
-            deletes[path] = max(1, obs.live_below)
             op = Op(OpKind.DELETE, path, policy.source, obs.live_source_path)
-            plan.ops.append(op)
-            plan.origin[path] = entry
+            if ingests.add(plan, entry, op):
+                deletes[path] = max(1, obs.live_below)
             continue
         else:
             continue
-        plan.ops.append(op)
-        plan.origin[path] = entry
+        if not ingests.add(plan, entry, op):
+            continue
         if marker and (sep or obs.directory):  # the top directory too
             groups.setdefault(top, []).append(path)
     plan.atomic_groups = [paths for paths in groups.values() if paths]
-    defer_under_ingests(plan, next_listing)
     deleted = sum(deletes[o.repo_path] for o in plan.ops if o.kind is OpKind.DELETE)
     if deleted:
         live = view.live_count
