@@ -26,10 +26,8 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
-from pathlib import Path
 from typing import Protocol
 
-from cvmfs_syncd import fsops
 from cvmfs_syncd.backoff import Backoff
 from cvmfs_syncd.batching import Pending, PendingChanges
 from cvmfs_syncd.config import S3Config, StagingConfig
@@ -50,17 +48,15 @@ from cvmfs_syncd.ingest import (
     plan_replacement,
     tarball_compression,
 )
-from cvmfs_syncd.model import Batch, EntryType, Fingerprint, Op
+from cvmfs_syncd.model import Batch, Op
 from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.pipeline.place import WorkControl
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.pipeline.transaction import LaneControl, Transaction, describe
-from cvmfs_syncd.pipeline.unpack import unpack
+from cvmfs_syncd.pipeline.unpack import live_tree, unpack
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Input
 from cvmfs_syncd.sources.drops import ingest_limits
 
-#: What :func:`live_tree` makes of a device, FIFO or unreadable entry.
-_ODDITY = Fingerprint(EntryType.FILE, size=-1)
 #: How often the bytes fed to ``ingest`` are copied into the lane's status.
 _PROGRESS_SECONDS = 0.5
 #: The refusal code (``cvmfs_syncd_ingest_refused_total{reason}``) of what ``ingest``
@@ -87,6 +83,18 @@ class _Reopened(IngestError):
     def __init__(self, applied: Applied) -> None:
         self.applied = applied
         super().__init__(f"the archive cannot be read again ({applied.outcome.value})")
+
+
+class _Beating:
+    """An archive being read in the lane's thread: the lane's heartbeat goes on."""
+
+    def __init__(self, content: Content, heartbeat: Callable[[], None]) -> None:
+        self._content = content
+        self._heartbeat = heartbeat
+
+    def read(self, size: int = -1, /) -> bytes:
+        self._heartbeat()
+        return self._content.read(size)
 
 
 class _Counted:
@@ -239,7 +247,11 @@ class Ingests:
         if opened is None:
             return None
         try:
-            checked = check_archive(opened, ingest_limits(settings), compression=_compression(op))
+            checked = check_archive(
+                _Beating(opened, self.lane.heartbeat),
+                ingest_limits(settings),
+                compression=_compression(op),
+            )
             size = checked.archive_bytes if isinstance(checked, Manifest) else fp.size
             unchanged = opened.unchanged(size)
         except IngestError as exc:
@@ -415,7 +427,7 @@ class Ingests:
             return None
         try:
             unpack(
-                opened,
+                _Beating(opened, lane.heartbeat),
                 manifest,
                 lane.layout.union_dir,
                 op.repo_path,
@@ -533,22 +545,3 @@ class Ingests:
 def _compression(op: Op) -> Compression | None:
     """How the tarball of ``op`` is compressed, as its name says."""
     return tarball_compression(op.source_path.rsplit("/", 1)[-1])
-
-
-def live_tree(union: Path, base: str, heartbeat: Callable[[], None]) -> dict[str, Fingerprint]:
-    """What is live at and below the repository path ``base`` (paths relative to it, ``""``
-    the base itself), read from the union directory ``union`` without following a
-    symlink; anything but a file, directory or symlink counts as a file of no size.
-    Raise OSError."""
-    found = fsops.stat_entry(union, base)
-    if found is None:
-        return {}
-    if not isinstance(found, Fingerprint):
-        return {"": _ODDITY}
-    if found.type is not EntryType.DIRECTORY:
-        return {"": found}
-    live = {"": found}
-    for rel, below in fsops.walk_staging(union, subdir=base, cross_mounts=True):
-        live[rel[len(base) + 1 :]] = below if isinstance(below, Fingerprint) else _ODDITY
-        heartbeat()
-    return live

@@ -1,6 +1,7 @@
-"""Unpacking a checked tarball into the open transaction, for a replacement one
-``cvmfs_server ingest`` call cannot make (a path changes type, an argument its shell would
-garble, deletions on a gateway repository).
+"""A tarball's base in the union directory: what is live under it, and unpacking a checked
+tarball into the open transaction, for a replacement one ``cvmfs_server ingest`` call
+cannot make (a path changes type, an argument its shell would garble, deletions on a
+gateway repository).
 
 The archive is read a second time through :func:`cvmfs_syncd.ingest.emit_plain_tar`, the
 same writer that feeds ``ingest``, so what is unpacked is exactly what the check
@@ -24,10 +25,12 @@ from cvmfs_syncd import fsops
 from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.ingest import CATALOG_MARKER, Compression, Manifest, emit_plain_tar
 from cvmfs_syncd.ingest.model import ArchiveChanged, Readable
-from cvmfs_syncd.model import Fingerprint
+from cvmfs_syncd.model import EntryType, Fingerprint
 
 #: Bytes read from a member's content at a time.
 PIECE_BYTES = 1 << 20
+#: What :func:`live_tree` makes of a device, FIFO or unreadable entry.
+_ODDITY = Fingerprint(EntryType.FILE, size=-1)
 #: Names in the emitted tar: the bytes they were archived with (see ingest.emit).
 _ENCODING = "utf-8"
 _ERRORS = "surrogateescape"
@@ -141,3 +144,22 @@ def _copy_linked(union: Path, target: str, path: str, mode: int, mtime_ns: int) 
         fsops.write_stream(
             union, path, _pieces(source), size=found.size, mode=mode, mtime_ns=mtime_ns
         )
+
+
+def live_tree(union: Path, base: str, heartbeat: Callable[[], None]) -> dict[str, Fingerprint]:
+    """What is live at and below the repository path ``base`` (paths relative to it, ``""``
+    the base itself), read from the union directory ``union`` without following a
+    symlink; anything but a file, directory or symlink counts as a file of no size.
+    Raise OSError."""
+    found = fsops.stat_entry(union, base)
+    if found is None:
+        return {}
+    if not isinstance(found, Fingerprint):
+        return {"": _ODDITY}
+    if found.type is not EntryType.DIRECTORY:
+        return {"": found}
+    live = {"": found}
+    for rel, below in fsops.walk_staging(union, subdir=base, cross_mounts=True):
+        live[rel[len(base) + 1 :]] = below if isinstance(below, Fingerprint) else _ODDITY
+        heartbeat()
+    return live
