@@ -289,6 +289,12 @@ def _status(args: argparse.Namespace) -> int:
             f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
             f" (revision {lane.get('last_revision') or '-'})"
         )
+        if lane.get("ingesting"):
+            print(
+                f"  ingesting {lane['ingesting']}: {lane.get('ingest_members', 0)} members,"
+                f" {lane.get('ingest_content_bytes', 0)} bytes of content,"
+                f" {lane.get('ingest_fed_bytes', 0)} bytes fed so far"
+            )
         if lane.get("held"):
             print(f"  HELD: {lane['held']}")
         if lane.get("last_error"):
@@ -296,6 +302,8 @@ def _status(args: argparse.Namespace) -> int:
         for source, info in lane.get("sources", {}).items():
             if not info.get("up"):
                 print(f"  source {source} DOWN: {info.get('detail')}")
+        for aside in lane.get("set_aside", []):
+            print(f"  set aside: {aside.get('path')} ({aside.get('reason')})")
     for name, why in body.get("broken", {}).items():
         print(f"{name}: NOT SERVED: {why}")
     for name, maint in sorted(body.get("maintenance", {}).items()):
