@@ -35,7 +35,7 @@ from tests.fake_cvmfs.server.faults import (
 
 FAKE_SCRIPT = (Path(__file__).parent / "cvmfs_server.py").resolve()
 
-EntryType = Literal["file", "dir", "symlink"]
+EntryType = Literal["file", "dir", "symlink", "fifo", "socket", "chardev", "blockdev"]
 
 STATE_KEYS = (
     "in_transaction_lock",
@@ -151,11 +151,15 @@ class Entry:
 
 
 def _entry_type(kind: str) -> EntryType:
-    if kind == "file":
-        return "file"
-    if kind == "dir":
-        return "dir"
-    return "symlink"
+    kinds: tuple[EntryType, ...] = (
+        "file",
+        "dir",
+        "fifo",
+        "socket",
+        "chardev",
+        "blockdev",
+    )
+    return next((known for known in kinds if known == kind), "symlink")
 
 
 class FakeStratum0:
@@ -426,6 +430,8 @@ class FakeStratum0:
                 raise IsADirectoryError(errno.EISDIR, f"{current} is a directory", path)
             if item.kind == "file":
                 return engine.read_file_content(handle, item)
+            if item.kind != "symlink":
+                raise OSError(errno.EINVAL, f"{current} is not a regular file", path)
             target = item.target or ""
             if target.startswith("/"):
                 union = str(handle.union)

@@ -21,13 +21,19 @@ if TYPE_CHECKING:
 
 CATALOG_FORMAT = "fake-cvmfs-catalog/1"
 
+# entry kinds besides file, dir and symlink (only ``ingest`` publishes them)
+DEVICE_KINDS = ("chardev", "blockdev")
+SPECIAL_KINDS = ("fifo", "socket", *DEVICE_KINDS)
+
 
 class CatalogEntry:
     """One path of a published revision, as the fake's catalog records it.
 
-    ``kind`` is "dir", "file" or "symlink"; files carry the content reference: ``hash``
+    ``kind`` is "dir", "file" or "symlink", or one of ``SPECIAL_KINDS`` (published by
+    ``ingest``, m2_ingest 28-33); files carry the content reference: ``hash``
     (the whole-file object, None for chunked files without a bulk hash), ``compression``
-    and ``chunks`` as (hash, offset, size) triples (objects stored with the ``P`` suffix).
+    and ``chunks`` as (hash, offset, size) triples (objects stored with the ``P`` suffix);
+    device nodes carry ``rdev`` (``os.makedev(major, minor)``).
     """
 
     __slots__ = (
@@ -39,6 +45,7 @@ class CatalogEntry:
         "kind",
         "mode",
         "mtime",
+        "rdev",
         "size",
         "target",
         "uid",
@@ -58,6 +65,7 @@ class CatalogEntry:
         compression: str = "zlib",
         chunks: list[tuple[str, int, int]] | None = None,
         graft: bool = False,
+        rdev: int = 0,
     ) -> None:
         self.kind = kind
         self.mode = mode
@@ -70,6 +78,7 @@ class CatalogEntry:
         self.compression = compression
         self.chunks = chunks if chunks is not None else []
         self.graft = graft
+        self.rdev = rdev
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CatalogEntry):
@@ -100,6 +109,8 @@ class CatalogEntry:
             out["chunks"] = [list(chunk) for chunk in self.chunks]
             if self.graft:
                 out["graft"] = True
+        if self.kind in DEVICE_KINDS:
+            out["rdev"] = self.rdev
         return out
 
     @classmethod
@@ -117,6 +128,7 @@ class CatalogEntry:
             compression=str(raw.get("compression", "zlib")),
             chunks=[(str(c[0]), int(c[1]), int(c[2])) for c in raw.get("chunks", [])],
             graft=bool(raw.get("graft", False)),
+            rdev=int(raw.get("rdev", 0)),
         )
 
     def objects(self) -> list[str]:

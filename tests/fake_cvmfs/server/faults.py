@@ -4,8 +4,8 @@ Both files are written here on behalf of the test handle (``FakeStratum0.inject_
 ``clear_faults``, ``faults``, ``set_costs``, ``costs``) and read by the fake: a rule is
 taken at a fault point (``Context.fault``, ``Context.storage_fault``) and ``fire`` gives
 its action its meaning (docs/fake-cvmfs.md, "Fault injection"); ``command_costs`` is what
-``transaction`` and ``publish`` pad to, ``CALIBRATED_COSTS`` the durations measured on the
-real tool.
+``transaction``, ``publish`` and ``ingest`` pad to, ``CALIBRATED_COSTS`` the durations
+measured on the real tool.
 
 The faults of the real tool that faults.md numbers are modelled where they happen:
 
@@ -166,8 +166,8 @@ def wait_orphaned(ctx: Context) -> None:
         time.sleep(0.02)
 
 
-# Seconds the real CernVM-FS 2.12.0 `transaction`/`publish` take on a 2-core stratum 0 with
-# local storage, for FakeStratum0.set_costs (derivation in docs/fake-cvmfs.md, "Costs").
+# Seconds the real CernVM-FS 2.12.0 `transaction`/`publish`/`ingest` take on a 2-core stratum 0
+# with local storage, for FakeStratum0.set_costs (derivation in docs/fake-cvmfs.md, "Costs").
 CALIBRATED_COSTS: dict[str, dict[str, float]] = {
     "transaction": {"base": 0.05},
     "publish": {
@@ -176,12 +176,14 @@ CALIBRATED_COSTS: dict[str, dict[str, float]] = {
         "per_graft": 0.00019,
         "unlocked_per_file": 0.0001,
     },
+    "ingest": {"base": 0.39, "per_file": 0.0004},
 }
 
 # Keys of ``ROOT/fake-costs.json`` per command (seconds); see docs/fake-cvmfs.md.
 COST_KEYS: dict[str, tuple[str, ...]] = {
     "transaction": ("base",),
     "publish": ("base", "per_file", "per_graft", "unlocked_per_file", "auto_gc"),
+    "ingest": ("base", "per_file"),
 }
 
 

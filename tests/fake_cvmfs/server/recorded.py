@@ -119,3 +119,17 @@ PUBLISH_STEPS_BEFORE_UPLOAD = (
     "Swissknife Sync: Processing changes...\n",
     "Waiting for upload of files before committing...\n",
 )
+
+# -- ingest (m_ingest, m2_ingest; gateway.md surprises 22-29)
+
+# every ingest on a host whose /bin/sh is dash (m_ingest 3…, m2_ingest 2…)
+INGEST_EVAL_NOT_FOUND = "/usr/bin/cvmfs_server: 9263: eval: [[: not found\n"
+
+# the source directory as the m2_ingest recording writes it in PANIC messages
+INGEST_SOURCE_PLACEHOLDER = "<src>"
+
+INGEST_MISSING_PARAMETERS = (
+    "Please provide some parameters, use -t $TAR_FILE to provide the tar to extract -b "
+    "$BASE_DIR to provide where to extract the tar and -d $TO_DELETE to provide what to "
+    "delete from the repository\n"
+)

@@ -16,7 +16,12 @@ import zlib
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tests.fake_cvmfs.server.catalog import Catalog, CatalogEntry, iter_file_content
+from tests.fake_cvmfs.server.catalog import (
+    SPECIAL_KINDS,
+    Catalog,
+    CatalogEntry,
+    iter_file_content,
+)
 from tests.fake_cvmfs.server.context import CommandExit, Context
 from tests.fake_cvmfs.server.recorded import SOURCE_PLACEHOLDER
 from tests.fake_cvmfs.server.repository import Repo
@@ -125,6 +130,17 @@ def plan_catalog(
             entries[path] = CatalogEntry(
                 "symlink", 0o777, len(os.fsencode(info[6])), mtime, uid, gid, target=info[6]
             )
+        elif kind in SPECIAL_KINDS:
+            # only kept unchanged (ingest publishes them; publish does not add new ones)
+            old = previous.entries.get(path)
+            before = snap.get(path)
+            if (
+                old is not None
+                and old.kind == kind
+                and before is not None
+                and snapshot_key(before) == snapshot_key(info)
+            ):
+                entries[path] = old
         elif kind != "file" or base.startswith(".cvmfsgraft-"):
             continue
         else:
@@ -147,7 +163,27 @@ def plan_catalog(
                 todo.append((path, info))
     if "/" not in entries:
         entries["/"] = CatalogEntry("dir", 0o755, 4096, int(job.now), uid, gid)
+    if snap:
+        _keep_unshown(previous, snap, current, entries)
     return entries, todo
+
+
+def _keep_unshown(
+    previous: Catalog,
+    snap: dict[str, StatInfo],
+    current: dict[str, StatInfo],
+    entries: dict[str, CatalogEntry],
+) -> None:
+    """Keep the published entries the union directory never showed (absent from the last
+    snapshot too: a name too long for the file system, a device node the fake may not
+    make), as long as their directory is kept; the real union shows them, so they stay."""
+    for path in sorted(previous.entries):
+        if path in entries or path in current or path in snap:
+            continue
+        parent = path.rsplit("/", 1)[0] or "/"
+        kept = entries.get(parent)
+        if kept is not None and kept.kind == "dir":
+            entries[path] = previous.entries[path]
 
 
 class GraftReader:
@@ -364,7 +400,7 @@ def finish_union(repo: Repo, catalog: Catalog, current: dict[str, StatInfo]) -> 
         if path in consumed:
             continue
         if (kind == "file" and path.rpartition("/")[2].startswith(".cvmfsgraft-")) or (
-            kind not in ("file", "dir", "symlink") and path != "/"
+            kind not in ("file", "dir", "symlink") and path != "/" and path not in catalog.entries
         ):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(union + path)

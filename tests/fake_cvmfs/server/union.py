@@ -15,6 +15,14 @@ from tests.fake_cvmfs.server.repository import Repo
 # kind, mode, size, mtime_ns, ino, ctime_ns, symlink target
 StatInfo = tuple[str, int, int, int, int, int, str]
 
+# the catalog's names of the special file types (``catalog.SPECIAL_KINDS``)
+_SPECIAL_KINDS = {
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "chardev",
+    stat.S_IFBLK: "blockdev",
+}
+
 
 def stat_info(st: os.stat_result, target: str) -> StatInfo:
     """The ``StatInfo`` of an ``lstat`` result (``target``: a symlink's target, else "")."""
@@ -26,7 +34,7 @@ def stat_info(st: os.stat_result, target: str) -> StatInfo:
     elif stat.S_ISLNK(mode):
         kind = "symlink"
     else:
-        kind = "other"
+        kind = _SPECIAL_KINDS.get(stat.S_IFMT(mode), "other")
     return (kind, mode & 0o7777, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns, target)
 
 
@@ -117,6 +125,9 @@ def diff_tree(snap: dict[str, StatInfo], current: dict[str, StatInfo]) -> list[s
     return changes
 
 
+_DEVICE_TYPES = {"chardev": stat.S_IFCHR, "blockdev": stat.S_IFBLK}
+
+
 def _remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         import shutil
@@ -128,13 +139,27 @@ def _remove_path(path: Path) -> None:
 
 def materialise(repo: Repo, dest: Path, entry: CatalogEntry) -> None:
     """Create ``dest`` as ``entry`` shows it; file content comes through the client view
-    (left empty where a client could not read it)."""
+    (left empty where a client could not read it).
+
+    Raise OSError where the union cannot show the entry (a name longer than the file
+    system allows, a device node without the privilege to make one); a socket is not
+    made at all."""
     if entry.kind == "dir":
         dest.mkdir(exist_ok=True)
         dest.chmod(entry.mode)
         return
     if entry.kind == "symlink":
         dest.symlink_to(entry.target or "")
+        return
+    if entry.kind in _DEVICE_TYPES or entry.kind == "fifo":
+        if entry.kind == "fifo":
+            os.mkfifo(dest, 0o600)
+        else:
+            os.mknod(dest, 0o600 | _DEVICE_TYPES[entry.kind], entry.rdev)
+        dest.chmod(entry.mode)
+        os.utime(dest, (entry.mtime, entry.mtime))
+        return
+    if entry.kind == "socket":
         return
     tmp = dest.with_name(f".{dest.name}.fake-restore")
     with tmp.open("wb") as handle:
@@ -154,7 +179,7 @@ def sync_union(repo: Repo, catalog: Catalog, snap: dict[str, StatInfo]) -> list[
 
     Entries whose stat information still matches ``snap`` are kept; everything else is
     removed or rewritten from the storage through the client view (unreadable files are
-    left empty).
+    left empty; entries the union cannot show are left out).
     """
     union = repo.union
     union.mkdir(parents=True, exist_ok=True)
@@ -178,7 +203,10 @@ def sync_union(repo: Repo, catalog: Catalog, snap: dict[str, StatInfo]) -> list[
         dest = union if path == "/" else union / path[1:]
         present = current.get(path)
         if present is None:
-            materialise(repo, dest, entry)
+            try:
+                materialise(repo, dest, entry)
+            except OSError:
+                continue
             fixed.append(path)
         elif entry.kind == "dir" and present[1] != entry.mode:
             dest.chmod(entry.mode)

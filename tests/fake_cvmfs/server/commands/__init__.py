@@ -12,7 +12,9 @@ from tests.fake_cvmfs.server.commands.check import cmd_check
 from tests.fake_cvmfs.server.commands.diff import cmd_diff
 from tests.fake_cvmfs.server.commands.gc import cmd_gc
 from tests.fake_cvmfs.server.commands.info import cmd_info
+from tests.fake_cvmfs.server.commands.ingest import cmd_ingest
 from tests.fake_cvmfs.server.commands.list import cmd_list
+from tests.fake_cvmfs.server.commands.list_catalogs import cmd_list_catalogs
 from tests.fake_cvmfs.server.commands.mkfs import cmd_mkfs
 from tests.fake_cvmfs.server.commands.mount import cmd_mount
 from tests.fake_cvmfs.server.commands.publish import cmd_publish
@@ -36,4 +38,6 @@ COMMANDS: dict[str, Callable[[Context, list[str]], None]] = {
     "gc": cmd_gc,
     "rmfs": cmd_rmfs,
     "diff": cmd_diff,
+    "ingest": cmd_ingest,
+    "list-catalogs": cmd_list_catalogs,
 }

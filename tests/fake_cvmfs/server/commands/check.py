@@ -5,6 +5,7 @@ from __future__ import annotations
 from tests.fake_cvmfs.server.catalog import Catalog
 from tests.fake_cvmfs.server.checks import manifest_problem, require_repo, split_repo_arg
 from tests.fake_cvmfs.server.context import CommandExit, Context, parse_options
+from tests.fake_cvmfs.server.nested import catalog_tree
 from tests.fake_cvmfs.server.repository import Repo
 from tests.fake_cvmfs.server.storage import verify_object_bytes
 
@@ -56,6 +57,8 @@ def cmd_check(ctx: Context, args: list[str]) -> None:
             "CATALOG PROBLEMS OR OTHER ERRORS FOUND\n"
         )
         raise CommandExit(1) from None
+    for _, mountpoint, digest in catalog_tree(catalog)[1:]:
+        ctx.out(f"[inspecting catalog] {digest} at {mountpoint}\n")
     problems = [] if "-c" in flags else _missing_objects(repo, catalog)
     if problems:
         ctx.err("".join(problems) + "CATALOG PROBLEMS OR OTHER ERRORS FOUND\n")
