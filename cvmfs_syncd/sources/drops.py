@@ -78,6 +78,13 @@ def sharing_base(rel: str, reported: MutableMapping[str, str]) -> list[str]:
     return others
 
 
+def forget_resolved(reported: MutableMapping[str, str], drops: Drops) -> None:
+    """Forget, in ``reported``, the refusals of tarballs that are drops now (the name that
+    took their base is gone), so that the next scan plans them again."""
+    for rel in [rel for rel in reported if rel in drops.bases]:
+        del reported[rel]
+
+
 def top_level_tarball(rel: str) -> str | None:
     """Return the base of source path ``rel`` if it is a top-level name with a tarball
     suffix (``foo`` for ``foo.tgz``), else None."""

@@ -59,6 +59,7 @@ from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
 from cvmfs_syncd.sources.drops import (
     Drops,
     drop_path,
+    forget_resolved,
     sharing_base,
     staged_drops,
     top_level_tarball,
@@ -244,6 +245,11 @@ class StagingInput:
         """
         if self._submit is not None:
             self._start_observer()  # the path may have appeared since start()
+        if self.config.tarballs == "ingest" and self.reported:
+            # A refused tarball whose rival is gone is planned again (no event says so).
+            config = self.config
+            drops = staged_drops(self.root, config.ignore, config.allow_reserved_names)
+            forget_resolved(self.reported, drops)
         target = self._target_repo_path()
         mirror = self.config.mode == "mirror"
         pages = read_ahead(self.state.scan_pages(self.repo, self.name, target))

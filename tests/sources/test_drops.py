@@ -26,6 +26,7 @@ from cvmfs_syncd.sources.drops import (
     staged_drops,
     top_level_tarball,
 )
+from cvmfs_syncd.sources.index_records import IndexRecords
 from cvmfs_syncd.sources.s3 import S3Input
 from cvmfs_syncd.sources.staging import StagingInput
 from cvmfs_syncd.state import State
@@ -283,3 +284,26 @@ def test_s3_refused_tarballs_are_set_aside_once(state: State) -> None:
     assert [h.rel_path for h in hints] == ["pkg.tar.gz"]
     plan = plan_of(source, hints, T0 + 4)
     assert [(o.kind, o.repo_path) for o in plan.ops] == [(OpKind.INGEST, "ci/pkg")]
+
+
+def test_the_rows_an_ingest_wrote_settle_a_scan_together() -> None:
+    """Several index rows with the tarball's source path: a run of the tree that ends with
+    it never settles on the first of them alone (the rest would look deleted)."""
+    rows = b"pkg.tgz\0K\0" * 3
+    index = IndexRecords(iter([b"a\0k\0", rows + b"z\0k\0"]))
+    assert index.settles(b"a\0k\0")
+    assert not index.settles(b"pkg.tgz\0K\0")
+    assert not index.settles(b"pkg.tgz\0K\0z\0k\0")
+    assert index.head() == b"pkg.tgz"
+    assert index.pop(b"pkg.tgz") == b"K"
+    assert index.settles(b"z\0k\0")
+    assert index.head() is None
+
+
+def test_a_lone_tarball_settles_after_its_ingest(state: State, staging: Path) -> None:
+    """The tarball alone in staging, recorded with its paths: a scan finds nothing."""
+    (staging / "pkg.tgz").write_bytes(b"t")
+    source = staging_source(state, staging)
+    [op] = plan_of(source, source.reconcile(T0), T0).ops
+    record(state, op, ["a", "b"])
+    assert source.reconcile(T0 + 1) == []
