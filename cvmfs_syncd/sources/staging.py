@@ -60,6 +60,7 @@ from cvmfs_syncd.sources.drops import (
     Drops,
     drop_path,
     forget_resolved,
+    ingested_from,
     sharing_base,
     staged_drops,
     top_level_tarball,
@@ -406,7 +407,9 @@ class StagingInput:
             skipped=found.reason if isinstance(found, fsops.Skipped) else "",
             live=live.fingerprint if live is not None else None,
             live_source=live.source if live is not None else "",
-            live_elsewhere=live is not None and live.source_path != rel,
+            live_elsewhere=live is not None
+            and live.source_path != rel
+            and (obs.drop or ingested_from(self.config.target, obs.repo_path, live.source_path)),
         )
         if isinstance(found, Fingerprint):
             aside = lookup.aside.get(rel)

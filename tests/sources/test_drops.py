@@ -307,3 +307,20 @@ def test_a_lone_tarball_settles_after_its_ingest(state: State, staging: Path) ->
     [op] = plan_of(source, source.reconcile(T0), T0).ops
     record(state, op, ["a", "b"])
     assert source.reconcile(T0 + 1) == []
+
+
+def test_removing_a_refused_tarball_never_deletes_the_directory_that_took_its_base(
+    state: State, staging: Path
+) -> None:
+    """``pkg/`` is live, ``pkg.tgz`` beside it was refused; ``pkg.tgz`` removed: nothing
+    of ``pkg/`` is deleted (it was never the tarball's)."""
+    (staging / "pkg").mkdir()
+    (staging / "pkg" / "x").write_bytes(b"x")
+    (staging / "pkg.tgz").write_bytes(b"t")
+    source = staging_source(state, staging)
+    plan = plan_of(source, source.reconcile(T0), T0)
+    state.apply_published(REPO, plan.ops, 5)
+    (staging / "pkg.tgz").unlink()
+    plan = plan_of(source, [Dirty(source.name, "pkg.tgz", T0 + 1, closed=True)], T0 + 1)
+    assert (plan.ops, plan.guarded) == ([], [])
+    assert source.reconcile(T0 + 2) == []
