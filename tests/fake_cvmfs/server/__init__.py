@@ -24,12 +24,15 @@ later ones in annotations only):
 - ``checks``: what several commands check before acting
 - ``garbage``: mark and sweep, for ``gc`` and publish's automatic gc
 - ``sync``: publish's sync (the new catalog, uploads, grafts, the union afterwards)
+- ``tarball``: reading a tar where libarchive (ingest's reader) fails and ends
+- ``nested``: nested catalogs from ``.cvmfscatalog`` markers, the catalogs' row ids
+- ``ingestion``: what swissknife ingest makes of deletions and a tar's members
 - ``commands``: one module per subcommand, ``COMMANDS`` by name
 - ``cli``: the command line
 
 Where additions go:
 
-- a subcommand (``ingest``, say): ``commands/<name>.py`` with ``cmd_<name>(ctx, args)``,
+- a subcommand (``snapshot``, say): ``commands/<name>.py`` with ``cmd_<name>(ctx, args)``,
   added to ``COMMANDS`` in ``commands/__init__.py``; its fault points are
   ``ctx.fault("<point>", ...)`` calls, listed in docs/fake-cvmfs.md's fault table;
 - texts copied from new recordings (a gateway's, say): ``recorded.py``, under a heading

@@ -87,6 +87,8 @@ def _number(field: bytes) -> int:
             value = (value << 8) | byte
         return -value if field[0] & 0x40 else value
     digits = field.strip(b" \0")
+    if digits.isdigit() and b"8" not in digits and b"9" not in digits:
+        return int(digits, 8)
     end = 0
     while end < len(digits) and 0x30 <= digits[end] <= 0x37:
         end += 1
@@ -102,8 +104,10 @@ def checksum_ok(block: bytes) -> bool:
     """Whether a header block's checksum field matches its bytes (unsigned or signed sum)."""
     stored = _number(block[148:156])
     unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:] if b > 127)
-    return stored in (unsigned, signed)
+    if stored == unsigned:
+        return True
+    high = sum(1 for b in block[:148] + block[156:] if b > 127)
+    return stored == unsigned - 256 * high
 
 
 def _pax_records(data: bytes) -> dict[bytes, bytes]:

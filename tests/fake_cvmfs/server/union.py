@@ -151,15 +151,15 @@ def materialise(repo: Repo, dest: Path, entry: CatalogEntry) -> None:
     if entry.kind == "symlink":
         dest.symlink_to(entry.target or "")
         return
-    if entry.kind in _DEVICE_TYPES or entry.kind == "fifo":
+    if entry.kind == "socket":
+        return
+    if entry.kind == "fifo" or entry.kind in _DEVICE_TYPES:
         if entry.kind == "fifo":
             os.mkfifo(dest, 0o600)
         else:
             os.mknod(dest, 0o600 | _DEVICE_TYPES[entry.kind], entry.rdev)
         dest.chmod(entry.mode)
         os.utime(dest, (entry.mtime, entry.mtime))
-        return
-    if entry.kind == "socket":
         return
     tmp = dest.with_name(f".{dest.name}.fake-restore")
     with tmp.open("wb") as handle:
