@@ -305,6 +305,7 @@ class Ingests:
             lane.set_status(ingest_fed_bytes=stream.fed)
 
         lane.open_batch = batch_id
+        lane.transaction_opened()  # ingest's own, from its start to its end
         try:
             fed = lane.server.ingest(
                 lane.repo.name,
@@ -317,12 +318,12 @@ class Ingests:
                 tag=lane.command_tag(batch_id),
             )
         except CvmfsCommandError as exc:
-            lane.open_batch = None
+            lane.transaction_closed()
             lane.state.set_stage(batch_id, Stage.ABORTED, error=str(exc))
             lane.log.error("ingest could not run", tarball=op.source_path, error=str(exc))
             self._retry_later(entry)
             return None
-        lane.open_batch = None
+        lane.transaction_closed()
         result = fed.result
         if result.outcome is Outcome.OK and fed.feed_error is None:
             revision = lane.revision()
