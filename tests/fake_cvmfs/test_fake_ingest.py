@@ -12,6 +12,7 @@ import ctypes.util
 import gzip
 import io
 import os
+import pwd
 import re
 import stat
 import tarfile
@@ -431,8 +432,6 @@ def test_modes_are_kept_and_owners_become_the_repository_owner(fake: FakeStratum
         "modes/sticky": 0o1777,
         "modes/noperm": 0,
     }
-    import pwd
-
     owner = pwd.getpwnam(fake.config(REPO)["CVMFS_USER"])
     owners = {(e.uid, e.gid) for p, e in fake.catalog(REPO).entries.items() if "modes" in p}
     assert owners == {(owner.pw_uid, owner.pw_gid)}
