@@ -207,7 +207,7 @@ def test_a_running_lane_publishes_drops_one_revision_each(
 
     wait_for(both_live, 30, "both tarballs to be live")
     assert stratum0.revision(REPO) == before + 2
-    assert [call["base"] for call in calls.ingests] == ["a", "b"]
+    assert sorted(call["base"] for call in calls.ingests) == ["a", "b"]  # in either order
     assert calls.transactions == 0
     assert (staging / "a.tar").exists()
     wait_for(lambda: lane.status().state == "idle", 10, "the lane to be idle")
