@@ -327,6 +327,12 @@ def print_lane(name: str, lane: dict[str, Any], now: float | None = None) -> Non
         f"{name}: {lane.get('state')}, {lane.get('pending', 0)} pending, last publish {when}"
         f" (revision {lane.get('last_revision') or '-'})"
     )
+    if lane.get("ingesting"):
+        print(
+            f"  ingesting {lane['ingesting']}: {lane.get('ingest_members', 0)} members,"
+            f" {lane.get('ingest_content_bytes', 0)} bytes of content,"
+            f" {lane.get('ingest_fed_bytes', 0)} bytes fed so far"
+        )
     if lane.get("held"):
         print(f"  HELD: {lane['held']}")
     if lane.get("last_error"):
@@ -339,6 +345,8 @@ def print_lane(name: str, lane: dict[str, Any], now: float | None = None) -> Non
     for source, info in lane.get("sources", {}).items():
         if not info.get("up"):
             print(f"  source {source} DOWN: {info.get('detail')}")
+    for aside in lane.get("set_aside", []):
+        print(f"  set aside: {aside.get('path')} ({aside.get('reason')})")
 
 
 def print_maintenance(name: str, maint: dict[str, Any]) -> None:

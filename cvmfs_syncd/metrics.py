@@ -168,6 +168,19 @@ class Metrics:
             repo,
             registry=r,
         )
+        self.ingest_duration = Histogram(
+            "cvmfs_syncd_ingest_duration_seconds",
+            "Time from taking a tarball drop to it being live (check, ingest or unpack, publish).",
+            repo,
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.ingest_refused = Counter(
+            "cvmfs_syncd_ingest_refused_total",
+            "Tarball drops set aside, by the reason they were refused.",
+            ["repository", "reason"],
+            registry=r,
+        )
         self.grafted_files = Counter(
             "cvmfs_syncd_grafted_files_total", "Files published as grafts.", repo, registry=r
         )
@@ -248,6 +261,7 @@ class Metrics:
             metric.labels(repo)
         self.publish_duration.labels(repo)
         self.drop_latency.labels(repo)
+        self.ingest_duration.labels(repo)
         for source in sources:
             self.changes_detected.labels(repo, source)
             self.reconciled_changes.labels(repo, source)

@@ -134,6 +134,9 @@ class JournalStage(enum.StrEnum):
     OPEN = "open"
     APPLIED = "applied"
     PUBLISHING = "publishing"
+    #: A tarball drop is being published by ``cvmfs_server ingest``, which opens and
+    #: publishes its own transaction (set before the command runs).
+    INGESTING = "ingesting"
     PUBLISHED = "published"
     DONE = "done"
     ABORTED = "aborted"
@@ -153,6 +156,9 @@ class OpKind(enum.StrEnum):
     MAKE_SYMLINK = "symlink"
     DELETE = "delete"
     GRAFT = "graft"
+    #: A tarball drop: ``repo_path`` is the directory it is published as (its base),
+    #: ``source_path`` and ``fingerprint`` are the tarball's.
+    INGEST = "ingest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,6 +220,9 @@ class SetAside:
     rel_path: str
     reason: str
     detail: str = ""
+    #: For a refused tarball: the refusal's code (the ``reason`` label of
+    #: ``cvmfs_syncd_ingest_refused_total``); "" for any other input.
+    refusal: str = ""
 
 
 @dataclass(slots=True)
@@ -233,4 +242,10 @@ class LaneStatus:
     busy_since: float | None = None
     #: Behind a gateway, the lease our open transaction holds: path and expiry (epoch s).
     lease: dict[str, object] | None = None
+    #: The tarball being ingested ("" when none), its members and content bytes, and the
+    #: bytes of the checked tar written to ``ingest`` so far.
+    ingesting: str = ""
+    ingest_members: int = 0
+    ingest_content_bytes: int = 0
+    ingest_fed_bytes: int = 0
     details: dict[str, object] = field(default_factory=dict)

@@ -53,6 +53,31 @@ def test_delete_removes_a_subtree_from_the_index(tmp_path: Path) -> None:
     assert state.count_published("r", "s") == 2
 
 
+def test_an_ingest_replaces_everything_recorded_under_its_base(tmp_path: Path) -> None:
+    """Every path an ingest published is recorded with the tarball as its input; what the
+    index had under the base before goes, whoever published it; nothing else is touched."""
+    state = State(tmp_path)
+    file_fp = Fingerprint(EntryType.FILE, 0o644, 1, 1, 1)
+    tarball = Fingerprint(EntryType.FILE, 0o644, 999, 5, 42)
+    before = ["sw/foo", "sw/foo/old", "sw/foo/old/x", "sw/foobar", "sw/other"]
+    state.apply_published("r", [Op(OpKind.COPY_FILE, p, "s", p, file_fp) for p in before], 1)
+    op = Op(OpKind.INGEST, "sw/foo", "s", "foo.tgz", tarball)
+    state.apply_ingested("r", op, ["a", "d", "d/b"], 2)
+    rows = {e.path: e for e in state.published_under("r", "sw")}
+    assert sorted(rows) == ["sw/foo", "sw/foo/a", "sw/foo/d", "sw/foo/d/b", "sw/foobar", "sw/other"]
+    for path in ("sw/foo", "sw/foo/a", "sw/foo/d/b"):
+        assert (rows[path].source_path, rows[path].fingerprint, rows[path].revision) == (
+            "foo.tgz",
+            tarball,
+            2,
+        )
+    assert state.count_under("r", "sw/foo", "s") == 4
+    assert state.count_under("r", "sw/foo", "other") == 0
+    assert state.count_under("r", "sw/foobar", "s") == 1
+    with pytest.raises(ValueError, match="fingerprint"):
+        state.apply_ingested("r", Op(OpKind.INGEST, "sw/foo", "s", "foo.tgz"), [], 3)
+
+
 def test_release_is_consumed_once(tmp_path: Path) -> None:
     """An operator's release is taken by exactly one lane step."""
     state = State(tmp_path)
@@ -63,7 +88,8 @@ def test_release_is_consumed_once(tmp_path: Path) -> None:
 
 
 def test_journal_stage_values_are_the_stored_strings() -> None:
-    """The enum's values are exactly the strings the journal has always stored, in order."""
+    """The enum's values are exactly the strings the journal has always stored, in order
+    (``ingesting`` is the stage of a tarball drop's ``ingest``)."""
     assert [s.value for s in JournalStage] == [
         "planned",
         "preparing",
@@ -71,6 +97,7 @@ def test_journal_stage_values_are_the_stored_strings() -> None:
         "open",
         "applied",
         "publishing",
+        "ingesting",
         "published",
         "done",
         "aborted",

@@ -51,6 +51,7 @@ __all__ = [
     "S3Config",
     "SourceMode",
     "StagingConfig",
+    "TarballMode",
     "declared_keys",
     "declared_tables",
     "load",
@@ -72,6 +73,7 @@ _REPO_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _CRON_FIELD = re.compile(r"^[\d*,/\-A-Za-z]+$")
 
 SourceMode = Literal["mirror", "inbox"]
+TarballMode = Literal["files", "ingest"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
@@ -206,6 +208,9 @@ class CvmfsConfig:
     lease_seconds: float = key(
         600.0, "gateway lease length until one is read from the gateway", unit="duration"
     )
+    ingest_inactivity_seconds: float = key(
+        300.0, "stop an ingest that reads and prints nothing this long", unit="duration"
+    )
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,13 @@ class StagingConfig:
     graft_threshold: int = key(0, "files this large are grafted; 0: never", unit="size")
     max_delete_share: float = key(0.5, "hold a batch deleting more of a target", check=_share)
     prepare: bool = key(True, "store small files' objects before the transaction opens")
+    tarballs: TarballMode = key("files", "ingest: a top-level tarball becomes a directory")
+    ingest_catalog: bool = key(True, "a nested catalog at each tarball's directory")
+    max_ingest_bytes: int = key(
+        32 * 1024**3, "most content of one tarball", unit="size", check=_within(1)
+    )
+    max_ingest_members: int = key(250_000, "most entries of one tarball", check=_within(1))
+    allow_absolute_symlinks: bool = key(False, "tarball symlinks may point to absolute paths")
 
     @property
     def name(self) -> str:
@@ -253,6 +265,13 @@ class S3Config:
     max_delete_share: float = key(0.5, "hold a batch deleting more of a target", check=_share)
     allow_reserved_names: bool = key(False, "publish .cvmfscatalog, .cvmfsdirtab, ...")
     prepare: bool = key(True, "store small objects before the transaction opens")
+    tarballs: TarballMode = key("files", "ingest: a top-level tarball becomes a directory")
+    ingest_catalog: bool = key(True, "a nested catalog at each tarball's directory")
+    max_ingest_bytes: int = key(
+        32 * 1024**3, "most content of one tarball", unit="size", check=_within(1)
+    )
+    max_ingest_members: int = key(250_000, "most entries of one tarball", check=_within(1))
+    allow_absolute_symlinks: bool = key(False, "tarball symlinks may point to absolute paths")
 
     @property
     def name(self) -> str:

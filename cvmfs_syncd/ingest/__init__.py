@@ -31,10 +31,18 @@ from cvmfs_syncd.ingest.names import (
     tarball_base,
     tarball_compression,
 )
-from cvmfs_syncd.ingest.replace import ReplacePlan, ingest_argument_safe, plan_replacement
+from cvmfs_syncd.ingest.replace import (
+    CATALOG_MARKER,
+    ReplacePlan,
+    already_live,
+    ingest_argument_safe,
+    live_types,
+    plan_replacement,
+)
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
+    "CATALOG_MARKER",
     "ArchiveChanged",
     "ArchiveStreamError",
     "Compression",
@@ -49,10 +57,12 @@ __all__ = [
     "RefusalReason",
     "RefusedDrop",
     "ReplacePlan",
+    "already_live",
     "check_archive",
     "emit_plain_tar",
     "find_drops",
     "ingest_argument_safe",
+    "live_types",
     "plan_replacement",
     "tarball_base",
     "tarball_compression",

@@ -16,6 +16,10 @@ to fall back to a transaction:
 
 The last two are read in the script's source (cvmfs/server/cvmfs_server_ingest.sh), not
 recorded.
+
+:func:`already_live` tells whether what is live under the base is the archive already (a
+run after a crash must not publish it a second time), and :func:`live_types` turns what is
+live into the ``live`` argument of :func:`plan_replacement`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cvmfs_syncd.model import EntryType
+from cvmfs_syncd.ingest.model import Manifest, MemberKind
+from cvmfs_syncd.model import EntryType, Fingerprint
+
+#: The empty file that marks a nested catalog: ``ingest -c`` leaves it at the base
+#: (m2_ingest 11), and a transaction makes the catalog by writing it.
+CATALOG_MARKER = ".cvmfscatalog"
 
 #: Characters of a repository path that pass through the script's unquoted shell word
 #: unchanged (no globbing, splitting, expansion, quoting or escapes; no ``:``).
@@ -99,3 +108,54 @@ def plan_replacement(
         type_changes=tuple(sorted(_join(base, path) for path in changes)),
         unsafe_arguments=tuple(sorted(arg for arg in arguments if not ingest_argument_safe(arg))),
     )
+
+
+def live_types(manifest: Manifest, live: Mapping[str, Fingerprint]) -> dict[str, EntryType]:
+    """Return what is live below a base (paths relative to it, ``""`` the base itself) as
+    :func:`plan_replacement` takes it: the base's catalog marker is left out unless the
+    archive has one, so that replacing never deletes the nested catalog."""
+    new = manifest.entries()
+    return {
+        path: entry.type
+        for path, entry in live.items()
+        if path != CATALOG_MARKER or CATALOG_MARKER in new
+    }
+
+
+def already_live(manifest: Manifest, live: Mapping[str, Fingerprint]) -> bool:
+    """Return True if ``live`` (what is live below the base, paths relative to it, ``""``
+    the base itself) is exactly what the archive of ``manifest`` publishes.
+
+    Compared: the set of paths, each one's type, a file's size (a hard link's is its
+    target's) and a symlink's target. Not compared: modes and times (an equal tree that
+    differs only there is not worth a revision), and the base's catalog marker when the
+    archive has none.
+    """
+    base = live.get("")
+    if base is None or base.type is not EntryType.DIRECTORY:
+        return False
+    sizes = {m.path: m.size for m in manifest.members if m.kind is MemberKind.FILE}
+    directory = (EntryType.DIRECTORY, 0, "")
+    expected = dict.fromkeys(manifest.implied_directories, directory)
+    for member in manifest.members:
+        if member.kind is MemberKind.HARDLINK:
+            size = sizes.get(member.link_target or "", -1)
+            expected[member.path] = (EntryType.FILE, size, "")
+        elif member.kind is MemberKind.SYMLINK:
+            expected[member.path] = (EntryType.SYMLINK, 0, member.link_target or "")
+        else:
+            expected[member.path] = (member.kind.entry_type, member.size, "")
+    found = {path: entry for path, entry in live.items() if path}
+    if CATALOG_MARKER not in expected:
+        found.pop(CATALOG_MARKER, None)
+    if found.keys() != expected.keys():
+        return False
+    for path, entry in found.items():
+        kind, size, target = expected[path]
+        if entry.type is not kind:
+            return False
+        if kind is EntryType.FILE and entry.size != size:
+            return False
+        if kind is EntryType.SYMLINK and entry.target != target:
+            return False
+    return True

@@ -21,6 +21,7 @@ from cvmfs_syncd.model import Batch, HoldReason, Op, OpKind
 from cvmfs_syncd.model import JournalStage as Stage
 from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.pipeline.budget import PublishCost, fits_lease, lease_length, too_big
+from cvmfs_syncd.pipeline.ingest import Ingests
 from cvmfs_syncd.pipeline.leases import read_lease_expiry
 from cvmfs_syncd.pipeline.place import BatchWork, WorkControl
 from cvmfs_syncd.pipeline.scope import cut_to_scope
@@ -63,6 +64,8 @@ class BatchCycle:
         self.lease_seconds: float | None = None
         repo = lane.repo
         self._apply_backoff = Backoff(repo.retry_initial_seconds, repo.retry_max_seconds)
+        #: Tarball drops: each one an ingest (a revision) of its own.
+        self.ingests = Ingests(lane)
 
     # -- planning ------------------------------------------------------------------------
 
@@ -90,6 +93,8 @@ class BatchCycle:
                 lane.log.warning("input skipped", source=source.name, path=path, reason=reason)
             for aside in plan.set_aside:
                 lane.metrics.skipped.labels(lane.repo.name, source.name, "refused").inc()
+                if aside.refusal:
+                    lane.metrics.ingest_refused.labels(lane.repo.name, aside.refusal).inc()
                 lane.state.set_aside(
                     lane.repo.name, aside.source, aside.rel_path, aside.reason, None
                 )
@@ -128,6 +133,13 @@ class BatchCycle:
         planning_started = time.monotonic()
         ops, origin, plan = self.plan(now)
         self._timings = {"plan": time.monotonic() - planning_started}
+        ingests = [op for op in ops if op.kind is OpKind.INGEST]
+        if ingests:
+            ops = [op for op in ops if op.kind is not OpKind.INGEST]
+            # One ingest per cycle, after the other changes: the rest wait in pending.
+            self._requeue(ingests if ops else ingests[1:], origin)
+            if not ops:
+                return self._ingest(ingests[0], origin, reason)
         if not ops:
             return False
         fits = None
@@ -170,6 +182,18 @@ class BatchCycle:
             lane.set_status(busy_since=None)
         self.in_flight = 0
         return published
+
+    def _ingest(self, op: Op, origin: dict[str, Pending], reason: str) -> bool:
+        """Publish one tarball drop (its own revision, never inside our transaction)."""
+        entry = origin.get(op.repo_path)
+        if entry is None:
+            return False
+        self.lane.metrics.batches.labels(self.lane.repo.name, reason).inc()
+        self.in_flight = 1
+        try:
+            return self.ingests.publish(op, entry, reason)
+        finally:
+            self.in_flight = 0
 
     def _requeue(self, ops: Sequence[Op], origin: dict[str, Pending]) -> None:
         for op in ops:
@@ -322,11 +346,16 @@ class BatchCycle:
         started: float,
     ) -> None:
         """A batch is published (``revision``, -1 if unreadable): record what is live, tell
-        the sources, mark the journal done, count it and log the one summary line."""
+        the sources, mark the journal done, count it and log the one summary line.
+
+        A tarball drop is recorded only by a run that holds its Manifest: one found here
+        (a restart finishing an unpacked drop's publish) stays pending, and its next run
+        finds it live and records it without a new revision."""
         lane = self.lane
         now = lane.clock()
         lane.open_batch = None
         lane.metrics.transaction_open.labels(lane.repo.name).set(0)
+        ops = [op for op in ops if op.kind is not OpKind.INGEST]
         lane.state.apply_published(lane.repo.name, ops, revision if revision >= 0 else None)
         lane.state.forget_created_objects(batch_id)
         by_source: dict[str, list[Op]] = {}

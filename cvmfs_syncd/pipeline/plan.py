@@ -15,10 +15,11 @@ import enum
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
+from cvmfs_syncd.ingest import RefusedDrop
 from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, Op, OpKind, SetAside
 from cvmfs_syncd.paths import is_ignored, reserved_name
 from cvmfs_syncd.planner import Plan, deletion_guard
@@ -76,6 +77,14 @@ def count_deleted(subtrees: Iterable[Iterable[str]]) -> int:
 # --------------------------------------------------------------------------- shared
 
 
+class _Drop(Protocol):
+    @property
+    def drop(self) -> bool: ...
+
+
+_Observed = TypeVar("_Observed", bound=_Drop)
+
+
 class Fate(enum.Enum):
     """Where one pending entry goes, decided before settling and the writer check."""
 
@@ -91,10 +100,18 @@ class Fate(enum.Enum):
 
 
 class Verdict(NamedTuple):
-    """A fate, with the reason an operator reads for REFUSED and SKIPPED."""
+    """A fate, with the reason an operator reads for REFUSED and SKIPPED (and for a refused
+    tarball the refusal's code)."""
 
     fate: Fate
     reason: str = ""
+    code: str = ""
+
+
+def drop_verdict(refused: RefusedDrop) -> Verdict:
+    """The verdict on a top-level tarball that is no drop (its base is taken or unsafe)."""
+    why = f"tarball refused ({refused.reason.value}): {refused.detail}"
+    return Verdict(Fate.REFUSED, why, refused.reason.value)
 
 
 @dataclass
@@ -128,6 +145,36 @@ def hold_deletes(plan: Plan, why: str, kind: HoldReason, also: Iterable[str] = (
     plan.guard_kind = kind
 
 
+class IngestBases:
+    """The bases of the INGEST ops of one plan, and what else must wait for them.
+
+    ``cvmfs_server ingest`` publishes a drop in a revision of its own and replaces its
+    base's content: another op at or below a base in the same plan is deferred until
+    ``until`` and planned again once the ingest is live. Planners look at drops first
+    (see :func:`drops_first`), so that the bases are known before anything else.
+    """
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.bases: list[str] = []
+
+    def add(self, plan: Plan, entry: Pending, op: Op) -> bool:
+        """Add ``op`` to ``plan`` (or defer ``entry`` when it waits for an ingest); return
+        True if it was added."""
+        if op.kind is OpKind.INGEST:
+            self.bases.append(op.repo_path)
+        elif any(op.repo_path == b or op.repo_path.startswith(b + "/") for b in self.bases):
+            plan.deferred.append(entry.deferred_until(self.until))
+            return False
+        _add(plan, entry, op)
+        return True
+
+
+def drops_first(observations: Iterable[_Observed]) -> list[_Observed]:
+    """The observations with the tarball drops first (otherwise in their order)."""
+    return sorted(observations, key=lambda obs: not obs.drop)
+
+
 def _add(plan: Plan, entry: Pending, op: Op) -> None:
     plan.ops.append(op)
     plan.origin[op.repo_path] = entry
@@ -139,7 +186,8 @@ def _report(result: Planned, entry: Pending, verdict: Verdict, reported: str) ->
         return
     result.reported[entry.rel_path] = verdict.reason
     if verdict.fate is Fate.REFUSED:
-        result.plan.set_aside.append(SetAside(entry.source, entry.rel_path, verdict.reason))
+        aside = SetAside(entry.source, entry.rel_path, verdict.reason, refusal=verdict.code)
+        result.plan.set_aside.append(aside)
     else:
         result.plan.skipped.append((verdict.reason, entry.rel_path))
 
@@ -188,6 +236,13 @@ class StagedObservation:
     set-aside record exists, ``aside`` its fingerprint. ``settle_at``: 0.0 once the file
     is settled, else when to look again (``batching.Settler``). ``writers``: whether a
     process has the file open for writing (None: the kernel cannot say).
+
+    Tarball drops (``tarballs = "ingest"``): ``drop`` says the entry is a top-level tarball
+    name and ``repo_path`` is its base (the directory it is published as);
+    ``refused_drop`` why it is no drop (another entry takes its base, or the base is
+    unsafe). ``live_elsewhere``: the entry live at ``repo_path`` came from another input of
+    this source (a tarball whose base holds it), so it is not this entry's to delete or
+    keep.
     """
 
     entry: Pending
@@ -204,6 +259,9 @@ class StagedObservation:
     aside: Fingerprint | None = None
     settle_at: float = 0.0
     writers: bool | None = None
+    drop: bool = False
+    refused_drop: RefusedDrop | None = None
+    live_elsewhere: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +292,14 @@ def same_staged(found: Fingerprint, live: Fingerprint) -> bool:
 
 def replaces(obs: StagedObservation) -> bool:
     """Return True if the staged entry replaces a live one of another type (a directory by
-    a file or symlink, or the other way round): publishing it deletes what it replaces."""
-    return obs.found is not None and obs.live is not None and obs.found.type != obs.live.type
+    a file or symlink, or the other way round): publishing it deletes what it replaces.
+    Never for a tarball drop, whose ingest replaces its base's content itself."""
+    return (
+        not obs.drop
+        and obs.found is not None
+        and obs.live is not None
+        and obs.found.type != obs.live.type
+    )
 
 
 def reserved_in(rel: str) -> str | None:
@@ -259,13 +323,15 @@ def staged_name_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdic
         return Verdict(Fate.REFUSED, refused)
     if policy.ready_marker and rel.partition("/")[2] == policy.ready_marker:
         return Verdict(Fate.IGNORED)  # the marker itself is never published
+    if obs.refused_drop is not None:
+        return drop_verdict(obs.refused_drop)
     return None
 
 
 def staged_content_verdict(obs: StagedObservation, policy: StagingPolicy) -> Verdict:
     """Decide by what is staged, live and set aside (the name and marker allowed it)."""
     found = obs.found
-    mine = obs.live is not None and obs.live_source == policy.source
+    mine = obs.live is not None and obs.live_source == policy.source and not obs.live_elsewhere
     if found is None:
         if obs.skipped:
             return Verdict(Fate.SKIPPED, obs.skipped)
@@ -314,8 +380,10 @@ def plan_staged(
     Unsettled files, and files a process still writes, are deferred; entries of a
     ready-marker directory without its marker wait for it, and such a directory goes
     live whole (if one of its files is deferred, all of them are); a replacement goes in
-    one revision with what it replaces (:func:`_replace_whole`); deletions of a mirror
-    source, replaced subtrees counted, pass the mass-deletion guard or are all held.
+    one revision with what it replaces (:func:`_replace_whole`); a settled tarball drop
+    becomes an INGEST op at its base, and what else the plan does there waits for it
+    (:class:`IngestBases`); deletions of a mirror source, replaced subtrees (and
+    a deleted tarball's base) counted, pass the mass-deletion guard or are all held.
     """
     result = Planned()
     plan = result.plan
@@ -324,7 +392,8 @@ def plan_staged(
     removes: dict[str, tuple[str, ...]] = {}
     replacements: list[StagedObservation] = []
     later = now + policy.settle_seconds
-    for obs in observations:
+    ingests = IngestBases(later)
+    for obs in drops_first(observations):
         entry = obs.entry
         rel = entry.rel_path
         verdict = staged_verdict(obs, policy)
@@ -338,12 +407,16 @@ def plan_staged(
         if fate in (Fate.GONE, Fate.DELETE, Fate.UNCHANGED):
             result.forget.append(entry.key)
         if fate is Fate.DELETE:
-            removes[obs.repo_path] = obs.live_below
-            _add(plan, entry, Op(OpKind.DELETE, obs.repo_path, policy.source, rel))
+            delete = Op(OpKind.DELETE, obs.repo_path, policy.source, rel)
+            if ingests.add(plan, entry, delete):
+                removes[obs.repo_path] = obs.live_below
         found = obs.found
         if found is not None and obs.set_aside and fate is not Fate.ASIDE:
             result.clear_set_aside.append(rel)
         if fate is not Fate.CHANGED or found is None:
+            continue
+        if obs.drop and found.type is not EntryType.FILE:
+            plan.deferred.append(entry.deferred_until(later))  # replaced since it was listed
             continue
         if replaces(obs):
             replacements.append(obs)
@@ -355,18 +428,24 @@ def plan_staged(
             if not writer_gone(entry, obs.writers, now, policy.settle_seconds):
                 plan.deferred.append(entry.deferred_until(later))
                 continue
-            kind = file_op_kind(
-                rel.rsplit("/", 1)[-1],
-                found.size,
-                policy.content,
-                prepare=policy.prepare,
-                graft_at=policy.graft_at,
+            kind = (
+                OpKind.INGEST
+                if obs.drop
+                else file_op_kind(
+                    rel.rsplit("/", 1)[-1],
+                    found.size,
+                    policy.content,
+                    prepare=policy.prepare,
+                    graft_at=policy.graft_at,
+                )
             )
         elif found.type is EntryType.DIRECTORY:
             kind = OpKind.MAKE_DIR
         else:
             kind = OpKind.MAKE_SYMLINK
-        _add(plan, entry, Op(kind, obs.repo_path, policy.source, rel, found))
+        if not ingests.add(plan, entry, Op(kind, obs.repo_path, policy.source, rel, found)):
+            removes.pop(obs.repo_path, None)
+            continue
         top, _, inner = rel.partition("/")
         if policy.ready_marker and inner:
             groups.setdefault(top, []).append(obs.repo_path)

@@ -11,11 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cvmfs_syncd.batching import Pending
-from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, Op, OpKind
+from cvmfs_syncd.ingest import RefusedDrop
+from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, Op, OpKind, SetAside
 from cvmfs_syncd.pipeline.plan import (
     COPY_ONLY,
     ContentPolicy,
+    IngestBases,
     Planned,
+    drop_verdict,
+    drops_first,
     file_op_kind,
     hold_deletes,
 )
@@ -72,6 +76,12 @@ class ListedObservation:
     ``live``/``live_source``/``live_source_path``: the index entry at ``repo_path``.
     ``set_aside``/``aside``: a set-aside record of the key exists, with its fingerprint
     (looked up only for an object that differs from what is live).
+
+    Tarball drops (``tarballs = "ingest"``): ``drop`` says the path is a top-level tarball
+    name and ``repo_path`` is its base; ``refused_drop`` why it is no drop;
+    ``live_elsewhere`` that the entry live at ``repo_path`` came from another tarball;
+    ``live_below``: for a drop whose tarball is gone, the live paths deleting its base
+    removes.
     """
 
     entry: Pending
@@ -86,6 +96,10 @@ class ListedObservation:
     live_source_path: str = ""
     set_aside: bool = False
     aside: Fingerprint | None = None
+    drop: bool = False
+    refused_drop: RefusedDrop | None = None
+    live_elsewhere: bool = False
+    live_below: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +128,7 @@ def listed_ready(rel: str, stable: bool, marker: bool, ready_marker: str) -> boo
 
 
 def _mine(obs: ListedObservation, policy: ListingPolicy) -> bool:
-    return obs.live is not None and obs.live_source == policy.source
+    return obs.live is not None and obs.live_source == policy.source and not obs.live_elsewhere
 
 
 def listed_unchanged(obs: ListedObservation, policy: ListingPolicy) -> bool:
@@ -155,8 +169,11 @@ def plan_listed(
     Everything is deferred while the source is down or backing off. Objects not yet
     ready (stable, or their ready marker listed) are deferred until the next listing;
     those whose ready marker is missing wait for it; a ready-marker directory goes live
-    in one revision. Deletions (mirror mode) pass the mass-deletion guard, and an empty
-    listing while paths are live holds them however few they are.
+    in one revision. A tarball drop that is ready becomes an INGEST op at its base, and
+    what else the plan does there waits for it; one that is no drop is set aside.
+    Deletions (mirror mode; a gone tarball's base counted with everything below it) pass
+    the mass-deletion guard, and an empty listing while paths are live holds them
+    however few they are.
     """
     result = Planned()
     plan = result.plan
@@ -166,9 +183,10 @@ def plan_listed(
         return result
     marker = policy.ready_marker
     groups: dict[str, list[str]] = {}
-    deletes = 0
+    deletes: dict[str, int] = {}  # path -> the live paths deleting it removes
     next_listing = max(view.listed_at + policy.poll_seconds, now + 1.0)
-    for obs in observations:
+    ingests = IngestBases(next_listing)
+    for obs in drops_first(observations):
         entry = obs.entry
         rel = entry.rel_path
         if not rel or obs.unmappable:
@@ -183,18 +201,27 @@ def plan_listed(
                 if obs.aside is not None and obs.aside.same_content(listed.fingerprint):
                     continue
                 result.clear_set_aside.append(listed.key)
+            if obs.refused_drop is not None:
+                verdict = drop_verdict(obs.refused_drop)
+                aside = SetAside(policy.source, listed.key, verdict.reason, refusal=verdict.code)
+                plan.set_aside.append(aside)
+                continue
             if marker and sep and not obs.marker:
                 plan.waiting_for_marker.append(entry)
                 continue
             if not listed_ready(rel, listed.stable, obs.marker, marker) or listed.stale:
                 plan.deferred.append(entry.deferred_until(next_listing))
                 continue
-            kind = file_op_kind(
-                rel.rsplit("/", 1)[-1],
-                listed.fingerprint.size,
-                policy.content,
-                prepare=policy.prepare,
-                graft_at=policy.copy_below,
+            kind = (
+                OpKind.INGEST
+                if obs.drop
+                else file_op_kind(
+                    rel.rsplit("/", 1)[-1],
+                    listed.fingerprint.size,
+                    policy.content,
+                    prepare=policy.prepare,
+                    graft_at=policy.copy_below,
+                )
             )
             op = Op(kind, path, policy.source, listed.key, listed.fingerprint)
         elif obs.directory:
@@ -212,19 +239,19 @@ def plan_listed(
             # Counted once per path: every live path below a vanished directory is
             # hinted too (no index scan per deletion, which is quadratic for a prefix
             # of 100 000 keys that was emptied).
-            deletes += 1
             op = Op(OpKind.DELETE, path, policy.source, obs.live_source_path)
-            plan.ops.append(op)
-            plan.origin[path] = entry
+            if ingests.add(plan, entry, op):
+                deletes[path] = max(1, obs.live_below)
             continue
         else:
             continue
-        plan.ops.append(op)
-        plan.origin[path] = entry
+        if not ingests.add(plan, entry, op):
+            continue
         if marker and (sep or obs.directory):  # the top directory too
             groups.setdefault(top, []).append(path)
     plan.atomic_groups = [paths for paths in groups.values() if paths]
-    if deletes:
+    deleted = sum(deletes[o.repo_path] for o in plan.ops if o.kind is OpKind.DELETE)
+    if deleted:
         live = view.live_count
         # "Empty" means no publishable key: folder markers ("dir/"), refused keys and ready
         # markers left behind in an emptied prefix must not disarm the guard.
@@ -234,7 +261,7 @@ def plan_listed(
                 "live (emptied or wrong prefix?); run 'cvmfs-syncd release' to confirm"
             )
         else:
-            why = deletion_guard(deletes, live, policy.max_delete_share)
+            why = deletion_guard(deleted, live, policy.max_delete_share)
         if why:
             hold_deletes(plan, why, HoldReason.MASS_DELETE)
     return result

@@ -7,9 +7,10 @@ previous run left behind:
 - whether a transaction is open (the spool's ``in_transaction.lock`` exists);
 - whether the batch went live: a revision past the batch's ``base_revision`` that is this
   batch's (:func:`cvmfs_syncd.pipeline.confirm.live_revision`; behind a gateway other
-  publishers move the revision too). Only the ``publishing`` stage consults it: at ``published``
-  the publish is known to have gone through, and before ``publishing`` no publish of the
-  batch can have run.
+  publishers move the revision too). Only the ``publishing`` stage consults it: at
+  ``published`` the publish is known to have gone through, before ``publishing`` no publish
+  of the batch can have run, and at ``ingesting`` the tarball is compared with the live
+  tree before it is ingested again, so whether it went live needs no answer here.
 
 :data:`RULES` maps them to one :class:`RecoveryAction`, :func:`decide` looks the action up,
 and :func:`markdown_table` renders the rules for ``docs/architecture.md``. Carrying the
@@ -75,7 +76,16 @@ _DESCRIPTIONS: Final[dict[RecoveryAction, str]] = {
     RecoveryAction.MARK_FAILED: "mark failed",
 }
 
-STAGES: Final = ("planned", "preparing", "opening", "open", "applied", "publishing", "published")
+STAGES: Final = (
+    "planned",
+    "preparing",
+    "opening",
+    "open",
+    "applied",
+    "publishing",
+    "ingesting",
+    "published",
+)
 """The journal stages a batch can be left in, in the order a batch passes them."""
 
 
@@ -119,6 +129,11 @@ RULES: Final[tuple[RecoveryRule, ...]] = (
     RecoveryRule("publishing", False, True, _A.FINISH),
     RecoveryRule("publishing", True, False, _A.PUBLISH_THEN_FINISH),
     RecoveryRule("publishing", False, False, _A.MARK_FAILED, "transaction gone after restart"),
+    # `ingest` opens and publishes its own transaction: one left open is the killed
+    # command's. Whether or not it published, the tarball stays pending, and the next run
+    # records it without a second revision when the live tree already equals it.
+    RecoveryRule("ingesting", True, None, _A.ABORT_OWN, "ingest interrupted by a restart"),
+    RecoveryRule("ingesting", False, None, _A.MARK_ABORTED, "ingest interrupted by a restart"),
     RecoveryRule("published", True, None, _A.ABORT_LEFTOVER_THEN_FINISH),
     RecoveryRule("published", False, None, _A.FINISH),
 )

@@ -59,16 +59,21 @@ class IndexRecords:
         self._pos = 0
 
     def settles(self, records: bytes) -> bool:
-        """Consume the next records and return True if they are exactly ``records``."""
-        if self._buffer.startswith(records, self._pos):
-            self._pos += len(records)
-            return True
-        if len(self._buffer) - self._pos >= len(records) or not self._read(len(records)):
+        """Consume the next records and return True if they are exactly ``records`` and no
+        further row has the last one's source path (the rows of one source path, such as
+        every path an ingest wrote for its tarball, are consumed together or not at all,
+        as :meth:`pop` does)."""
+        key_start = records.rfind(b"\0", 0, len(records) - 1) + 1
+        last = records[records.rfind(b"\0", 0, key_start - 1) + 1 : key_start]  # path + NUL
+        needed = len(records) + len(last)
+        if len(self._buffer) - self._pos < needed:
+            self._read(needed)
+        if not self._buffer.startswith(records, self._pos):
             return False
-        if self._buffer.startswith(records, self._pos):
-            self._pos += len(records)
-            return True
-        return False
+        if self._buffer.startswith(last, self._pos + len(records)):
+            return False  # more rows of that source path: merged a row at a time
+        self._pos += len(records)
+        return True
 
     def head(self) -> bytes | None:
         """Return the source path of the next row (None at the end)."""

@@ -52,7 +52,7 @@ from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.config import S3Config
 from cvmfs_syncd.errors import SourceError
 from cvmfs_syncd.metrics import Metrics
-from cvmfs_syncd.model import S3_FILE_MODE, Dirty, EntryType, Fingerprint, Op, OpKind
+from cvmfs_syncd.model import S3_FILE_MODE, Dirty, Fingerprint, Op, OpKind
 from cvmfs_syncd.paths import repo_path
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.pipeline.plan_s3 import (
@@ -66,6 +66,7 @@ from cvmfs_syncd.pipeline.plan_s3 import (
 )
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
+from cvmfs_syncd.sources.drops import Drops
 from cvmfs_syncd.sources.s3_client import (
     ClientCache,
     ClientFactory,
@@ -84,7 +85,12 @@ from cvmfs_syncd.sources.s3_listing import (
     full_prefix,
     list_prefix,
 )
-from cvmfs_syncd.sources.s3_observe import listing_policy, observe_entry
+from cvmfs_syncd.sources.s3_observe import (
+    listing_differences,
+    listing_drops,
+    listing_policy,
+    observe_entry,
+)
 from cvmfs_syncd.state import PublishedEntry, State
 
 if TYPE_CHECKING:
@@ -158,6 +164,7 @@ class S3Input:
         #: Keys found changed or gone at download time: not planned again before the next
         #: listing (cleared by every listing).
         self._stale: set[str] = set()
+        self._drops_of: tuple[Listing, Drops] | None = None
         self._submit: Callable[[Dirty], None] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -332,38 +339,33 @@ class S3Input:
         return f"{self.target_path}/{rel}" if self.target_path else rel
 
     def _differences(self, listing: Listing, now: float) -> list[Dirty]:
-        live = {
-            e.path: e for e in self.state.published_under(self.repo, self.target_path, self.name)
-        }
-        rels: list[str] = []
-        expected: set[str] = set()
-        published_here: list[tuple[str, Fingerprint]] = []
-        for rel, key in listing.winners.items():
-            path = self._path(rel)
-            expected.add(path)
-            fp = listing.objects[key].fingerprint()
-            entry = live.get(path)
-            if entry is not None and entry.fingerprint.same_content(fp):
-                published_here.append((key, fp))
-                continue
-            aside = self.state.set_aside_entry(self.repo, self.name, key)
-            if aside is not None and aside[1] is not None and aside[1].same_content(fp):
-                continue
-            rels.append(rel)
-        for rel in listing.dirs:
-            path = self._path(rel)
-            expected.add(path)
-            entry = live.get(path)
-            if entry is None or entry.fingerprint.type is not EntryType.DIRECTORY:
-                rels.append(rel)
-        if self.config.mode == "mirror":
-            rels += [self._rel(p) for p in live if p not in expected and p != self.target_path]
-        elif published_here and not self.read_only:
-            # Inbox: objects that are live but still in the bucket (a deletion after an
-            # earlier publish failed) are removed now.
-            for key, fp in published_here:
+        rels, here = listing_differences(
+            listing,
+            self.state.published_under(self.repo, self.target_path, self.name),
+            policy=self._policy(),
+            target=self.config.target,
+            drops=self._drops(listing),
+            aside_of=partial(self.state.set_aside_entry, self.repo, self.name),
+        )
+        if self.config.mode == "inbox" and not self.read_only:
+            # Objects that are live but still in the bucket (a deletion after an earlier
+            # publish failed) are removed now.
+            for key, fp in here:
                 self._inbox.delete_object(key, fp.etag)
-        return [Dirty(self.name, rel, now, from_scan=True) for rel in sorted(set(rels))]
+        return [Dirty(self.name, rel, now, from_scan=True) for rel in rels]
+
+    def _drops(self, listing: Listing) -> Drops | None:
+        """The tarball drops of ``listing`` when this source ingests them (kept per listing)."""
+        if self.config.tarballs != "ingest":
+            return None
+        with self._lock:
+            cached = self._drops_of
+        if cached is not None and cached[0] is listing:
+            return cached[1]
+        drops = listing_drops(listing, self.config)
+        with self._lock:
+            self._drops_of = (listing, drops)
+        return drops
 
     # -- planning --------------------------------------------------------------------------
 
@@ -388,6 +390,8 @@ class S3Input:
                 target=self.config.target,
                 is_stale=self._is_stale,
                 set_aside=partial(self.state.set_aside_entry, self.repo, self.name),
+                drops=self._drops(listing),
+                count_below=partial(self.state.count_under, self.repo, source=self.name),
             )
             observations = [observe(e) for e in entries]
             if any(listed_deletes(o, policy) for o in observations):
@@ -465,7 +469,7 @@ class S3Input:
         or hanging endpoint must not cost a timeout per remaining object of a batch.
         """
         fp = op.fingerprint
-        if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT):
+        if fp is None or op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.INGEST):
             return Applied(ApplyOutcome.REFUSED, f"an S3 source cannot {op.kind.value}")
         with self._lock:
             backing_off = self.clock() < self._status.retry_at

@@ -42,7 +42,8 @@ class InboxCleaner:
         the directories published."""
         tops: set[str] = set()
         for op in ops:
-            if op.kind not in (OpKind.COPY_FILE, OpKind.GRAFT) or op.fingerprint is None:
+            kinds = (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.INGEST)
+            if op.kind not in kinds or op.fingerprint is None:
                 continue
             if self.delete_object(op.source_path, op.fingerprint.etag):
                 rel = op.source_path[len(self.full_prefix) :]

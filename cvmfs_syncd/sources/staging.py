@@ -56,6 +56,15 @@ from cvmfs_syncd.pipeline.plan import (
 from cvmfs_syncd.pipeline.plan import same_staged as _same
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
+from cvmfs_syncd.sources.drops import (
+    Drops,
+    drop_path,
+    forget_resolved,
+    ingested_from,
+    sharing_base,
+    staged_drops,
+    top_level_tarball,
+)
 from cvmfs_syncd.sources.index_records import IndexRecords, read_ahead
 from cvmfs_syncd.sources.staged import Lookup, StagedContent, applied_outcome
 from cvmfs_syncd.sources.staging_merge import StagingMerge
@@ -201,6 +210,15 @@ class StagingInput:
             closed = was_moved or event.event_type in ("closed", "deleted")
             rescan = event.is_directory and event.event_type in ("moved", "created", "deleted")
             self._submit(Dirty(self.name, rel, now, closed=closed, rescan=rescan))
+            for other in self._same_base(rel):
+                self._submit(Dirty(self.name, other, now, closed=True))
+
+    def _same_base(self, rel: str) -> list[str]:
+        """The refused top-level tarballs whose base is ``rel``'s (a change to one entry
+        may end another's refusal): forgotten as reported, to be planned again."""
+        if self.config.tarballs != "ingest":
+            return []
+        return sharing_base(rel, self.reported)
 
     def _relative(self, path: str) -> str | None:
         root = os.fspath(self.root)
@@ -228,6 +246,11 @@ class StagingInput:
         """
         if self._submit is not None:
             self._start_observer()  # the path may have appeared since start()
+        if self.config.tarballs == "ingest" and self.reported:
+            # A refused tarball whose rival is gone is planned again (no event says so).
+            config = self.config
+            drops = staged_drops(self.root, config.ignore, config.allow_reserved_names)
+            forget_resolved(self.reported, drops)
         target = self._target_repo_path()
         mirror = self.config.mode == "mirror"
         pages = read_ahead(self.state.scan_pages(self.repo, self.name, target))
@@ -286,16 +309,17 @@ class StagingInput:
         policy = self._policy()
         markers: dict[str, bool] = {}
         expanded = self._expand(entries)
+        drops = self._drops(expanded)
         # One query per 500 paths and one for the set-aside inputs, not two per path.
         mapped = []
         for entry in expanded:
             with contextlib.suppress(UnsafeName):
-                mapped.append(repo_path(self.config.target, entry.rel_path))
+                mapped.append(self._mapped(entry.rel_path, drops))
         lookup = Lookup(
             self.state.published_entries(self.repo, mapped),
             self.state.set_aside_entries(self.repo, self.name),
         )
-        observations = [self._observe(e, policy, now, markers, lookup) for e in expanded]
+        observations = [self._observe(e, policy, now, markers, lookup, drops) for e in expanded]
         deletes = self.config.mode == "mirror" and any(o.live_below for o in observations)
         view = self._view() if deletes else StagingView()
         result = plan_staged(observations, policy, now, view)
@@ -309,6 +333,21 @@ class StagingInput:
                 "replacement not ready: old entry deleted first", source=self.name, path=rel
             )
         return result.plan
+
+    def _drops(self, entries: Sequence[Pending]) -> Drops | None:
+        """The top-level tarballs of an ingest source, read when an entry is one."""
+        if self.config.tarballs != "ingest":
+            return None
+        if not any(top_level_tarball(e.rel_path) for e in entries):
+            return Drops()
+        return staged_drops(self.root, self.config.ignore, self.config.allow_reserved_names)
+
+    def _mapped(self, rel: str, drops: Drops | None) -> str:
+        """The repository path of source path ``rel``: a drop's base, else ``rel`` below
+        the target. Raise UnsafeName."""
+        if drops is not None and drops.is_drop(rel):
+            return drop_path(self.config.target, rel) or ""
+        return repo_path(self.config.target, rel)
 
     def _policy(self) -> StagingPolicy:
         config = self.config
@@ -333,6 +372,7 @@ class StagingInput:
         now: float,
         markers: dict[str, bool],
         lookup: Lookup,
+        drops: Drops | None,
     ) -> StagedObservation:
         """Look at one pending entry as far as the decision about it needs.
 
@@ -343,8 +383,10 @@ class StagingInput:
         """
         rel = entry.rel_path
         obs = StagedObservation(entry, reported=self.reported.get(rel, ""))
+        if drops is not None:
+            obs = replace(obs, drop=drops.is_drop(rel), refused_drop=drops.refused.get(rel))
         try:
-            obs = replace(obs, repo_path=repo_path(self.config.target, rel))
+            obs = replace(obs, repo_path=self._mapped(rel, drops))
         except UnsafeName as exc:
             obs = replace(obs, unmappable=str(exc))
         if staged_name_verdict(obs, policy) is not None:
@@ -365,6 +407,9 @@ class StagingInput:
             skipped=found.reason if isinstance(found, fsops.Skipped) else "",
             live=live.fingerprint if live is not None else None,
             live_source=live.source if live is not None else "",
+            live_elsewhere=live is not None
+            and live.source_path != rel
+            and (obs.drop or ingested_from(self.config.target, obs.repo_path, live.source_path)),
         )
         if isinstance(found, Fingerprint):
             aside = lookup.aside.get(rel)
@@ -413,7 +458,12 @@ class StagingInput:
             self.reported.pop(op.source_path, None)
             if self.config.mode != "inbox" or op.fingerprint is None:
                 continue
-            removable = op.kind in (OpKind.COPY_FILE, OpKind.GRAFT, OpKind.MAKE_SYMLINK)
+            removable = op.kind in (
+                OpKind.COPY_FILE,
+                OpKind.GRAFT,
+                OpKind.MAKE_SYMLINK,
+                OpKind.INGEST,
+            )
             if removable and fsops.remove_staged(self.root, op.source_path, op.fingerprint):
                 tops.add(op.source_path.partition("/")[0])
         if self.config.mode == "inbox" and self.config.ready_marker:
@@ -460,7 +510,7 @@ class StagingInput:
         if rel is None:
             return None
         try:
-            rp = repo_path(self.config.target, rel)
+            rp = self._mapped(rel, Drops() if self.config.tarballs == "ingest" else None)
         except UnsafeName as exc:
             return {"live": False, "reason": f"unsafe name: {exc}"}
         live = self.state.published_entry(self.repo, rp)

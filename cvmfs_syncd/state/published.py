@@ -59,6 +59,51 @@ class PublishedIndex(Database):
                         ),
                     )
 
+    def apply_ingested(self, repo: str, op: Op, paths: Iterable[str], revision: int | None) -> None:
+        """Record what an ingest published under the base ``op.repo_path``: whatever the
+        index had at and below it is replaced by a row for the base and one for each of
+        ``paths`` (relative to the base), every one with the tarball (``op.source_path``,
+        ``op.fingerprint``) as its input."""
+        if op.fingerprint is None:
+            raise ValueError("an ingest is recorded with its tarball's fingerprint")
+        now = time.time()
+        base = encode_path(op.repo_path)
+        fingerprint = json.dumps(op.fingerprint.to_json())
+        source_path = encode_path(op.source_path)
+        rows = (
+            (
+                repo,
+                encode_path(f"{op.repo_path}/{path}") if path else base,
+                op.source,
+                source_path,
+                fingerprint,
+                revision,
+                now,
+            )
+            for path in ("", *paths)
+        )
+        with self._tx() as db:
+            db.execute("DELETE FROM published WHERE repo = ? AND path = ?", (repo, base))
+            db.execute(
+                "DELETE FROM published WHERE repo = ? AND path >= ? AND path < ?",
+                (repo, *_subtree_range(base)),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO published(repo, path, source, source_path,"
+                " fingerprint, revision, published_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def count_under(self, repo: str, path: str, source: str) -> int:
+        """Return how many live paths of ``source`` are at or below the repository ``path``."""
+        key = encode_path(path)
+        rows = self._query(
+            "SELECT count(*) FROM published WHERE repo = ? AND source = ?"
+            " AND (path = ? OR (path >= ? AND path < ?))",
+            (repo, source, key, *_subtree_range(key)),
+        )
+        return int(str(rows[0][0]))
+
     def published_entry(self, repo: str, path: str) -> PublishedEntry | None:
         """Return the index entry of one repository path, if it is live."""
         rows = self._query(

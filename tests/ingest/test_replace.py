@@ -3,12 +3,22 @@ whether one ``ingest`` call can do it."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cvmfs_syncd.ingest.replace import ingest_argument_safe, plan_replacement
-from cvmfs_syncd.model import EntryType
+from cvmfs_syncd.ingest import IngestLimits, Manifest, check_archive
+from cvmfs_syncd.ingest.replace import (
+    CATALOG_MARKER,
+    already_live,
+    ingest_argument_safe,
+    live_types,
+    plan_replacement,
+)
+from cvmfs_syncd.model import EntryType, Fingerprint
+from tests.ingest import archives
 
 F, D, L = EntryType.FILE, EntryType.DIRECTORY, EntryType.SYMLINK
 
@@ -132,3 +142,84 @@ def test_deletes_cover_exactly_what_goes(
     assert not any(d.startswith(e + "/") for d in deleted for e in deleted)
     changed = {p for p in live if p in new and live[p] != new[p]}
     assert {c.removeprefix("b/") for c in plan.type_changes} == changed
+
+
+# -------------------------------------------------------------- what is live already
+
+
+def _manifest(*entries: archives.Entry) -> Manifest:
+    checked = check_archive(io.BytesIO(archives.tar_bytes(*entries)))
+    assert isinstance(checked, Manifest)
+    return checked
+
+
+def _dir() -> Fingerprint:
+    return Fingerprint(D, 0o755)
+
+
+def _file(size: int) -> Fingerprint:
+    return Fingerprint(F, 0o644, size)
+
+
+def _link(target: str) -> Fingerprint:
+    return Fingerprint(L, 0o777, target=target)
+
+
+ARCHIVE = (
+    archives.file("pkg/a.txt", b"aaaa"),
+    archives.hardlink("pkg/b.txt", "pkg/a.txt"),
+    archives.symlink("latest", "pkg"),
+    archives.directory("empty"),
+)
+
+LIVE = {
+    "": _dir(),
+    "pkg": _dir(),
+    "pkg/a.txt": _file(4),
+    "pkg/b.txt": _file(4),
+    "latest": _link("pkg"),
+    "empty": _dir(),
+}
+
+
+def test_the_live_tree_equal_to_the_archive_is_already_live() -> None:
+    """Types, sizes (a hard link has its target's) and link targets equal: already live;
+    modes and the base's catalog marker do not matter."""
+    manifest = _manifest(*ARCHIVE)
+    assert already_live(manifest, LIVE)
+    assert already_live(manifest, {**LIVE, "pkg/a.txt": Fingerprint(F, 0o600, 4, 99)})
+    assert already_live(manifest, {**LIVE, CATALOG_MARKER: _file(0)})
+
+
+@pytest.mark.parametrize(
+    "live",
+    [
+        {},  # nothing live
+        {**LIVE, "": _file(0)},  # the base is no directory
+        {k: v for k, v in LIVE.items() if k != "empty"},  # a path missing
+        {**LIVE, "extra": _file(1)},  # a path too many
+        {**LIVE, "pkg/a.txt": _file(5)},  # another size
+        {**LIVE, "pkg/b.txt": _file(0)},  # the hard link's size
+        {**LIVE, "latest": _link("elsewhere")},  # another target
+        {**LIVE, "empty": _file(0)},  # another type
+        {**LIVE, "pkg/sub/" + CATALOG_MARKER: _file(0)},  # a marker below the base counts
+    ],
+)
+def test_any_difference_is_not_live(live: dict[str, Fingerprint]) -> None:
+    """Anything but the archive's tree under the base means it is not live yet."""
+    assert not already_live(_manifest(*ARCHIVE), live)
+
+
+def test_live_types_keep_the_catalog_marker_out_of_the_replacement() -> None:
+    """The marker ``ingest -c`` left is never deleted by the next version, unless the
+    archive has one of its own."""
+    live = {**LIVE, CATALOG_MARKER: _file(0)}
+    types = live_types(_manifest(*ARCHIVE), live)
+    assert CATALOG_MARKER not in types
+    assert types["latest"] is L and types[""] is D
+    plan = plan_replacement("sw/foo", _manifest(archives.file("pkg/a.txt")).entries(), types)
+    assert plan.deletes == ("sw/foo/empty", "sw/foo/latest", "sw/foo/pkg/b.txt")
+    reserved = IngestLimits(allow_reserved_names=True)
+    own = check_archive(io.BytesIO(archives.tar_bytes(archives.file(CATALOG_MARKER))), reserved)
+    assert isinstance(own, Manifest)
+    assert live_types(own, live)[CATALOG_MARKER] is F

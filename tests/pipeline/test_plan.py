@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cvmfs_syncd.batching import Pending
 from cvmfs_syncd.cvmfs.graft import GRAFT_NAME_MAX
+from cvmfs_syncd.ingest import DropRefusal, RefusedDrop
 from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, OpKind
 from cvmfs_syncd.paths import reserved_name
 from cvmfs_syncd.pipeline.plan import (
@@ -635,3 +636,103 @@ def test_every_staged_entry_ends_up_in_exactly_one_place(
             if "/" in op.source_path and op.kind is not OpKind.DELETE
         }
         assert not waiting & published
+
+
+# --------------------------------------------------------------------------- tarball drops
+
+TARBALL = file_fp(size=4096, inode=70)
+
+
+def tarball(rel: str = "pkg.tgz", found: Fingerprint = TARBALL, **fields: Any) -> StagedObservation:
+    """A top-level tarball drop of an ingest source (its path is the base)."""
+    values: dict[str, Any] = {"drop": True, "repo_path": "t/" + rel.split(".", maxsplit=1)[0]}
+    values.update(fields)
+    return seen(rel, found, **values)
+
+
+def test_a_settled_tarball_drop_is_one_ingest_op_at_its_base() -> None:
+    """Settled and without a writer, a drop is ingested at its base; before, it waits."""
+    planned = plan_staged([tarball()], MIRROR, NOW)
+    assert where(planned) == {"pkg.tgz": "ingest"}
+    op = planned.plan.ops[0]
+    assert (op.repo_path, op.source_path, op.fingerprint) == ("t/pkg", "pkg.tgz", TARBALL)
+    assert where(plan_staged([tarball(settle_at=NOW + 1)], MIRROR, NOW)) == {"pkg.tgz": "deferred"}
+    assert where(plan_staged([tarball(writers=True)], MIRROR, NOW)) == {"pkg.tgz": "deferred"}
+
+
+def test_a_tarball_equal_to_its_live_base_or_set_aside_is_left_alone() -> None:
+    """The index records the tarball at its base: unchanged, nothing to do; a version set
+    aside stays aside until it changes."""
+    assert where(plan_staged([tarball(live=TARBALL, live_source=SOURCE)], MIRROR, NOW)) == {}
+    aside = plan_staged([tarball(set_aside=True, aside=TARBALL)], MIRROR, NOW)
+    assert where(aside) == {}
+    changed = plan_staged([tarball(set_aside=True, aside=file_fp(size=1))], MIRROR, NOW)
+    assert where(changed) == {"pkg.tgz": "ingest"}
+    assert changed.clear_set_aside == ["pkg.tgz"]
+
+
+def test_a_refused_tarball_is_set_aside_with_its_refusal() -> None:
+    """A tarball that find_drops refuses is set aside, its code kept for the metric."""
+    refused = RefusedDrop("pkg.tgz", DropRefusal.BASE_TAKEN, "the top-level entry 'pkg'")
+    planned = plan_staged(
+        [seen("pkg.tgz", TARBALL, repo_path="t/pkg.tgz", refused_drop=refused)], MIRROR, NOW
+    )
+    assert where(planned) == {"pkg.tgz": "refused"}
+    aside = planned.plan.set_aside[0]
+    assert aside.refusal == "base-taken"
+    assert aside.reason.startswith("tarball refused (base-taken): ")
+    again = seen("pkg.tgz", TARBALL, refused_drop=refused, reported=aside.reason)
+    assert where(plan_staged([again], MIRROR, NOW)) == {}  # reported once
+
+
+def test_a_gone_tarball_deletes_its_base_counting_everything_below() -> None:
+    """Mirror mode: the tarball removed, its base goes with all it holds, behind the
+    deletion guard, which counts the base's live paths (not 1)."""
+    below = tuple(f"t/pkg/f{i}" for i in range(20))
+    removed = StagedObservation(
+        pending("pkg.tgz"),
+        repo_path="t/pkg",
+        drop=True,
+        live=TARBALL,
+        live_source=SOURCE,
+        live_below=("t/pkg", *below),
+    )
+    small = plan_staged([removed], MIRROR, NOW, StagingView(live_count=200))
+    assert where(small) == {"pkg.tgz": "delete"}
+    assert small.plan.ops[0].repo_path == "t/pkg"
+    held = plan_staged([removed], MIRROR, NOW, StagingView(live_count=25))
+    assert where(held) == {"pkg.tgz": "guarded"}
+    assert "delete 21 of 25" in held.plan.guard_reason
+    inbox = replace(MIRROR, mirror=False)
+    assert where(plan_staged([removed], inbox, NOW)) == {}
+
+
+def test_a_base_live_from_another_input_is_not_this_entrys() -> None:
+    """What another input published (a tarball's members, a plain directory under a new
+    tarball's base) is never deleted or kept as this entry's own."""
+    member = gone("pkg/a", live_elsewhere=True)
+    assert where(plan_staged([member], MIRROR, NOW)) == {}
+    other = tarball(live=DIR_FP, live_source=SOURCE, live_elsewhere=True)
+    assert where(plan_staged([other], MIRROR, NOW)) == {"pkg.tgz": "ingest"}
+    assert not replaces(other)  # the ingest replaces its base itself
+
+
+def test_what_else_happens_under_an_ingested_base_waits_for_the_ingest() -> None:
+    """A directory gone from where a tarball now goes: its deletions wait (the ingest
+    replaces it), other paths are planned as usual."""
+    planned = plan_staged(
+        [tarball(), gone("pkg"), gone("pkg/x"), gone("other"), seen("pkgx")], MIRROR, NOW
+    )
+    assert where(planned) == {
+        "pkg.tgz": "ingest",
+        "pkg": "deferred",
+        "pkg/x": "deferred",
+        "other": "delete",
+        "pkgx": "copy",
+    }
+    assert {e.not_before for e in planned.plan.deferred} == {NOW + MIRROR.settle_seconds}
+
+
+def test_a_drop_that_is_no_file_any_more_waits() -> None:
+    """Replaced by a directory since the top level was listed: looked at again later."""
+    assert where(plan_staged([tarball(found=DIR_FP)], MIRROR, NOW)) == {"pkg.tgz": "deferred"}

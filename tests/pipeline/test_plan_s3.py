@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvmfs_syncd.batching import Pending
+from cvmfs_syncd.ingest import DropRefusal, RefusedDrop
 from cvmfs_syncd.model import EntryType, Fingerprint, HoldReason, OpKind
 from cvmfs_syncd.pipeline.plan import ContentPolicy, Planned
 from cvmfs_syncd.pipeline.plan_s3 import (
@@ -276,3 +277,74 @@ def test_every_listed_entry_ends_up_in_at_most_one_place(
         rel = planned.plan.origin[op.repo_path].rel_path
         if marker and "/" in rel and op.kind is not OpKind.DELETE:
             assert by_rel[rel].marker  # nothing of a marked directory before its marker
+
+
+# --------------------------------------------------------------------------- tarball drops
+
+
+def drop(rel: str = "pkg.tgz", **fields: Any) -> ListedObservation:
+    """A listed top-level tarball of an ingest source (its path is the base)."""
+    listed = Listed("builds/" + rel, fp(4096, '"t1"'), stable=fields.pop("stable", True))
+    base = "ci/" + rel.split(".", maxsplit=1)[0]
+    return ListedObservation(entry(rel), repo_path=base, listed=listed, drop=True, **fields)
+
+
+def test_a_stable_tarball_drop_is_one_ingest_op_at_its_base() -> None:
+    """Stable, a drop is ingested at its base with the object's key and version; before,
+    it waits for the next listing; live already, nothing is done."""
+    planned = plan_listed([drop()], VIEW, POLICY, NOW)
+    assert where(planned) == {"pkg.tgz": "ingest"}
+    op = planned.plan.ops[0]
+    assert (op.repo_path, op.source_path, op.fingerprint) == (
+        "ci/pkg",
+        "builds/pkg.tgz",
+        fp(4096, '"t1"'),
+    )
+    assert where(plan_listed([drop(stable=False)], VIEW, POLICY, NOW)) == {"pkg.tgz": "deferred"}
+    live = drop(live=fp(4096, '"t1"'), live_source=SOURCE, live_source_path="builds/pkg.tgz")
+    assert where(plan_listed([live], VIEW, POLICY, NOW)) == {}
+
+
+def test_a_refused_tarball_key_is_set_aside() -> None:
+    """A tarball whose base is taken is set aside under its key, with the refusal code."""
+    refused = RefusedDrop("pkg.tgz", DropRefusal.SAME_BASE, "'pkg.tar.gz' too")
+    planned = plan_listed([obj("pkg.tgz", refused_drop=refused)], VIEW, POLICY, NOW)
+    assert planned.plan.ops == []
+    [aside] = planned.plan.set_aside
+    assert (aside.rel_path, aside.refusal) == ("builds/pkg.tgz", "same-base")
+    assert aside.reason.startswith("tarball refused (same-base)")
+
+
+def test_a_gone_tarball_deletes_its_base_behind_the_guard() -> None:
+    """Mirror mode: the key gone, its base is deleted, counted with all below it."""
+    gone = ListedObservation(
+        entry("pkg.tgz"),
+        repo_path="ci/pkg",
+        drop=True,
+        live=fp(4096, '"t1"'),
+        live_source=SOURCE,
+        live_source_path="builds/pkg.tgz",
+        live_below=30,
+    )
+    many = plan_listed([gone], replace(VIEW, live_count=1000), POLICY, NOW)
+    assert where(many) == {"pkg.tgz": "delete"}
+    assert many.plan.ops[0].repo_path == "ci/pkg"
+    few = plan_listed([gone], replace(VIEW, live_count=40), POLICY, NOW)
+    assert where(few) == {"pkg.tgz": "guarded"}
+    assert "delete 30 of 40" in few.plan.guard_reason
+
+
+def test_paths_under_an_ingested_base_wait_for_the_ingest() -> None:
+    """Objects gone from under a base a tarball now takes wait for its ingest; a path
+    another tarball published is not this entry's to delete."""
+    planned = plan_listed(
+        [vanished("pkg/a"), vanished("other"), drop(), obj("pkgx")], VIEW, POLICY, NOW
+    )
+    assert where(planned) == {
+        "pkg.tgz": "ingest",
+        "pkg/a": "deferred",
+        "other": "delete",
+        "pkgx": "copy",
+    }
+    member = replace(vanished("pkg/a"), live_elsewhere=True)
+    assert where(plan_listed([member], VIEW, POLICY, NOW)) == {}

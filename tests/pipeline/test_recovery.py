@@ -79,6 +79,12 @@ def test_finished_or_unknown_stages_are_refused(stage: str) -> None:
         ("publishing", False, False, A.MARK_FAILED),
         ("publishing", False, True, A.FINISH),
         ("publishing", True, True, A.ABORT_LEFTOVER_THEN_FINISH),
+        # `ingesting`: a transaction left open is the killed ingest's; whether it went
+        # live is decided later, by comparing the archive with the live tree.
+        ("ingesting", True, True, A.ABORT_OWN),
+        ("ingesting", True, False, A.ABORT_OWN),
+        ("ingesting", False, True, A.MARK_ABORTED),
+        ("ingesting", False, False, A.MARK_ABORTED),
         # `published` finishes whatever the manifest says.
         ("published", False, False, A.FINISH),
         ("published", True, False, A.ABORT_LEFTOVER_THEN_FINISH),
@@ -93,6 +99,8 @@ def test_journal_texts_are_those_the_lane_records() -> None:
     assert rule_for("open", False, False).why == "no transaction after restart"
     assert rule_for("opening", True, False).why == "half-applied batch found after restart"
     assert rule_for("publishing", False, False).why == "transaction gone after restart"
+    assert rule_for("ingesting", True, False).why == "ingest interrupted by a restart"
+    assert rule_for("ingesting", False, True).why == "ingest interrupted by a restart"
     finishing = (A.FINISH, A.ABORT_LEFTOVER_THEN_FINISH, A.PUBLISH_THEN_FINISH)
     for rule in RULES:
         assert (rule.why == "") == (rule.action in finishing), rule
@@ -113,6 +121,8 @@ EXPECTED_TABLE = """\
 | `publishing` | no | yes | record published, finish (index, inbox) |
 | `publishing` | yes | no | publish the open transaction (every op is in), finish |
 | `publishing` | no | no | mark failed |
+| `ingesting` | yes | – | abort our own transaction (ops may be half-applied) |
+| `ingesting` | no | – | mark aborted |
 | `published` | yes | – | record published, abort the leftover transaction (it holds nothing new), finish |
 | `published` | no | – | record published, finish (index, inbox) |
 """  # noqa: E501, RUF001 - whole rows, with the docs' en dash for "either way"
