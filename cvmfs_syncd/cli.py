@@ -204,6 +204,7 @@ def _check_config(args: argparse.Namespace) -> int:
             )
     problems += _s3_credential_problems(config)
     problems += _schedule_problems(config)
+    problems += _gateway_problems(config)
     if problems:
         raise ConfigError(problems, args.config)
     for i, repo in enumerate(config.repositories):
@@ -245,6 +246,30 @@ def _repository_notes(config: config_mod.Config, repo: config_mod.RepositoryConf
         )
         notes.append(f"resign, gc and tag cleanup are off: {GATEWAY_PUBLISHER_OFF}")
     return notes
+
+
+def _gateway_problems(config: config_mod.Config) -> list[str]:
+    """Settings a gateway publisher cannot honour (what goes through a gateway is recorded
+    for transactions only)."""
+    from cvmfs_syncd.cvmfs.repo import load_layout
+    from cvmfs_syncd.pipeline.ingest import GATEWAY_INGEST_REFUSED
+
+    problems = []
+    for i, repo in enumerate(config.repositories):
+        try:
+            layout = load_layout(config.cvmfs.config_dir, repo.name)
+        except RepositoryConfigError:
+            continue  # reported by the server.conf check
+        if layout.gateway_url is None:
+            continue
+        sources = [("staging", j, s.tarballs) for j, s in enumerate(repo.staging)]
+        sources += [("s3", j, s.tarballs) for j, s in enumerate(repo.s3)]
+        problems += [
+            f"repository[{i}].{kind}[{j}].tarballs: {GATEWAY_INGEST_REFUSED}"
+            for kind, j, tarballs in sources
+            if tarballs == "ingest"
+        ]
+    return problems
 
 
 def _schedule_problems(config: config_mod.Config) -> list[str]:

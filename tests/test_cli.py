@@ -298,3 +298,17 @@ def test_status_shows_the_gateway_lease_and_what_is_off(capsys: pytest.CaptureFi
     out = capsys.readouterr().out
     assert "gateway lease on sw/a: 100 s left" in out
     assert "gateway publisher: resign, gc, tag cleanup off (a publisher)" in out
+
+
+def test_check_config_refuses_tarball_ingest_on_a_gateway_publisher(
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ingest through a gateway is not recorded: check-config names the key and says why."""
+    upstream = f"gw,/srv/cvmfs/{REPO}/data/txn,http://gateway.example:4929/api/v1"
+    stratum0.set_config(REPO, "CVMFS_UPSTREAM_STORAGE", upstream)
+    path = _config(tmp_path, stratum0)
+    path.write_text(path.read_text() + '  tarballs = "ingest"\n')
+    assert main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "repository[0].staging[0].tarballs" in err
+    assert "not recorded" in err

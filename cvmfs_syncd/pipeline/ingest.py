@@ -77,6 +77,12 @@ class IngestControl(LaneControl, WorkControl, Protocol):
         """Hold the host-wide repository lock (waiting for it, heartbeat and stop kept)."""
 
 
+GATEWAY_INGEST_REFUSED = (
+    "tarball ingest through a repository gateway is not recorded, so it is not done: "
+    'use tarballs = "files" on a gateway publisher'
+)
+
+
 class _Reopened(IngestError):
     """The second read could not open the archive (it changed, vanished or was refused)."""
 
@@ -130,6 +136,10 @@ class Ingests:
         source = lane.source_of(op)
         settings = self._settings(op)
         if source is None or settings is None or op.fingerprint is None:
+            return False
+        if lane.layout.gateway_url is not None:
+            # check-config refuses this too; a server.conf changed under a running daemon.
+            self._refuse(op, "gateway", GATEWAY_INGEST_REFUSED)
             return False
         started = lane.clock()
         lane.set_status(state="waiting for repository lock", busy_since=started)
