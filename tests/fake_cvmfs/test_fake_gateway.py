@@ -299,7 +299,7 @@ def test_writes_outside_the_lease_are_dropped(gateway: FakeGateway) -> None:
     result = p1.run("publish", R)
     assert result.returncode == 0
     assert re.fullmatch(
-        r"Using auto tag 'generic-[\dT:-]+Z'\n"
+        r"Using auto tag 'generic(?:_\d+)?-[\dT:-]+Z'\n"
         r"Swissknife Sync: Processing changes\.\.\.\n"
         r"Waiting for upload of files before committing\.\.\.\n"
         r"Committing file catalogs\.\.\.\n"
