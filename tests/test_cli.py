@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -312,3 +313,14 @@ def test_check_config_refuses_tarball_ingest_on_a_gateway_publisher(
     err = capsys.readouterr().err
     assert "repository[0].staging[0].tarballs" in err
     assert "not recorded" in err
+
+
+def test_check_config_names_the_gateway_host(
+    tmp_path: Path, stratum0: FakeStratum0, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On the host whose gateway serves the repository, check-config says gc is off there."""
+    gateway_conf = stratum0.config_dir / "gateway" / "repo.json"
+    gateway_conf.parent.mkdir(parents=True, exist_ok=True)
+    gateway_conf.write_text(json.dumps({"version": 2, "repos": [{"domain": REPO, "keys": []}]}))
+    assert main(["check-config", "-c", str(_config(tmp_path, stratum0))]) == 0
+    assert f"{REPO}: gateway host: gc and tag cleanup are off" in capsys.readouterr().out
