@@ -213,8 +213,21 @@ class CvmfsConfig:
     )
 
 
+@dataclass(frozen=True, kw_only=True)
+class TarballKeys:
+    """The tarball keys every source table has (``tarballs = "ingest"``), declared once."""
+
+    tarballs: TarballMode = key("files", "ingest: a top-level tarball becomes a directory")
+    ingest_catalog: bool = key(True, "a nested catalog at each tarball's directory")
+    max_ingest_bytes: int = key(
+        32 * 1024**3, "most content of one tarball", unit="size", check=_within(1)
+    )
+    max_ingest_members: int = key(250_000, "most entries of one tarball", check=_within(1))
+    allow_absolute_symlinks: bool = key(False, "tarball symlinks may point to absolute paths")
+
+
 @dataclass(frozen=True)
-class StagingConfig:
+class StagingConfig(TarballKeys):
     """One ``[[repository.staging]]`` source."""
 
     path: Path = required("the staging directory")
@@ -229,13 +242,6 @@ class StagingConfig:
     graft_threshold: int = key(0, "files this large are grafted; 0: never", unit="size")
     max_delete_share: float = key(0.5, "hold a batch deleting more of a target", check=_share)
     prepare: bool = key(True, "store small files' objects before the transaction opens")
-    tarballs: TarballMode = key("files", "ingest: a top-level tarball becomes a directory")
-    ingest_catalog: bool = key(True, "a nested catalog at each tarball's directory")
-    max_ingest_bytes: int = key(
-        32 * 1024**3, "most content of one tarball", unit="size", check=_within(1)
-    )
-    max_ingest_members: int = key(250_000, "most entries of one tarball", check=_within(1))
-    allow_absolute_symlinks: bool = key(False, "tarball symlinks may point to absolute paths")
 
     @property
     def name(self) -> str:
@@ -244,7 +250,7 @@ class StagingConfig:
 
 
 @dataclass(frozen=True)
-class S3Config:
+class S3Config(TarballKeys):
     """One ``[[repository.s3]]`` source."""
 
     bucket: str = required("the bucket")
@@ -265,13 +271,6 @@ class S3Config:
     max_delete_share: float = key(0.5, "hold a batch deleting more of a target", check=_share)
     allow_reserved_names: bool = key(False, "publish .cvmfscatalog, .cvmfsdirtab, ...")
     prepare: bool = key(True, "store small objects before the transaction opens")
-    tarballs: TarballMode = key("files", "ingest: a top-level tarball becomes a directory")
-    ingest_catalog: bool = key(True, "a nested catalog at each tarball's directory")
-    max_ingest_bytes: int = key(
-        32 * 1024**3, "most content of one tarball", unit="size", check=_within(1)
-    )
-    max_ingest_members: int = key(250_000, "most entries of one tarball", check=_within(1))
-    allow_absolute_symlinks: bool = key(False, "tarball symlinks may point to absolute paths")
 
     @property
     def name(self) -> str:
