@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
+    from cvmfs_syncd.lane import Lane
+    from cvmfs_syncd.state import State
     from tests.fake_cvmfs.stratum0 import FakeStratum0
 
 #: path -> (type, permission bits, content or link target), as staging and clients see it.
@@ -172,3 +174,15 @@ def needs(available: object, why: str) -> pytest.MarkDecorator:
     if not available and os.environ.get("CI", "").lower() == "true":
         raise RuntimeError(f"required under CI: {why}")
     return pytest.mark.skipif(not available, reason=why)
+
+
+def close_lanes(built: Iterable[tuple[Lane, State]]) -> None:
+    """Tear down lanes a test built (stopping one that runs), their sources, lock and state."""
+    for lane, state in built:
+        if lane.is_alive():
+            lane.request_stop()
+            lane.join(timeout=60)
+        for source in lane.inputs:
+            source.stop()
+        lane.lock.release()
+        state.close()

@@ -30,7 +30,7 @@ from tests.daemon import DaemonUnderTest
 from tests.fake_cvmfs.stratum0 import FakeStratum0
 from tests.ingest import archives
 from tests.sources.s3_support import Bucket, Moto, write_credentials, write_s3_config
-from tests.support import Tree, client_tree, wait_for, write_config
+from tests.support import Tree, client_tree, close_lanes, wait_for, write_config
 
 REPO = "ingest.example.org"
 
@@ -101,14 +101,7 @@ def lanes(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[Lan
         return lane
 
     yield build
-    for lane, state in built:
-        if lane.is_alive():
-            lane.request_stop()
-            lane.join(timeout=60)
-        for source in lane.inputs:
-            source.stop()
-        lane.lock.release()
-        state.close()
+    close_lanes(built)
 
 
 def sync(lane: Lane) -> None:

@@ -32,7 +32,7 @@ from tests.sources.s3_support import (
     write_credentials,
     write_s3_config,
 )
-from tests.support import wait_for
+from tests.support import close_lanes, wait_for
 
 REPO = "s3e2e.example.org"
 MIB = 1024 * 1024
@@ -87,14 +87,7 @@ def lanes(
         return lane
 
     yield build
-    for lane, state in built:
-        if lane.is_alive():
-            lane.request_stop()
-            lane.join(timeout=60)
-        for source in lane.inputs:
-            source.stop()
-        lane.lock.release()
-        state.close()
+    close_lanes(built)
 
 
 def sync(lane: Lane) -> None:
