@@ -41,7 +41,7 @@ _RESERVED_EXACT = {
     ".cvmfsautocatalog": "'.cvmfsautocatalog' marks a nested catalog CVMFS created itself",
     ".cvmfs": "'.cvmfs' is the virtual directory CVMFS clients may show in the root",
 }
-_RESERVED_PREFIX = ".cvmfs"
+RESERVED_PREFIX = ".cvmfs"
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
@@ -79,7 +79,7 @@ def reserved_name(name: str) -> str | None:
         return _RESERVED_EXACT[name]
     if name.startswith(GRAFT_PREFIX):
         return f"{name!r} is a CVMFS graft file describing another file's content"
-    if name.startswith(_RESERVED_PREFIX):
+    if name.startswith(RESERVED_PREFIX):
         return f"{name!r} starts with '.cvmfs', a prefix CVMFS reserves for its control files"
     return None
 

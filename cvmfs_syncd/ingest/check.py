@@ -21,8 +21,6 @@ few sets, limited by ``max_members``. Besides each member on its own
 
 from __future__ import annotations
 
-import tarfile
-
 from cvmfs_syncd.ingest.links import SymlinkTree
 from cvmfs_syncd.ingest.members import MemberRefused, classify
 from cvmfs_syncd.ingest.model import (
@@ -42,6 +40,7 @@ from cvmfs_syncd.ingest.streams import (
     members,
     open_archive,
 )
+from cvmfs_syncd.ingest.tarformat import TarHeader
 
 
 class _Builder:
@@ -60,7 +59,7 @@ class _Builder:
         self.headers = 0
         self.current = ""
 
-    def add(self, info: tarfile.TarInfo) -> None:
+    def add(self, info: TarHeader) -> None:
         """Validate ``info`` against the members before it; raise MemberRefused."""
         self.current = info.name
         self.headers += 1

@@ -21,7 +21,6 @@ archive`` and ``ingest`` aborts without publishing (m2_ingest 51).
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 
@@ -47,71 +46,145 @@ from cvmfs_syncd.ingest.streams import (
     open_archive,
     read_content,
 )
+from cvmfs_syncd.ingest.tarformat import (
+    BLOCK,
+    DIRTYPE,
+    GNU_LONGLINK,
+    GNU_LONGNAME,
+    LNKTYPE,
+    REGTYPE,
+    SYMTYPE,
+    TarHeader,
+    TarReader,
+)
 
-BLOCK_BYTES = tarfile.BLOCKSIZE
+BLOCK_BYTES = BLOCK
+#: Bytes gathered before they are written out: many small members make few writes.
+FLUSH_BYTES = 256 * 1024
 #: Name of the header that makes an unfinished tar unreadable to its end (see the module).
 #: A reserved name, so no member can have it.
 TRIPWIRE_NAME = ".cvmfs-syncd.incomplete"
 
 _TYPES = {
-    MemberKind.FILE: tarfile.REGTYPE,
-    MemberKind.DIRECTORY: tarfile.DIRTYPE,
-    MemberKind.SYMLINK: tarfile.SYMTYPE,
-    MemberKind.HARDLINK: tarfile.LNKTYPE,
+    MemberKind.FILE: REGTYPE,
+    MemberKind.DIRECTORY: DIRTYPE,
+    MemberKind.SYMLINK: SYMTYPE,
+    MemberKind.HARDLINK: LNKTYPE,
 }
+_GNU_MAGIC = b"ustar  \0"
+#: Bytes of a header's name and link fields; longer ones go in GNU long-name records.
+NAME_FIELD_BYTES = 100
+_LONG_LINK_NAME = b"././@LongLink"
+_ZERO_ID = b"0000000\0"  # uid and gid
 
 # The second read only compares: names and targets the check allowed are allowed here,
 # and anything else that differs is a difference.
 _ANY_NAME = IngestLimits(allow_absolute_symlinks=True, allow_reserved_names=True)
 
 
+def _number(value: int, width: int) -> bytes:
+    """An octal field of ``width`` bytes, or GNU's base-256 form for what octal cannot hold."""
+    if 0 <= value < 8 ** (width - 1):
+        octal: bytes = b"%0*o\0" % (width - 1, value)
+        return octal
+    limit: int = 256 ** (width - 1)
+    if not -limit <= value < limit:
+        raise ValueError(f"{value} does not fit a {width}-byte tar field")
+    lead = 0o200 if value >= 0 else 0o377
+    return bytes([lead]) + (value % limit).to_bytes(width - 1, "big")
+
+
+def _block(name: bytes, mode: int, size: int, mtime: int, kind: bytes, link: bytes) -> bytes:
+    header = b"".join(
+        (
+            name[:NAME_FIELD_BYTES].ljust(NAME_FIELD_BYTES, b"\0"),
+            _number(mode, 8),
+            _ZERO_ID,
+            _ZERO_ID,
+            _number(size, 12),
+            _number(mtime, 12),
+            b"        ",
+            kind,
+            link[:NAME_FIELD_BYTES].ljust(NAME_FIELD_BYTES, b"\0"),
+            _GNU_MAGIC,
+        )
+    ).ljust(BLOCK, b"\0")
+    checksum = b"%06o\0 " % sum(header)
+    return header[:148] + checksum + header[156:]
+
+
+def _long_record(kind: bytes, value: bytes) -> bytes:
+    data = value + b"\0"
+    return _block(_LONG_LINK_NAME, 0, len(data), 0, kind, b"") + data.ljust(
+        len(data) - len(data) % -BLOCK, b"\0"
+    )
+
+
 def tar_header(member: Member) -> bytes:
-    """Return the GNU tar header block(s) of ``member`` as this module writes it."""
-    info = tarfile.TarInfo(member.path)
-    info.type = _TYPES[member.kind]
-    info.mode = member.mode
-    info.size = member.size if member.kind is MemberKind.FILE else 0
-    info.mtime = member.mtime
-    info.linkname = member.link_target or ""
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info.tobuf(tarfile.GNU_FORMAT, NAME_ENCODING, NAME_ERRORS)
+    """Return the GNU tar header block(s) of ``member`` as this module writes it: owners
+    0:0 without names, a directory's name ending in ``/``, names and targets over 100
+    bytes in GNU long-name records before the header."""
+    name = member.path.encode(NAME_ENCODING, NAME_ERRORS)
+    if member.kind is MemberKind.DIRECTORY:
+        name += b"/"
+    link = (member.link_target or "").encode(NAME_ENCODING, NAME_ERRORS)
+    size = member.size if member.kind is MemberKind.FILE else 0
+    records = b""
+    if len(link) > NAME_FIELD_BYTES:
+        records += _long_record(GNU_LONGLINK, link)
+    if len(name) > NAME_FIELD_BYTES:
+        records += _long_record(GNU_LONGNAME, name)
+    return records + _block(name, member.mode, size, member.mtime, _TYPES[member.kind], link)
 
 
 _TRIPWIRE = tar_header(Member(TRIPWIRE_NAME, MemberKind.FILE, 0o600, size=1))
 
 
 class _TarWriter:
-    """Blocks into ``out``, knowing whether a member's content is still owed."""
+    """Blocks into ``out``, gathered up to :data:`FLUSH_BYTES`, knowing whether a member's
+    content is still owed."""
 
     def __init__(self, out: Writable) -> None:
         self._out = out
+        self._pending = bytearray()
         self._owed = 0
         self._size = 0
 
+    def _write(self, data: bytes) -> None:
+        self._pending += data
+        if len(self._pending) >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write out what was gathered."""
+        if self._pending:
+            data, self._pending = bytes(self._pending), bytearray()
+            self._out.write(data)
+
     def header(self, member: Member) -> None:
-        self._out.write(tar_header(member))
+        self._write(tar_header(member))
         self._size = member.size if member.kind is MemberKind.FILE else 0
         self._owed = self._size
 
     def content(self, chunk: bytes) -> None:
-        self._out.write(chunk)
+        self._write(chunk)
         self._owed -= len(chunk)
 
     def end_member(self) -> None:
         padding = -self._size % BLOCK_BYTES
         if padding:
-            self._out.write(bytes(padding))
+            self._write(bytes(padding))
 
     def finish(self) -> None:
-        self._out.write(bytes(2 * BLOCK_BYTES))
+        self._write(bytes(2 * BLOCK_BYTES))
+        self.flush()
 
     def spoil(self) -> None:
         """Make sure what was written cannot be read as a whole archive."""
-        if self._owed > 0:
-            return  # it ends inside a member's content already
         with suppress(Exception):  # the output may be broken; the first error is raised
-            self._out.write(_TRIPWIRE)
+            self.flush()
+            if self._owed <= 0:  # else it ends inside a member's content already
+                self._out.write(_TRIPWIRE)
 
 
 @contextmanager
@@ -126,7 +199,7 @@ def _reading(member: str) -> Iterator[None]:
         raise ArchiveChanged(member, f"it can no longer be read: {exc}") from exc
 
 
-def _archive_members(tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, Member]]:
+def _archive_members(tar: TarReader) -> Iterator[tuple[TarHeader, Member]]:
     for info in members(tar):
         member = classify(info, _ANY_NAME)
         if member is not None:
@@ -167,14 +240,10 @@ def _copy(
                 continue
             writer.header(member)
             if member.kind is MemberKind.FILE:
-                with _reading(name):
-                    content = tar.extractfile(info)
-                if content is None:  # a regular member always has content
-                    raise ArchiveChanged(name, "its content cannot be read")
                 remaining = member.size
                 while remaining:
                     with _reading(name):
-                        chunk = read_content(content, min(CHUNK_BYTES, remaining))
+                        chunk = read_content(tar, min(CHUNK_BYTES, remaining))
                     if not chunk:
                         raise ArchiveChanged(name, "its content ends early")
                     writer.content(chunk)

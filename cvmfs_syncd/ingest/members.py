@@ -11,12 +11,18 @@ from a tarball could also have been published from a staging directory.
 from __future__ import annotations
 
 import math
-import tarfile
 
 from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.ingest.model import IngestLimits, Member, MemberKind, RefusalReason
-from cvmfs_syncd.ingest.streams import NAME_ENCODING, NAME_ERRORS
-from cvmfs_syncd.paths import check_component, reserved_name
+from cvmfs_syncd.ingest.tarformat import (
+    BLKTYPE,
+    CHRTYPE,
+    FIFOTYPE,
+    NAME_ENCODING,
+    NAME_ERRORS,
+    TarHeader,
+)
+from cvmfs_syncd.paths import NAME_MAX, RESERVED_PREFIX, check_component, reserved_name
 
 #: Longest member path and symlink target, in bytes (Linux's PATH_MAX less the NUL).
 PATH_MAX_BYTES = 4095
@@ -29,9 +35,9 @@ CATALOG_MARKER = ".cvmfscatalog"
 _MTIME_LIMIT = 256**11
 
 _TYPE_NAMES = {
-    tarfile.CHRTYPE: "a character device",
-    tarfile.BLKTYPE: "a block device",
-    tarfile.FIFOTYPE: "a FIFO",
+    CHRTYPE: "a character device",
+    BLKTYPE: "a block device",
+    FIFOTYPE: "a FIFO",
 }
 
 
@@ -63,7 +69,11 @@ def member_path(name: str, *, allow_reserved_names: bool) -> str:
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise MemberRefused(RefusalReason.DOT_DOT, f"{name!r} has a '..' component")
-    for part in parts:
+    # A short ASCII name without NUL has no component check_component could refuse, and
+    # only a name holding ".cvmfs" can have a reserved component: most names skip both.
+    plain = name.isascii() and len(name) <= NAME_MAX and "\0" not in name
+    reserved = not allow_reserved_names and RESERVED_PREFIX in name
+    for part in parts if not plain or reserved else ():
         try:
             check_component(part)
         except UnsafeName as exc:
@@ -80,14 +90,14 @@ def member_path(name: str, *, allow_reserved_names: bool) -> str:
     return path
 
 
-def _kind(info: tarfile.TarInfo) -> MemberKind:
+def _kind(info: TarHeader) -> MemberKind:
     if info.isdir():
         return MemberKind.DIRECTORY
     if info.issym():
         return MemberKind.SYMLINK
     if info.islnk():
         return MemberKind.HARDLINK
-    if info.isreg():  # also contiguous files and sparse files, which tarfile fills in
+    if info.isreg():  # also contiguous files and sparse files, read with holes filled in
         return MemberKind.FILE
     what = _TYPE_NAMES.get(info.type, f"of type {info.type!r}")
     raise MemberRefused(RefusalReason.UNSUPPORTED_TYPE, f"the member is {what}")
@@ -123,7 +133,7 @@ def _hardlink_target(target: str) -> str:
     return path
 
 
-def classify(info: tarfile.TarInfo, limits: IngestLimits) -> Member | None:
+def classify(info: TarHeader, limits: IngestLimits) -> Member | None:
     """Return the validated :class:`Member` for tar header ``info``, or None for an entry
     that names the base directory itself (``.``, ``./``), which is not published.
 

@@ -1,10 +1,10 @@
 """Reading an archive front to back: hashing its bytes, undoing its compression, opening its tar.
 
 Decompression is done here with the standard library's file readers (``gzip``, ``lzma``,
-``bz2``) and only a plain tar stream reaches :mod:`tarfile` (mode ``r|``): unlike
-tarfile's own ``r|gz``/``r|*`` streams, these check the gzip CRC and length, report a
-compressed stream cut short (EOFError) and decompress in bounded pieces. Nothing here
-seeks, so a pipe or an S3 response body works as well as a file.
+``bz2``), which check the gzip CRC and length, report a compressed stream cut short
+(EOFError) and decompress in bounded pieces; the plain tar stream is read by
+:class:`cvmfs_syncd.ingest.tarformat.TarReader`. Nothing here seeks, so a pipe or an S3
+response body works as well as a file.
 """
 
 from __future__ import annotations
@@ -14,44 +14,43 @@ import gzip
 import hashlib
 import io
 import lzma
-import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import IO, TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from cvmfs_syncd.ingest.model import ArchiveStreamError, Readable
 from cvmfs_syncd.ingest.names import Compression
+from cvmfs_syncd.ingest.tarformat import (
+    NAME_ENCODING,
+    NAME_ERRORS,
+    DamagedArchive,
+    TarHeader,
+    TarReader,
+)
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 #: Bytes asked of a stream at a time.
 CHUNK_BYTES = 1024 * 1024
-#: tarfile's own stream buffer. It copies what it holds on every read (each 512-byte
-#: header), so it stays small: 1 MiB made checking many small members several times slower.
-TAR_BUFFER_BYTES = 64 * 1024
-#: Largest PAX or GNU long-name header accepted; real ones hold a few names (PATH_MAX is
-#: 4096) and perhaps extended attributes, and tarfile reads each one whole into memory.
-EXTENSION_HEADER_MAX = 1024 * 1024
 #: Most bytes read after the end-of-archive marker (zero padding to the record size; GNU
 #: tar's largest blocking factor makes records of a few MiB at most).
 TRAILER_MAX = 8 * 1024 * 1024
 
-#: Archive member names and link targets are UTF-8, other bytes kept as surrogate escapes:
-#: what ``os.fsdecode`` makes of a file name on Linux.
-NAME_ENCODING = "utf-8"
-NAME_ERRORS = "surrogateescape"
-
-_EXTENSION_TYPES = frozenset(
-    {
-        tarfile.XHDTYPE,
-        tarfile.XGLTYPE,
-        tarfile.SOLARIS_XHDTYPE,
-        tarfile.GNUTYPE_LONGNAME,
-        tarfile.GNUTYPE_LONGLINK,
-    }
-)
+__all__ = [
+    "CHUNK_BYTES",
+    "NAME_ENCODING",
+    "NAME_ERRORS",
+    "TRAILER_MAX",
+    "DamagedArchive",
+    "DigestReader",
+    "detect_compression",
+    "finish_archive",
+    "members",
+    "open_archive",
+    "read_content",
+]
 
 # What the first bytes of a stream say about its compression. Formats with no reader here
 # are recognised only to say so; anything else is taken for a plain tar.
@@ -94,20 +93,10 @@ _OPENERS: dict[Compression, Callable[[io.BufferedReader[DigestReader]], io.Buffe
 }
 
 
-class DamagedArchive(tarfile.ReadError):
-    """The bytes are not a complete, well-formed (possibly compressed) tar archive.
-
-    A ReadError, but no HeaderError: tarfile takes a bad header after the first one for the
-    end of the archive, and this must not be taken that way.
-    """
-
-
-#: What reading a damaged, truncated or foreign stream raises. tarfile's own parsers raise
-#: ValueError on some malformed numeric and text fields; gzip raises BadGzipFile (an
-#: OSError) and bz2 a plain OSError. Failures of the underlying stream are
-#: ArchiveStreamError, which is none of these.
+#: What decompressing a damaged, truncated or foreign stream raises: gzip raises
+#: BadGzipFile (an OSError), bz2 a plain OSError, a cut stream EOFError. Failures of the
+#: underlying stream are ArchiveStreamError, which is none of these.
 _UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
-    tarfile.TarError,
     EOFError,
     OSError,
     zlib.error,
@@ -208,45 +197,14 @@ def detect_compression(head: bytes) -> Compression:
     return Compression.NONE
 
 
-class CheckedTarInfo(tarfile.TarInfo):
-    """A TarInfo that reports a truncated or damaged header instead of ending quietly.
-
-    tarfile treats a missing header, a short one or one with a bad checksum after the first
-    member as the end of the archive, so an archive cut short (at a member boundary) or
-    damaged in the middle would read as a smaller, complete one. Only a block of zeros
-    (the end-of-archive marker) ends the archive here. Extension headers (PAX, GNU long
-    names), which tarfile reads whole into memory, are limited to
-    :data:`EXTENSION_HEADER_MAX` bytes.
-    """
-
-    @classmethod
-    def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> Self:
-        if not buf:
-            raise DamagedArchive("the archive ends without an end-of-archive marker")
-        if len(buf) == tarfile.BLOCKSIZE and buf.count(0) == tarfile.BLOCKSIZE:
-            # The end-of-archive marker, the one clean end: tarfile raises its own
-            # end-of-file header error, which ends its iteration.
-            return super().frombuf(buf, encoding, errors)
-        try:
-            info = super().frombuf(buf, encoding, errors)
-        except tarfile.HeaderError as exc:
-            raise DamagedArchive(f"damaged header: {exc}") from None
-        if info.type in _EXTENSION_TYPES and info.size > EXTENSION_HEADER_MAX:
-            raise DamagedArchive(
-                f"an extension header of {info.size} bytes (more than {EXTENSION_HEADER_MAX})"
-            )
-        return info
-
-
 @contextmanager
-def open_archive(
-    raw: DigestReader, compression: Compression | None = None
-) -> Iterator[tarfile.TarFile]:
-    """Yield a streaming TarFile reading ``raw``, decompressed as ``compression`` says (None:
-    as its first bytes show).
+def open_archive(raw: DigestReader, compression: Compression | None = None) -> Iterator[TarReader]:
+    """Yield a TarReader reading ``raw``, decompressed as ``compression`` says (None: as its
+    first bytes show).
 
-    Raise :class:`DamagedArchive` if the stream is not such an archive (tarfile reads the
-    first member while opening), :class:`ArchiveStreamError` if reading it fails.
+    Reading from it (here and through :func:`members`, :func:`read_content` and
+    :func:`finish_archive`) raises :class:`DamagedArchive` if the stream is not such an
+    archive, :class:`ArchiveStreamError` if reading the stream fails.
     """
     with ExitStack() as stack:
         with _as_damage():
@@ -254,58 +212,42 @@ def open_archive(
                 compression = detect_compression(raw.head(_MAGIC_BYTES))
             buffered = io.BufferedReader(raw, CHUNK_BYTES)
             plain = stack.enter_context(_OPENERS[compression](buffered))
-            tar = stack.enter_context(
-                tarfile.open(
-                    fileobj=plain,
-                    mode="r|",
-                    tarinfo=CheckedTarInfo,
-                    encoding=NAME_ENCODING,
-                    errors=NAME_ERRORS,
-                    bufsize=TAR_BUFFER_BYTES,
-                )
-            )
-        yield tar
+        yield TarReader(_Decompressed(plain))
 
 
-def members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """Yield the members of a streaming TarFile without keeping them.
+class _Decompressed:
+    """The plain tar stream, its decompression failures raised as DamagedArchive."""
 
-    A streaming TarFile remembers every member it returned (for extraction, which this
-    package never does); forgetting them keeps the memory of a long archive bounded.
+    def __init__(self, plain: io.BufferedIOBase) -> None:
+        self._plain = plain
+
+    def read(self, size: int, /) -> bytes:
+        with _as_damage():
+            return self._plain.read(size)
+
+
+def members(tar: TarReader) -> Iterator[TarHeader]:
+    """Yield the members of ``tar`` in order, each forgotten once the next is read.
+
     Raise :class:`DamagedArchive` or :class:`ArchiveStreamError` as :func:`open_archive`.
     """
-    seen: list[tarfile.TarInfo] = tar.members  # type: ignore[attr-defined]  # set in TarFile.__init__, missing from the stubs
-    while True:
-        with _as_damage():
-            info = tar.next()
-        if info is None:
-            return
-        seen.clear()
-        yield info
+    while (header := tar.next()) is not None:
+        yield header
 
 
-def read_content(content: IO[bytes], size: int) -> bytes:
-    """Return up to ``size`` bytes of a member's content (``TarFile.extractfile``); raise
+def read_content(tar: TarReader, size: int) -> bytes:
+    """Return up to ``size`` bytes of the current member's content (b"" at its end); raise
     :class:`DamagedArchive` or :class:`ArchiveStreamError` as :func:`open_archive`."""
-    with _as_damage():
-        return content.read(size)
+    return tar.read(size)
 
 
-def finish_archive(tar: tarfile.TarFile, raw: DigestReader) -> None:
+def finish_archive(tar: TarReader, raw: DigestReader) -> None:
     """Read what follows the end-of-archive marker, then the rest of the raw stream.
 
     Raise :class:`DamagedArchive` if anything but zero padding follows the marker (a second
     archive appended to the first would otherwise be ignored) or more than
     :data:`TRAILER_MAX` bytes of it.
     """
-    seen = 0
+    tar.trailer(TRAILER_MAX)
     with _as_damage():
-        while chunk := tar.fileobj.read(CHUNK_BYTES):
-            seen += len(chunk)
-            if chunk.count(0) != len(chunk):
-                raise DamagedArchive("data follows the end-of-archive marker")
-            if seen > TRAILER_MAX:
-                raise DamagedArchive(
-                    f"more than {TRAILER_MAX} bytes follow the end-of-archive marker"
-                )
         raw.drain()
