@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -25,15 +25,17 @@ from cvmfs_syncd.cvmfs.server import CvmfsServer
 from cvmfs_syncd.cvmfs.storage import unreadable_objects
 from cvmfs_syncd.errors import ConfigError, RepositoryConfigError
 from cvmfs_syncd.lane import Lane
-from cvmfs_syncd.maintenance import RepositoryMaintenance
 from cvmfs_syncd.metrics import Metrics, MetricsServer
 from cvmfs_syncd.pipeline.plan import COPY_ONLY, ContentPolicy
 from cvmfs_syncd.pipeline.prepare import Preparer
 from cvmfs_syncd.planner import Input
-from cvmfs_syncd.scheduler import MaintenanceScheduler
 from cvmfs_syncd.sources.staging import StagingInput
 from cvmfs_syncd.state import State
 from cvmfs_syncd.systemd import Notifier
+
+if TYPE_CHECKING:  # imported where used: `cvmfs-syncd sync` needs neither
+    from cvmfs_syncd.maintenance import RepositoryMaintenance
+    from cvmfs_syncd.scheduler import MaintenanceScheduler
 
 log = structlog.get_logger(__name__)
 
@@ -138,6 +140,8 @@ def build_repository(
 ) -> tuple[Lane, RepositoryMaintenance]:
     """Return the (not started) lane of ``repo`` and its scheduled maintenance, tied
     together; raise RepositoryConfigError."""
+    from cvmfs_syncd.maintenance import RepositoryMaintenance
+
     lane = build_lane(config, repo, state, metrics, server)
     maint = RepositoryMaintenance(
         config,
@@ -159,6 +163,8 @@ class Service:
     """The running daemon."""
 
     def __init__(self, config: Config, *, notifier: Notifier | None = None) -> None:
+        from cvmfs_syncd.scheduler import MaintenanceScheduler
+
         self.config = config
         self.notifier = notifier or Notifier.from_environment()
         self.state = State(config.daemon.state_dir)

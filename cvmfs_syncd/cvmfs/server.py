@@ -380,12 +380,11 @@ class CvmfsServer:
         try:
             for thread in threads:
                 thread.start()
-            while proc.poll() is None:
+            while not _exited(proc, POLL_SECONDS):  # returns as soon as it exits
                 if time.monotonic() - stream.last_activity > limit:
                     idle = True
                     stop_group(proc, self.kill_grace)
                     break
-                time.sleep(POLL_SECONDS)
         except BaseException:
             stop_group(proc, self.kill_grace)
             raise
@@ -543,3 +542,12 @@ def log_result(result: CommandResult) -> None:
         log.info("cvmfs command", **fields)
     else:
         log.warning("cvmfs command failed", **fields)
+
+
+def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``proc`` to exit; return whether it has."""
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
