@@ -6,7 +6,7 @@ is tested with an injected clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from cvmfs_syncd.model import Dirty, Fingerprint
@@ -25,6 +25,8 @@ class Pending:
     from_scan: bool = False
     not_before: float = 0.0
     held: bool = False
+    #: a tarball drop (published in a revision of its own: no reason to wait for others)
+    drop: bool = False
 
     def deferred_until(self, at: float) -> Pending:
         """Return this entry, to be looked at again no earlier than ``at``."""
@@ -51,10 +53,19 @@ class BatchPolicy:
 
 
 class PendingChanges:
-    """The set of pending paths of one repository (owned by that repository's lane)."""
+    """The set of pending paths of one repository (owned by that repository's lane).
 
-    def __init__(self, policy: BatchPolicy) -> None:
+    ``is_drop(source, rel_path)`` says which paths are tarball drops: each is published by
+    ``ingest`` in a revision of its own, so when nothing but complete drops is pending
+    there is nothing to wait for and the batch is cut at once (reason ``drop``) instead of
+    after the quiet period.
+    """
+
+    def __init__(
+        self, policy: BatchPolicy, *, is_drop: Callable[[str, str], bool] | None = None
+    ) -> None:
         self.policy = policy
+        self._is_drop = is_drop
         self._items: dict[tuple[str, str], Pending] = {}
 
     def __len__(self) -> int:
@@ -86,6 +97,7 @@ class PendingChanges:
                 writing=writing,
                 rescan=dirty.rescan,
                 from_scan=dirty.from_scan,
+                drop=self._is_drop is not None and self._is_drop(dirty.source, dirty.rel_path),
             )
         else:
             entry = replace(
@@ -125,10 +137,13 @@ class PendingChanges:
         return [p for p in self._items.values() if not p.held and p.not_before <= now]
 
     def due(self, now: float) -> str | None:
-        """Return why a batch should be cut now (``quiet``, ``max-age``, ``max-files``), or None."""
+        """Return why a batch should be cut now (``drop``, ``quiet``, ``max-age``,
+        ``max-files``), or None."""
         active = self._active(now)
         if not active:
             return None
+        if _only_drops(active):
+            return "drop"
         if len(active) >= self.policy.max_batch_files:
             return "max-files"
         oldest = min(p.first_at for p in active)
@@ -143,6 +158,8 @@ class PendingChanges:
         """Return the earliest time at which :meth:`due` may change, or None if never."""
         candidates: list[float] = []
         active = self._active(now)
+        if active and _only_drops(active):
+            return now
         if active:
             oldest = min(p.first_at for p in active)
             newest = max(max(p.last_at, p.not_before) for p in active)
@@ -154,6 +171,13 @@ class PendingChanges:
             p.not_before for p in self._items.values() if not p.held and p.not_before > now
         ]
         return min(candidates) if candidates else None
+
+
+def _only_drops(active: list[Pending]) -> bool:
+    """Whether every entry is a tarball drop no watcher saw still being written, but for
+    the source's top directory (``""``: every drop arriving changes it)."""
+    entries = [p for p in active if p.rel_path]
+    return bool(entries) and all(p.drop and not p.writing for p in entries)
 
 
 class Settler:

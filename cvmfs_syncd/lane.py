@@ -90,7 +90,8 @@ class Lane(threading.Thread):
                 max_batch_seconds=repo.max_batch_seconds,
                 max_batch_files=repo.max_batch_files,
                 max_batch_bytes=repo.max_batch_bytes,
-            )
+            ),
+            is_drop=self._is_drop,
         )
         self.lock = RepositoryLock(config.daemon.state_dir, repo.name)
         self._instance = hashlib.sha1(
@@ -127,6 +128,9 @@ class Lane(threading.Thread):
         self.batches = BatchCycle(self)
         self.recovery = Recovery(self, self.batches)
         self.one_shot = OneShotSync(self, self.recovery, self.batches)
+
+    def _is_drop(self, source: str, rel_path: str) -> bool:
+        return any(i.name == source and i.is_drop(rel_path) for i in self.inputs)
 
     # -- interface for other threads ----------------------------------------------------
 

@@ -94,6 +94,9 @@ class Input(Protocol):
     def published(self, ops: Sequence[Op]) -> None:
         """Called once the ops are live (inbox mode removes its inputs here)."""
 
+    def is_drop(self, rel_path: str) -> bool:
+        """Return whether ``rel_path`` names a tarball drop this source has ingested."""
+
 
 def op_weight(op: Op) -> int:
     """Return the bytes an op adds to a batch."""

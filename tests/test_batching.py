@@ -36,6 +36,47 @@ def test_constant_churn_cannot_starve_publishing() -> None:
     assert 59 <= t <= 61
 
 
+def _drops_end_in_tar(source: str, path: str) -> bool:
+    return source == "s" and path.endswith(".tar")
+
+
+def test_complete_drops_alone_are_cut_at_once() -> None:
+    """Only tarball drops pending, none still being written: due at once ("drop"), and the
+    next deadline is now; a drop a watcher saw being written waits for its close."""
+    pending = PendingChanges(POLICY, is_drop=_drops_end_in_tar)
+    pending.add(_dirty("", 100.0))  # the source's top directory changes with every drop
+    assert pending.due(100.0) is None
+    pending.add(_dirty("a.tar", 100.0, closed=True))
+    pending.add(_dirty("b.tar", 100.5, from_scan=True))
+    assert pending.due(100.6) == "drop"
+    assert pending.next_deadline(100.6) == 100.6
+    pending.add(_dirty("c.tar", 101.0))  # modified, not closed yet
+    assert pending.due(101.1) is None
+    assert pending.next_deadline(101.1) == 106.0
+    pending.add(_dirty("c.tar", 101.2, closed=True))
+    assert pending.due(101.3) == "drop"
+
+
+def test_a_drop_beside_other_changes_waits_for_the_quiet_period() -> None:
+    """A plain change pending beside a drop keeps the quiet period; so does a drop of a
+    source that has none (no ``is_drop``), and a deferred drop is not due before its time."""
+    pending = PendingChanges(POLICY, is_drop=_drops_end_in_tar)
+    pending.add(_dirty("a.tar", 100.0, closed=True))
+    pending.add(_dirty("notes.txt", 100.0, closed=True))
+    assert pending.due(104.9) is None
+    assert pending.due(105.0) == "quiet"
+    plain = PendingChanges(POLICY)
+    plain.add(_dirty("a.tar", 100.0, closed=True))
+    assert plain.due(104.9) is None
+    deferred = PendingChanges(POLICY, is_drop=_drops_end_in_tar)
+    entry = deferred.add(_dirty("a.tar", 100.0, closed=True))
+    deferred.take()
+    deferred.put_back(entry.deferred_until(102.0))
+    assert deferred.due(101.0) is None
+    assert deferred.next_deadline(101.0) == 102.0
+    assert deferred.due(102.0) == "drop"
+
+
 def test_file_cap_cuts_a_batch() -> None:
     """Reaching max_batch_files makes a batch due at once."""
     pending = PendingChanges(BatchPolicy(5, 60, 3, 10**9))

@@ -83,7 +83,7 @@ def lanes(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[Lan
     """Build (not started) lanes on a staging source with tarball drops; close them after."""
     built: list[tuple[Lane, State]] = []
 
-    def build(staging_extra: str = "", **kw: str) -> Lane:
+    def build(staging_extra: str = "", quiet_seconds: float | None = None, **kw: str) -> Lane:
         path = write_config(
             tmp_path / "cvmfs-syncd.toml",
             state_dir=tmp_path / "state",
@@ -94,6 +94,13 @@ def lanes(tmp_path: Path, stratum0: FakeStratum0, staging: Path) -> Iterator[Lan
             staging_extra=f"{INGEST}\n{staging_extra}",
             **kw,
         )
+        if quiet_seconds is not None:
+            text = path.read_text().replace(
+                "quiet_seconds = 0.2", f"quiet_seconds = {quiet_seconds}"
+            )
+            path.write_text(
+                text.replace("max_batch_seconds = 2", f"max_batch_seconds = {2 * quiet_seconds}")
+            )
         config = config_mod.load(path)
         state = State(config.daemon.state_dir)
         lane = build_lane(config, config.repositories[0], state, Metrics(), make_server(config))
@@ -210,6 +217,29 @@ def test_a_running_lane_publishes_drops_one_revision_each(
         "cvmfs_syncd_ingest_duration_seconds_count", {"repository": REPO}
     )
     assert duration == 2
+
+
+def test_a_drop_does_not_wait_for_the_quiet_period(
+    lanes: LaneFactory, stratum0: FakeStratum0, staging: Path
+) -> None:
+    """With nothing but a tarball drop pending, a running lane ingests it at once: live long
+    before the repository's quiet period (60 s here) is over. A plain file dropped next waits
+    for its quiet period."""
+    lane = lanes(quiet_seconds=60)
+    lane.start()
+    wait_for(lambda: lane.status().state == "idle", 10, "the lane to be idle")
+    (staging / "rel.tar").write_bytes(archives.tar_bytes(archives.file("x", b"release")))
+    wait_for(
+        lambda: client_tree(stratum0, REPO).get("rel/x") == ("file", 0o644, b"release"),
+        20,
+        "the drop to be live",
+    )
+    assert lane.metrics.registry.get_sample_value(
+        "cvmfs_syncd_batches_total", {"repository": REPO, "reason": "drop"}
+    )
+    (staging / "notes.txt").write_bytes(b"notes")
+    wait_for(lambda: lane.status().state == "batching", 10, "the file to be pending")
+    assert "notes.txt" not in client_tree(stratum0, REPO)
 
 
 # ------------------------------------------------------------------- refusals

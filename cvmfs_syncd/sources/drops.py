@@ -91,6 +91,11 @@ def top_level_tarball(rel: str) -> str | None:
     return None if "/" in rel else tarball_base(rel)
 
 
+def is_drop(config: StagingConfig | S3Config, rel: str) -> bool:
+    """Return whether source path ``rel`` is a tarball drop of a source configured so."""
+    return config.tarballs == "ingest" and top_level_tarball(rel) is not None
+
+
 def drop_path(target: str, rel: str) -> str | None:
     """Return the repository path a top-level tarball ``rel`` is published under (its
     base below ``target``), or None if ``rel`` is no tarball name. Raise UnsafeName if

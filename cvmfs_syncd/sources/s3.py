@@ -66,7 +66,7 @@ from cvmfs_syncd.pipeline.plan_s3 import (
 )
 from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
-from cvmfs_syncd.sources.drops import Drops
+from cvmfs_syncd.sources.drops import Drops, is_drop
 from cvmfs_syncd.sources.s3_client import (
     ClientCache,
     ClientFactory,
@@ -533,6 +533,10 @@ class S3Input:
             replace=True,
         )
         return Applied(ApplyOutcome.APPLIED if complete else ApplyOutcome.CHANGED)
+
+    def is_drop(self, rel_path: str) -> bool:
+        """Return whether ``rel_path`` is a tarball drop (see :func:`drops.is_drop`)."""
+        return is_drop(self.config, rel_path)
 
     def published(self, ops: Sequence[Op]) -> None:
         """Inbox mode: delete each published object (if still that version) and the

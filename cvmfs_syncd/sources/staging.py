@@ -61,6 +61,7 @@ from cvmfs_syncd.sources.drops import (
     drop_path,
     forget_resolved,
     ingested_from,
+    is_drop,
     sharing_base,
     staged_drops,
     top_level_tarball,
@@ -449,6 +450,10 @@ class StagingInput:
             union_dir, op.repo_path, self.root, op.source_path, fp, replace=True
         )
         return applied_outcome(outcome)
+
+    def is_drop(self, rel_path: str) -> bool:
+        """Return whether ``rel_path`` is a tarball drop (see :func:`drops.is_drop`)."""
+        return is_drop(self.config, rel_path)
 
     def published(self, ops: Sequence[Op]) -> None:
         """After a publish: forget settled state; in inbox mode remove the published inputs."""
