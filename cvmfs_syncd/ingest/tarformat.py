@@ -54,6 +54,22 @@ _EXTENSIONS = frozenset({GNU_LONGNAME, GNU_LONGLINK, PAX_LOCAL, PAX_GLOBAL, SOLA
 POSIX_MAGIC = b"ustar\x00"
 _HIGH_BYTES = bytes(range(128, 256))
 _PAX_RECORD = re.compile(rb"([0-9]{1,20}) ")
+#: The PAX keys that matter here (the rest are read past): a global header can thus hold
+#: no more than these few values, whatever its size.
+_PAX_KEYS = frozenset(
+    {
+        "path",
+        "linkpath",
+        "size",
+        "mtime",
+        "GNU.sparse.major",
+        "GNU.sparse.minor",
+        "GNU.sparse.name",
+        "GNU.sparse.realsize",
+        "GNU.sparse.size",
+        "GNU.sparse.map",
+    }
+)
 
 #: Member names and link targets are UTF-8, other bytes kept as surrogate escapes: what
 #: ``os.fsdecode`` makes of a file name on Linux.
@@ -348,6 +364,8 @@ class TarReader:
             for key, value in parse_pax(data):
                 if key in ("GNU.sparse.offset", "GNU.sparse.numbytes"):
                     extensions.pairs.append(value)
+                elif key not in _PAX_KEYS:
+                    continue  # owners, times, attributes: not published, not kept
                 elif value:
                     target[key] = value
                 else:  # an empty value unsets the key
@@ -388,7 +406,7 @@ class TarReader:
         if kind == GNU_SPARSE:
             stored = size
             header.size, header.sparse = self._old_gnu_sparse(block)
-        elif pax and (any(key.startswith("GNU.sparse.") for key in pax) or extensions.pairs):
+        elif extensions.pairs or (pax and any(key.startswith("GNU.sparse.") for key in pax)):
             header.name, header.size, header.sparse, stored = self._pax_sparse(
                 header.name, pax, extensions.pairs, size
             )

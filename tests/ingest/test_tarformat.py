@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -152,6 +153,43 @@ def test_ustar_prefix_and_pax_records() -> None:
             tar.addfile(info)
     headers = [h for h, _ in read_all(buffer.getvalue())]
     assert [(h.name, h.mtime) for h in headers] == [("a", 1234.5), ("b", 99.0), ("c", 7)]
+
+
+def _pax_record(key: bytes, value: bytes) -> bytes:
+    body = b" %s=%s\n" % (key, value)
+    length = len(body) + 1
+    while len(b"%d" % length) + len(body) != length:
+        length += 1
+    return b"%d%s" % (length, body)
+
+
+def _pax_header(kind: bytes, records: bytes) -> bytes:
+    block = bytearray(_header_block(b"././@PaxHeader", at156=kind))
+    block[124:136] = b"%011o\0" % len(records)
+    block[148:156] = b"        "
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + records + bytes(-len(records) % BLOCK)
+
+
+def test_global_records_are_kept_only_for_the_keys_that_matter() -> None:
+    """200 global PAX headers of 100 KB of attributes each are read past without being kept:
+    the memory stays far below their 20 MB, and the members are as archived."""
+    data = b""
+    for index in range(200):
+        records = b"".join(
+            _pax_record(b"SCHILY.xattr.user.k%d_%d" % (index, n), b"v" * 50) for n in range(1500)
+        )
+        data += _pax_header(b"g", records)
+    data += bytes(_header_block(b"member")) + bytes(2 * BLOCK)
+    assert len(data) > 20_000_000
+    tracemalloc.start()
+    try:
+        found = read_all(data, chunk=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [h.name for h, _ in found] == ["member"]
+    assert peak < 10_000_000
 
 
 def test_pax_records_are_parsed_strictly() -> None:
