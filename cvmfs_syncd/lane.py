@@ -139,8 +139,9 @@ class Lane(threading.Thread):
         self._inbox.put(dirty)
         # While changes are pending, a new hint can only push the quiet deadline later:
         # waking the lane for each of thousands of events would only re-scan the pending
-        # set. It wakes at the deadline (or within a second) and drains the queue then.
-        if self._wake_on_submit:
+        # set. It wakes at the deadline (or within a second) and drains the queue then. A
+        # tarball drop may be cut at once (PendingChanges.due): it wakes the lane.
+        if self._wake_on_submit or self._is_drop(dirty.source, dirty.rel_path):
             self._wake.set()
 
     def run_job(self, name: str, fn: Callable[[], Any]) -> Future[Any]:

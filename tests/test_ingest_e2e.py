@@ -219,16 +219,23 @@ def test_a_running_lane_publishes_drops_one_revision_each(
     assert duration == 2
 
 
+@pytest.mark.parametrize("how", ["written-in-place", "moved-in"])
 def test_a_drop_does_not_wait_for_the_quiet_period(
-    lanes: LaneFactory, stratum0: FakeStratum0, staging: Path
+    lanes: LaneFactory, stratum0: FakeStratum0, staging: Path, tmp_path: Path, how: str
 ) -> None:
     """With nothing but a tarball drop pending, a running lane ingests it at once: live long
-    before the repository's quiet period (60 s here) is over. A plain file dropped next waits
-    for its quiet period."""
+    before the repository's quiet period (60 s here) is over, whether it was written in
+    place or moved in from another directory (which no close event follows). A plain file
+    dropped next waits for its quiet period."""
     lane = lanes(quiet_seconds=60)
     lane.start()
     wait_for(lambda: lane.status().state == "idle", 10, "the lane to be idle")
-    (staging / "rel.tar").write_bytes(archives.tar_bytes(archives.file("x", b"release")))
+    release = archives.tar_bytes(archives.file("x", b"release"))
+    if how == "moved-in":
+        (tmp_path / "rel.tar").write_bytes(release)
+        (tmp_path / "rel.tar").rename(staging / "rel.tar")
+    else:
+        (staging / "rel.tar").write_bytes(release)
     wait_for(
         lambda: client_tree(stratum0, REPO).get("rel/x") == ("file", 0o644, b"release"),
         20,

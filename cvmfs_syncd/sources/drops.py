@@ -96,6 +96,22 @@ def is_drop(config: StagingConfig | S3Config, rel: str) -> bool:
     return config.tarballs == "ingest" and top_level_tarball(rel) is not None
 
 
+def arrives_whole(
+    config: StagingConfig | S3Config, rel: str, event_type: str, is_directory: bool
+) -> bool:
+    """Whether a watcher's event (watchdog's type) says the file at ``rel`` is no longer
+    being written: a close after writing, a deletion, or a tarball drop that appeared.
+
+    A drop moved in from outside the directory arrives as "created" and no close follows,
+    so it would look written to until the quiet period ends; one created in place gets
+    "modified" events next, which mark it as being written again. Either way the settle
+    time and the writer check still decide when it is read.
+    """
+    if event_type in ("closed", "deleted"):
+        return True
+    return event_type == "created" and not is_directory and is_drop(config, rel)
+
+
 def drop_path(target: str, rel: str) -> str | None:
     """Return the repository path a top-level tarball ``rel`` is published under (its
     base below ``target``), or None if ``rel`` is no tarball name. Raise UnsafeName if

@@ -58,6 +58,7 @@ from cvmfs_syncd.pipeline.prepare import Content
 from cvmfs_syncd.planner import Applied, ApplyOutcome, Plan
 from cvmfs_syncd.sources.drops import (
     Drops,
+    arrives_whole,
     drop_path,
     forget_resolved,
     ingested_from,
@@ -208,7 +209,9 @@ class StagingInput:
             if rel is None:
                 continue
             self.reported.pop(rel, None)
-            closed = was_moved or event.event_type in ("closed", "deleted")
+            closed = was_moved or arrives_whole(
+                self.config, rel, event.event_type, event.is_directory
+            )
             rescan = event.is_directory and event.event_type in ("moved", "created", "deleted")
             self._submit(Dirty(self.name, rel, now, closed=closed, rescan=rescan))
             for other in self._same_base(rel):
