@@ -148,16 +148,13 @@ def copy(fake: FakeStratum0, repo: str, tree: Path) -> Run:
     return measure("(c) transaction; cp -a; publish", fake, repo, action)
 
 
-def through_daemon(fake: FakeStratum0, repo: str, tar: Path, work: Path) -> Run:
-    """(d) The daemon's tarball source: ``cvmfs-syncd sync`` on a staging directory that
-    holds ``bench.tar`` (published at ``/bench``).
-
-    The staging table gets ``DAEMON_TARBALL_OPTION``; should ``cvmfs-syncd check-config``
-    refuse it, raise ``Skipped`` with what check-config said.
-    """
+def _daemon_config(
+    fake: FakeStratum0, repo: str, work: Path, metrics_address: str
+) -> tuple[Path, Path]:
+    """A staging directory for ``repo`` and the daemon's configuration file for it: the
+    tarball option, no settle time, warnings only."""
     staging = work / f"staging-{repo}"
     staging.mkdir()
-    shutil.copyfile(tar, staging / f"{BASE}.tar")
     config = write_config(
         work / f"{repo}.toml",
         state_dir=work / f"state-{repo}",
@@ -165,13 +162,25 @@ def through_daemon(fake: FakeStratum0, repo: str, tar: Path, work: Path) -> Run:
         config_dir=fake.config_dir,
         repo=repo,
         staging=staging,
-        metrics_address="",
+        metrics_address=metrics_address,
         staging_extra=DAEMON_TARBALL_OPTION,
     )
     text = config.read_text().replace("settle_seconds = 0.1", "settle_seconds = 0")
     config.write_text(
         text.replace('log_format = "json"', 'log_format = "json"\nlog_level = "warning"')
     )
+    return staging, config
+
+
+def through_daemon(fake: FakeStratum0, repo: str, tar: Path, work: Path) -> Run:
+    """(d) The daemon's tarball source: ``cvmfs-syncd sync`` on a staging directory that
+    holds ``bench.tar`` (published at ``/bench``).
+
+    The staging table gets ``DAEMON_TARBALL_OPTION``; should ``cvmfs-syncd check-config``
+    refuse it, raise ``Skipped`` with what check-config said.
+    """
+    staging, config = _daemon_config(fake, repo, work, "")
+    shutil.copyfile(tar, staging / f"{BASE}.tar")
     checked = subprocess.run(
         [sys.executable, "-m", "cvmfs_syncd", "check-config", "-c", str(config)],
         capture_output=True,
@@ -225,23 +234,8 @@ def _published(state: State, repo: str) -> bool:
 def running_daemon(fake: FakeStratum0, repo: str, tar: Path, work: Path) -> Run:
     """(e) ``cvmfs-syncd run`` watching the staging directory: from renaming the tarball
     into it to the revision that holds it."""
-    staging = work / f"staging-{repo}"
-    staging.mkdir()
     port = _free_port()
-    config = write_config(
-        work / f"{repo}.toml",
-        state_dir=work / f"state-{repo}",
-        server_command=fake.server_command,
-        config_dir=fake.config_dir,
-        repo=repo,
-        staging=staging,
-        metrics_address=f"127.0.0.1:{port}",
-        staging_extra=DAEMON_TARBALL_OPTION,
-    )
-    text = config.read_text().replace("settle_seconds = 0.1", "settle_seconds = 0")
-    config.write_text(
-        text.replace('log_format = "json"', 'log_format = "json"\nlog_level = "warning"')
-    )
+    staging, config = _daemon_config(fake, repo, work, f"127.0.0.1:{port}")
     dropped = work / f"{repo}-{BASE}.tar"  # beside the staging directory, same file system
     shutil.copyfile(tar, dropped)
     daemon = subprocess.Popen(
