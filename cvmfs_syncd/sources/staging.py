@@ -14,7 +14,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import structlog
@@ -44,14 +43,9 @@ from cvmfs_syncd.pipeline.plan import (
     COPY_ONLY,
     DEFAULT_MAX_BATCH_SECONDS,
     ContentPolicy,
-    Fate,
-    StagedObservation,
     StagingPolicy,
     StagingView,
     plan_staged,
-    replaces,
-    staged_content_verdict,
-    staged_name_verdict,
 )
 from cvmfs_syncd.pipeline.plan import same_staged as _same
 from cvmfs_syncd.pipeline.prepare import Content
@@ -61,7 +55,6 @@ from cvmfs_syncd.sources.drops import (
     arrives_whole,
     drop_path,
     forget_resolved,
-    ingested_from,
     is_drop,
     sharing_base,
     staged_drops,
@@ -70,6 +63,7 @@ from cvmfs_syncd.sources.drops import (
 from cvmfs_syncd.sources.index_records import IndexRecords, read_ahead
 from cvmfs_syncd.sources.staged import Lookup, StagedContent, applied_outcome
 from cvmfs_syncd.sources.staging_merge import StagingMerge
+from cvmfs_syncd.sources.staging_observe import observe
 from cvmfs_syncd.state import State
 
 log = structlog.get_logger(__name__)
@@ -263,7 +257,8 @@ class StagingInput:
         finally:
             pages.close()  # stops the reader if the scan ended early
 
-    def _stat(self, rel: str) -> Fingerprint | fsops.Skipped | None:
+    def stat(self, rel: str) -> Fingerprint | fsops.Skipped | None:
+        """The staged entry at ``rel`` (None if absent, or the staging root is gone)."""
         try:
             return fsops.stat_entry(self.root, rel)
         except (FileNotFoundError, NotADirectoryError):
@@ -318,12 +313,12 @@ class StagingInput:
         mapped = []
         for entry in expanded:
             with contextlib.suppress(UnsafeName):
-                mapped.append(self._mapped(entry.rel_path, drops))
+                mapped.append(self.mapped(entry.rel_path, drops))
         lookup = Lookup(
             self.state.published_entries(self.repo, mapped),
             self.state.set_aside_entries(self.repo, self.name),
         )
-        observations = [self._observe(e, policy, now, markers, lookup, drops) for e in expanded]
+        observations = [observe(self, e, policy, now, markers, lookup, drops) for e in expanded]
         deletes = self.config.mode == "mirror" and any(o.live_below for o in observations)
         view = self._view() if deletes else StagingView()
         result = plan_staged(observations, policy, now, view)
@@ -346,7 +341,7 @@ class StagingInput:
             return Drops()
         return staged_drops(self.root, self.config.ignore, self.config.allow_reserved_names)
 
-    def _mapped(self, rel: str, drops: Drops | None) -> str:
+    def mapped(self, rel: str, drops: Drops | None) -> str:
         """The repository path of source path ``rel``: a drop's base, else ``rel`` below
         the target. Raise UnsafeName."""
         if drops is not None and drops.is_drop(rel):
@@ -368,67 +363,6 @@ class StagingInput:
             max_delete_share=config.max_delete_share,
             max_batch_seconds=self.max_batch_seconds,
         )
-
-    def _observe(
-        self,
-        entry: Pending,
-        policy: StagingPolicy,
-        now: float,
-        markers: dict[str, bool],
-        lookup: Lookup,
-        drops: Drops | None,
-    ) -> StagedObservation:
-        """Look at one pending entry as far as the decision about it needs.
-
-        In the decision's order, stopping where it is made: the name, the ready marker
-        (``markers`` caches it per top-level directory), the staged entry with its index
-        and set-aside records, then for a changed file the settle time and, once settled,
-        the writer check; for a deletion or a replacement (:func:`replaces`), what is below.
-        """
-        rel = entry.rel_path
-        obs = StagedObservation(entry, reported=self.reported.get(rel, ""))
-        if drops is not None:
-            obs = replace(obs, drop=drops.is_drop(rel), refused_drop=drops.refused.get(rel))
-        try:
-            obs = replace(obs, repo_path=self._mapped(rel, drops))
-        except UnsafeName as exc:
-            obs = replace(obs, unmappable=str(exc))
-        if staged_name_verdict(obs, policy) is not None:
-            return obs
-        marker = policy.ready_marker
-        top, _, inner = rel.partition("/")
-        if marker and (inner or (self.root / top).is_dir()):
-            if top not in markers:
-                markers[top] = (self.root / top / marker).exists()
-            obs = replace(obs, marker=markers[top])
-            if not markers[top]:
-                return obs
-        found = self._stat(rel)
-        live = lookup.live.get(obs.repo_path)
-        obs = replace(
-            obs,
-            found=found if isinstance(found, Fingerprint) else None,
-            skipped=found.reason if isinstance(found, fsops.Skipped) else "",
-            live=live.fingerprint if live is not None else None,
-            live_source=live.source if live is not None else "",
-            live_elsewhere=live is not None
-            and live.source_path != rel
-            and (obs.drop or ingested_from(self.config.target, obs.repo_path, live.source_path)),
-        )
-        if isinstance(found, Fingerprint):
-            aside = lookup.aside.get(rel)
-            if aside is not None:
-                obs = replace(obs, set_aside=True, aside=aside[1])
-        fate = staged_content_verdict(obs, policy).fate
-        if fate is Fate.DELETE or (fate is Fate.CHANGED and replaces(obs)):
-            below = self.state.published_under(self.repo, obs.repo_path, self.name)
-            obs = replace(obs, live_below=tuple(e.path for e in below))
-        if fate is not Fate.CHANGED or obs.found is None or obs.found.type is not EntryType.FILE:
-            return obs
-        settle_at = self.settler.observe(entry.key, obs.found, now, policy.settle_seconds)
-        if settle_at:
-            return replace(obs, settle_at=settle_at)
-        return replace(obs, writers=fsops.has_writers(self.root, rel, obs.found))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -518,11 +452,11 @@ class StagingInput:
         if rel is None:
             return None
         try:
-            rp = self._mapped(rel, Drops() if self.config.tarballs == "ingest" else None)
+            rp = self.mapped(rel, Drops() if self.config.tarballs == "ingest" else None)
         except UnsafeName as exc:
             return {"live": False, "reason": f"unsafe name: {exc}"}
         live = self.state.published_entry(self.repo, rp)
-        found = self._stat(rel) if rel else None
+        found = self.stat(rel) if rel else None
         result: dict[str, object] = {"repository": self.repo, "path": "/" + rp, "source": self.name}
         aside = self.state.set_aside_entry(self.repo, self.name, rel)
         if aside is not None:
