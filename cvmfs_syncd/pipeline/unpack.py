@@ -6,7 +6,8 @@ gateway repository).
 The archive is read a second time through :func:`cvmfs_syncd.ingest.emit_plain_tar`, the
 same writer that feeds ``ingest``, so what is unpacked is exactly what the check
 validated (compared member by member and byte by byte with the Manifest): the emitter
-writes into a pipe from a thread of its own, and this side reads that plain tar and
+writes into a pipe from a thread of its own, and this side reads that plain tar (with
+the reader of both reads, :class:`cvmfs_syncd.ingest.tarformat.TarReader`) and
 places each member through :mod:`cvmfs_syncd.fsops` (never following a symlink). A hard
 link becomes an independent copy of the file it names, as ``ingest`` makes it.
 """
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,15 +25,14 @@ from cvmfs_syncd import fsops
 from cvmfs_syncd.errors import UnsafeName
 from cvmfs_syncd.ingest import CATALOG_MARKER, Compression, Manifest, emit_plain_tar
 from cvmfs_syncd.ingest.model import ArchiveChanged, Readable
+from cvmfs_syncd.ingest.streams import TRAILER_MAX
+from cvmfs_syncd.ingest.tarformat import DamagedArchive, TarReader
 from cvmfs_syncd.model import EntryType, Fingerprint
 
 #: Bytes read from a member's content at a time.
 PIECE_BYTES = 1 << 20
 #: What :func:`live_tree` makes of a device, FIFO or unreadable entry.
 _ODDITY = Fingerprint(EntryType.FILE, size=-1)
-#: Names in the emitted tar: the bytes they were archived with (see ingest.emit).
-_ENCODING = "utf-8"
-_ERRORS = "surrogateescape"
 
 
 def unpack(
@@ -81,12 +80,12 @@ def unpack(
     thread.start()
     try:
         _place_all(reader, union, base, heartbeat)
-    except (OSError, UnsafeName, tarfile.TarError) as exc:
+    except (OSError, UnsafeName, DamagedArchive) as exc:
         reader.close()
         thread.join()
         if failure:
             raise failure[0] from exc
-        if isinstance(exc, tarfile.TarError):
+        if isinstance(exc, DamagedArchive):
             raise ArchiveChanged("", f"the checked tar could not be read back: {exc}") from exc
         raise
     finally:
@@ -99,35 +98,33 @@ def unpack(
 
 
 def _place_all(reader: IO[bytes], union: Path, base: str, heartbeat: Callable[[], None]) -> None:
-    with tarfile.open(fileobj=reader, mode="r|", encoding=_ENCODING, errors=_ERRORS) as tar:
-        for info in tar:
-            heartbeat()
-            path = f"{base}/{info.name}"
-            mtime_ns = int(info.mtime) * 10**9
-            if info.isdir():
-                fsops.make_dir(union, path, info.mode, replace=True)
-            elif info.issym():
-                fsops.make_symlink(union, path, info.linkname, mtime_ns=mtime_ns, replace=True)
-            elif info.islnk():
-                _copy_linked(union, f"{base}/{info.linkname}", path, info.mode, mtime_ns)
-            else:
-                content = tar.extractfile(info)
-                if content is None:
-                    raise ArchiveChanged(info.name, "a regular member without content")
-                written = fsops.write_stream(
-                    union,
-                    path,
-                    _pieces(content),
-                    size=info.size,
-                    mode=info.mode,
-                    mtime_ns=mtime_ns,
-                    replace=True,
-                )
-                if not written:
-                    raise ArchiveChanged(info.name, "its content ended early")
+    tar = TarReader(reader)
+    while (info := tar.next()) is not None:
+        heartbeat()
+        path = f"{base}/{info.name}"
+        mtime_ns = int(info.mtime) * 10**9
+        if info.isdir():
+            fsops.make_dir(union, path, info.mode, replace=True)
+        elif info.issym():
+            fsops.make_symlink(union, path, info.linkname, mtime_ns=mtime_ns, replace=True)
+        elif info.islnk():
+            _copy_linked(union, f"{base}/{info.linkname}", path, info.mode, mtime_ns)
+        else:
+            written = fsops.write_stream(
+                union,
+                path,
+                _pieces(tar),
+                size=info.size,
+                mode=info.mode,
+                mtime_ns=mtime_ns,
+                replace=True,
+            )
+            if not written:
+                raise ArchiveChanged(info.name, "its content ended early")
+    tar.trailer(TRAILER_MAX)  # the emitter's last blocks, so that it ends without a broken pipe
 
 
-def _pieces(content: IO[bytes]) -> Iterator[bytes]:
+def _pieces(content: TarReader | IO[bytes]) -> Iterator[bytes]:
     while piece := content.read(PIECE_BYTES):
         yield piece
 
