@@ -34,6 +34,7 @@ for the real tool.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -278,6 +279,16 @@ def running_daemon(fake: FakeStratum0, repo: str, tar: Path, work: Path) -> Run:
             state.close()
 
 
+def compile_bytecode() -> None:
+    """Write the bytecode of the daemon and of the fake, as installing a package does (pip
+    compiles at install): where ``PYTHONDONTWRITEBYTECODE`` is set, every process of the
+    benchmark would compile them again, a start-up no installed daemon pays (the daemon's
+    imports took 0.39-0.43 s so, 0.17-0.27 s from bytecode)."""
+    top = Path(__file__).resolve().parent.parent
+    for package in (top / "cvmfs_syncd", top / "tests" / "fake_cvmfs"):
+        compileall.compile_dir(package, quiet=1)
+
+
 def main() -> int:
     """Run the benchmark; print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -288,6 +299,7 @@ def main() -> int:
         "--work-dir", type=Path, default=shm if shm.is_dir() else None, help="where to work"
     )
     args = parser.parse_args()
+    compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.work_dir) as tmp:
         work = Path(tmp)
         tree = work / "tree"
