@@ -37,7 +37,6 @@ from cvmfs_syncd.ingest.streams import (
     DamagedArchive,
     DigestReader,
     finish_archive,
-    members,
     open_archive,
 )
 from cvmfs_syncd.ingest.tarformat import TarHeader
@@ -172,7 +171,7 @@ def check_archive(
     builder = _Builder(limits)
     try:
         with open_archive(raw, compression) as tar:
-            for info in members(tar):
+            for info in tar:
                 builder.add(info)
             finish_archive(tar, raw)
     except MemberRefused as refused:

@@ -42,9 +42,7 @@ from cvmfs_syncd.ingest.streams import (
     DamagedArchive,
     DigestReader,
     finish_archive,
-    members,
     open_archive,
-    read_content,
 )
 from cvmfs_syncd.ingest.tarformat import (
     BLOCK,
@@ -200,7 +198,7 @@ def _reading(member: str) -> Iterator[None]:
 
 
 def _archive_members(tar: TarReader) -> Iterator[tuple[TarHeader, Member]]:
-    for info in members(tar):
+    for info in tar:
         member = classify(info, _ANY_NAME)
         if member is not None:
             yield info, member
@@ -243,7 +241,7 @@ def _copy(
                 remaining = member.size
                 while remaining:
                     with _reading(name):
-                        chunk = read_content(tar, min(CHUNK_BYTES, remaining))
+                        chunk = tar.read(min(CHUNK_BYTES, remaining))
                     if not chunk:
                         raise ArchiveChanged(name, "its content ends early")
                     writer.content(chunk)

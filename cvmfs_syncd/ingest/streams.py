@@ -25,7 +25,6 @@ from cvmfs_syncd.ingest.tarformat import (
     NAME_ENCODING,
     NAME_ERRORS,
     DamagedArchive,
-    TarHeader,
     TarReader,
 )
 
@@ -47,9 +46,7 @@ __all__ = [
     "DigestReader",
     "detect_compression",
     "finish_archive",
-    "members",
     "open_archive",
-    "read_content",
 ]
 
 # What the first bytes of a stream say about its compression. Formats with no reader here
@@ -202,9 +199,9 @@ def open_archive(raw: DigestReader, compression: Compression | None = None) -> I
     """Yield a TarReader reading ``raw``, decompressed as ``compression`` says (None: as its
     first bytes show).
 
-    Reading from it (here and through :func:`members`, :func:`read_content` and
-    :func:`finish_archive`) raises :class:`DamagedArchive` if the stream is not such an
-    archive, :class:`ArchiveStreamError` if reading the stream fails.
+    Reading from it (its members, their content, :func:`finish_archive`) raises
+    :class:`DamagedArchive` if the stream is not such an archive, :class:`ArchiveStreamError`
+    if reading the stream fails.
     """
     with ExitStack() as stack:
         with _as_damage():
@@ -224,21 +221,6 @@ class _Decompressed:
     def read(self, size: int, /) -> bytes:
         with _as_damage():
             return self._plain.read(size)
-
-
-def members(tar: TarReader) -> Iterator[TarHeader]:
-    """Yield the members of ``tar`` in order, each forgotten once the next is read.
-
-    Raise :class:`DamagedArchive` or :class:`ArchiveStreamError` as :func:`open_archive`.
-    """
-    while (header := tar.next()) is not None:
-        yield header
-
-
-def read_content(tar: TarReader, size: int) -> bytes:
-    """Return up to ``size`` bytes of the current member's content (b"" at its end); raise
-    :class:`DamagedArchive` or :class:`ArchiveStreamError` as :func:`open_archive`."""
-    return tar.read(size)
 
 
 def finish_archive(tar: TarReader, raw: DigestReader) -> None:

@@ -17,6 +17,7 @@ extension record in memory, and never seeks.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -313,6 +314,11 @@ class TarReader:
         return data
 
     # --- members ----------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[TarHeader]:
+        """Yield each member's header in order (see :meth:`next`)."""
+        while (header := self.next()) is not None:
+            yield header
 
     def next(self) -> TarHeader | None:
         """Return the next member's header, or None at the end-of-archive block.
